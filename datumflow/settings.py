@@ -1,0 +1,68 @@
+"""Settings: one Struct, built once at the entry point and passed explicitly.
+
+Nothing here reads the environment at import time; `Settings.from_env` is called by the CLI and by
+`datumflow worker`, never by library code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    home: str = ".datumflow"
+    """State directory: embedded broker data, logs, the local object store, scratch space."""
+    nats_url: str = ""
+    """Broker to use; empty means the embedded one recorded in `home`."""
+    monitor_url: str = ""
+    """nats-server HTTP monitoring endpoint (host:port), for lag."""
+    storage: str = ""
+    """Object store URL: file:///path or s3://bucket/prefix. Empty means `<home>/objects`."""
+    ack_wait: float = 30.0
+    """Seconds a worker may hold a datum without a heartbeat before it is redelivered."""
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_token: str = ""
+    nats_creds: str = ""
+    nats_nkey_seed: str = ""
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    s3_endpoint: str = ""
+    s3_region: str = ""
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).resolve()
+
+    def storage_url(self) -> str:
+        return self.storage or (self.home_path / "objects").as_uri()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from DATUMFLOW_* variables; explicit overrides (CLI flags) win."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field in msgspec.structs.fields(cls):
+            raw = env.get("DATUMFLOW_" + field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = float(raw) if field.type in (float, "float") else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"bad datumflow setting: {exc}") from None
+
+    def secret_env(self) -> dict[str, str]:
+        """The settings as DATUMFLOW_* variables, for child processes of datumflow itself."""
+        out = {}
+        for field in msgspec.structs.fields(self):
+            value = getattr(self, field.name)
+            if value not in ("", None):
+                out["DATUMFLOW_" + field.name.upper()] = str(value)
+        return out

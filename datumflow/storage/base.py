@@ -1,0 +1,44 @@
+"""The ObjectStore protocol: a content-addressed blob store.
+
+Keys are the sha256 hex of the content, so writing the same bytes twice is harmless and a worker that
+crashes half-way through an upload leaves nothing wrong behind. Every method streams: no backend ever
+holds a whole file in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+CHUNK = 1 << 20
+
+
+class ObjectStore(Protocol):
+    url: str
+
+    async def put_file(self, path: Path) -> tuple[str, int]:
+        """Store the file's bytes; return (sha256 key, size)."""
+        ...
+
+    async def put_bytes(self, data: bytes) -> tuple[str, int]:
+        """Store small in-memory content (manifests, logs); return (sha256 key, size)."""
+        ...
+
+    async def get_file(self, key: str, dest: Path) -> int:
+        """Write the object to `dest`; return its size. Raises NotFound."""
+        ...
+
+    async def get_bytes(self, key: str) -> bytes:
+        """Read a small object whole (manifests, logs). Raises NotFound."""
+        ...
+
+    def read(self, key: str) -> AsyncIterator[bytes]:
+        """Stream an object's bytes in chunks. Raises NotFound."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def close(self) -> None: ...
