@@ -84,3 +84,9 @@ class JobInfo(_Record, kw_only=True):
     @property
     def done(self) -> bool:
         return self.state in TERMINAL_JOB_STATES
+
+
+class BranchInfo(_Record, kw_only=True):
+    repo: str
+    name: str
+    head: str

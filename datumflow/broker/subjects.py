@@ -6,6 +6,7 @@ COMMITS_STREAM = "DF_COMMITS"
 DATUMS_STREAM = "DF_DATUMS"
 RESULTS_STREAM = "DF_RESULTS"
 DEAD_STREAM = "DF_DEAD"
+ADVISORIES_STREAM = "DF_ADVISORIES"
 
 REPOS_BUCKET = "df_repos"
 BRANCHES_BUCKET = "df_branches"
@@ -16,6 +17,7 @@ JOBS_BUCKET = "df_jobs"
 COMMITTER_CONSUMER = "df-committer"
 ADVISORY_CONSUMER = "df-max-deliveries"
 INGEST_CONSUMER = "df-ingest"
+COMMITS_CONSUMER = "df-commits"
 
 
 def commit(repo: str) -> str:

@@ -1,0 +1,148 @@
+"""The connection to NATS: authentication, TLS, and the boundary where broker errors are wrapped.
+
+Every function gets a `Broker` from `connect(settings=...)` at its entry point and passes it down;
+there is no module-level default connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from datumflow.errors import BrokerError
+from datumflow.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that mean "the broker did not answer", as opposed to a JetStream API refusal.
+TRANSIENT = (
+    asyncio.TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+    ConnectionError,
+)
+
+
+@contextlib.asynccontextmanager
+async def broker_errors(what: str) -> AsyncIterator[None]:
+    """Turn the broker's own exceptions into `BrokerError` naming what we were doing."""
+    try:
+        yield
+    except TRANSIENT as exc:
+        raise BrokerError(f"{what}: the broker did not answer ({type(exc).__name__})") from exc
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return None
+    ctx = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+    if settings.nats_tls_cert:
+        ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+    return ctx
+
+
+class Broker:
+    """A NATS connection with its JetStream context and the KV buckets opened so far."""
+
+    def __init__(self, nc: Client, *, name: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.name = name
+        self._buckets: dict[str, KeyValue] = {}
+
+    async def kv(self, bucket: str) -> KeyValue:
+        kv = self._buckets.get(bucket)
+        if kv is None:
+            async with broker_errors(f"opening KV bucket {bucket}"):
+                kv = await self.js.key_value(bucket)
+            self._buckets[bucket] = kv
+        return kv
+
+    async def publish(self, subject: str, message: msgspec.Struct, *, msg_id: str) -> int:
+        """Publish to JetStream and wait for the stream to store it; returns the sequence."""
+        headers = {"Nats-Msg-Id": msg_id}
+        async with broker_errors(f"publishing to {subject}"):
+            ack = await self.js.publish(subject, msgspec.json.encode(message), headers=headers)
+        return ack.seq
+
+    async def retry(self, what: str, call: Callable[[], Awaitable[T]], *, attempts: int = 30) -> T:
+        """Call `call`, retrying BrokerError with backoff: rides out a broker restart."""
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                return await call()
+            except BrokerError as exc:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+
+async def connect(*, settings: Settings, name: str, reconnect: bool = True) -> Broker:
+    """Connect with the credentials and TLS the settings name; raise BrokerError if we cannot."""
+    url = settings.nats_url
+    if not url:
+        raise BrokerError(
+            "no broker to connect to: start one with `datumflow up` or set DATUMFLOW_NATS_URL"
+        )
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in url.split(",")],
+        "name": name,
+        "max_reconnect_attempts": -1 if reconnect else 0,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        "allow_reconnect": reconnect,
+    }
+
+    async def _on_error(exc: Exception) -> None:
+        log.warning("broker connection: %s", exc)
+
+    options["error_cb"] = _on_error
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    if settings.nats_token:
+        options["token"] = settings.nats_token
+    if settings.nats_creds:
+        options["user_credentials"] = settings.nats_creds
+    if settings.nats_nkey_seed:
+        options["nkeys_seed"] = settings.nats_nkey_seed
+    tls = _tls_context(settings)
+    if tls is not None:
+        options["tls"] = tls
+    try:
+        nc = await nats.connect(**options)
+    except nats.errors.NoServersError as exc:
+        raise BrokerError(f"cannot reach the broker at {url}: is `datumflow up` running?") from exc
+    except TRANSIENT as exc:
+        raise BrokerError(f"cannot reach the broker at {url}: {exc}") from exc
+    except Exception as exc:
+        # Authorization violations and TLS failures come through here: not worth retrying.
+        raise BrokerError(f"connecting to the broker at {url} failed: {exc}") from exc
+    return Broker(nc, name=name)

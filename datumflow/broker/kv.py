@@ -1,0 +1,104 @@
+"""Typed access to the KV buckets: create-only writes and compare-and-set updates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+
+from datumflow.broker.connection import Broker, broker_errors
+from datumflow.errors import Conflict, NotFound
+
+R = TypeVar("R", bound=msgspec.Struct)
+
+
+class Records:
+    """One bucket holding one record type."""
+
+    def __init__(self, broker: Broker, *, bucket: str, type: type[R]) -> None:
+        self.broker = broker
+        self.bucket = bucket
+        self.type = type
+
+    async def get(self, key: str) -> tuple[R, int]:
+        """The record and its revision; NotFound if absent."""
+        kv = await self.broker.kv(self.bucket)
+        async with broker_errors(f"reading {self.bucket}/{key}"):
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                raise NotFound(f"{key} not found in {self.bucket}") from None
+        if entry.value is None or entry.value == b"":
+            raise NotFound(f"{key} not found in {self.bucket}")
+        return msgspec.json.decode(entry.value, type=self.type), entry.revision or 0
+
+    async def find(self, key: str) -> R | None:
+        try:
+            return (await self.get(key))[0]
+        except NotFound:
+            return None
+
+    async def create(self, key: str, record: R) -> bool:
+        """Write only if absent; False if the key already exists (idempotent retries)."""
+        kv = await self.broker.kv(self.bucket)
+        async with broker_errors(f"creating {self.bucket}/{key}"):
+            try:
+                await kv.create(key, msgspec.json.encode(record))
+            except KeyWrongLastSequenceError:
+                return False
+        return True
+
+    async def put(self, key: str, record: R) -> None:
+        kv = await self.broker.kv(self.bucket)
+        async with broker_errors(f"writing {self.bucket}/{key}"):
+            await kv.put(key, msgspec.json.encode(record))
+
+    async def swap(self, key: str, record: R, *, revision: int) -> int:
+        """Compare-and-set: write only if the record is still at `revision`; Conflict otherwise."""
+        kv = await self.broker.kv(self.bucket)
+        async with broker_errors(f"updating {self.bucket}/{key}"):
+            try:
+                return await kv.update(key, msgspec.json.encode(record), last=revision)
+            except KeyWrongLastSequenceError:
+                raise Conflict(f"{self.bucket}/{key} changed under us") from None
+
+    async def update(self, key: str, change: Callable[[R], R | None]) -> R:
+        """Read, change, compare-and-set, again until no one raced us. `change` returning None
+        means "nothing to do" and leaves the record as it is."""
+        while True:
+            current, revision = await self.get(key)
+            new = change(current)
+            if new is None:
+                return current
+            try:
+                await self.swap(key, new, revision=revision)
+                return new
+            except Conflict:
+                continue
+
+    async def delete(self, key: str) -> None:
+        kv = await self.broker.kv(self.bucket)
+        async with broker_errors(f"deleting {self.bucket}/{key}"):
+            try:
+                await kv.delete(key)
+            except KeyNotFoundError:
+                pass
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        kv = await self.broker.kv(self.bucket)
+        async with broker_errors(f"listing {self.bucket}"):
+            try:
+                keys = await kv.keys(filters=[prefix + ">"] if prefix else None)
+            except NoKeysError:
+                return []
+        return sorted(keys)
+
+    async def all(self, prefix: str = "") -> list[R]:
+        out = []
+        for key in await self.keys(prefix):
+            record = await self.find(key)
+            if record is not None:
+                out.append(record)
+        return out

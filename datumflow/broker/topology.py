@@ -1,0 +1,187 @@
+"""Streams, consumers and KV buckets, declared once and ensured idempotently by every function.
+
+Declaring an existing stream or bucket with the same config is a no-op on the server, so each
+function calls `ensure_topology` at start and never depends on who came first.
+"""
+
+from __future__ import annotations
+
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+
+from datumflow.broker import subjects
+from datumflow.broker.connection import Broker, broker_errors
+from datumflow.spec import PipelineSpec, input_leaves
+
+DAY = 24 * 3600.0
+DUPLICATE_WINDOW = 120.0
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+STREAMS = [
+    StreamConfig(
+        name=subjects.COMMITS_STREAM,
+        subjects=["df.commit.>"],
+        retention=RetentionPolicy.LIMITS,
+        max_age=30 * DAY,
+        duplicate_window=DUPLICATE_WINDOW,
+        storage=StorageType.FILE,
+    ),
+    StreamConfig(
+        name=subjects.DATUMS_STREAM,
+        subjects=["df.datum.>"],
+        # A work queue: a datum message is gone once a worker acks it.
+        retention=RetentionPolicy.WORK_QUEUE,
+        duplicate_window=DUPLICATE_WINDOW,
+        storage=StorageType.FILE,
+    ),
+    StreamConfig(
+        name=subjects.RESULTS_STREAM,
+        subjects=["df.result.>", "df.job.>"],
+        retention=RetentionPolicy.LIMITS,
+        # Kept so a restarted committer can replay the results of unfinished jobs.
+        max_age=7 * DAY,
+        duplicate_window=DUPLICATE_WINDOW,
+        storage=StorageType.FILE,
+    ),
+    StreamConfig(
+        name=subjects.DEAD_STREAM,
+        subjects=["df.dead.>"],
+        retention=RetentionPolicy.LIMITS,
+        max_age=30 * DAY,
+        storage=StorageType.FILE,
+    ),
+    StreamConfig(
+        name=subjects.ADVISORIES_STREAM,
+        # The server publishes these on core NATS once; a stream keeps them for a committer that
+        # happens to be restarting at that moment.
+        subjects=[subjects.max_deliveries_advisory()],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_age=7 * DAY,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+    ),
+]
+
+BUCKETS = [
+    KeyValueConfig(bucket=subjects.REPOS_BUCKET, history=1, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.BRANCHES_BUCKET, history=1, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.COMMITS_BUCKET, history=1, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.PIPELINES_BUCKET, history=5, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.JOBS_BUCKET, history=1, storage=StorageType.FILE),
+]
+
+SHARED_CONSUMERS = [
+    (
+        subjects.RESULTS_STREAM,
+        ConsumerConfig(
+            durable_name=subjects.COMMITTER_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=20_000,
+            deliver_policy=DeliverPolicy.ALL,
+        ),
+    ),
+    (
+        subjects.ADVISORIES_STREAM,
+        ConsumerConfig(
+            durable_name=subjects.ADVISORY_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            deliver_policy=DeliverPolicy.ALL,
+        ),
+    ),
+    (
+        subjects.COMMITS_STREAM,
+        ConsumerConfig(
+            durable_name=subjects.COMMITS_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=64,
+            deliver_policy=DeliverPolicy.NEW,
+        ),
+    ),
+]
+
+
+async def ensure_topology(broker: Broker) -> None:
+    """Create or update every stream, bucket and shared consumer."""
+    js = broker.js
+    async with broker_errors("declaring streams and buckets"):
+        for config in STREAMS:
+            try:
+                await js.add_stream(config)
+            except BadRequestError:
+                # Same name, different config (an older datumflow): bring it up to date.
+                await js.update_stream(config)
+        for bucket in BUCKETS:
+            await js.create_key_value(bucket)
+        for stream, consumer in SHARED_CONSUMERS:
+            await js.add_consumer(stream, consumer)
+
+
+def worker_consumer_config(spec: PipelineSpec, *, ack_wait: float) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.worker_consumer(spec.name),
+        filter_subject=subjects.datum(spec.name),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        # The server stops delivering after datum_tries attempts and raises the max-deliveries
+        # advisory; the committer turns that into a FAILED datum.
+        max_deliver=spec.datum_tries,
+        max_ack_pending=10_000,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+
+
+def planner_consumer_config(spec: PipelineSpec) -> ConsumerConfig:
+    repos = sorted({leaf.repo for leaf in input_leaves(spec.input)})
+    return ConsumerConfig(
+        durable_name=subjects.planner_consumer(spec.name),
+        filter_subjects=[subjects.commit(repo) for repo in repos],
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30,
+        # One commit event at a time: a pipeline's jobs are planned, and so committed, in order.
+        max_ack_pending=1,
+        max_deliver=-1,
+        # A new pipeline starts from the current head of each input repo.
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+    )
+
+
+async def ensure_pipeline_consumers(broker: Broker, spec: PipelineSpec, *, ack_wait: float) -> None:
+    """The pipeline's consumers must exist before KEDA reads its lag or a worker binds to it."""
+    async with broker_errors(f"declaring the consumers of pipeline {spec.name}"):
+        await broker.js.add_consumer(
+            subjects.DATUMS_STREAM, worker_consumer_config(spec, ack_wait=ack_wait)
+        )
+        try:
+            await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
+        except BadRequestError:
+            # The input repos changed on update: filter subjects of a durable cannot always be
+            # edited in place, and the planner consumer holds no state worth keeping.
+            await broker.js.delete_consumer(
+                subjects.COMMITS_STREAM, subjects.planner_consumer(spec.name)
+            )
+            await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
+
+
+async def delete_pipeline_consumers(broker: Broker, name: str) -> None:
+    async with broker_errors(f"deleting the consumers of pipeline {name}"):
+        for stream, consumer in (
+            (subjects.DATUMS_STREAM, subjects.worker_consumer(name)),
+            (subjects.COMMITS_STREAM, subjects.planner_consumer(name)),
+        ):
+            try:
+                await broker.js.delete_consumer(stream, consumer)
+            except Exception:
+                pass
+        await broker.js.purge_stream(subjects.DATUMS_STREAM, subject=subjects.datum(name))

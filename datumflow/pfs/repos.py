@@ -1,0 +1,250 @@
+"""Repos, branches and commits: records in KV, file lists as manifests in the object store.
+
+A commit is immutable: its record is created once (create-only) and the branch head moves to it by
+compare-and-set. Every finished commit is announced on `df.commit.<repo>`, which is what makes
+pipelines run.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+from datumflow.broker import subjects
+from datumflow.broker.connection import Broker
+from datumflow.broker.kv import Records
+from datumflow.broker.messages import CommitEvent, CommitRef, FileRef, Origin
+from datumflow.broker.records import BranchInfo, CommitInfo, RepoInfo
+from datumflow.errors import Conflict, NotFound, PermanentError
+from datumflow.pfs import manifest
+from datumflow.pfs.paths import check_name, clean_path
+from datumflow.storage.base import ObjectStore
+
+
+def new_commit_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Repos:
+    def __init__(self, *, broker: Broker, store: ObjectStore) -> None:
+        self.broker = broker
+        self.store = store
+        self.repos = Records(broker, bucket=subjects.REPOS_BUCKET, type=RepoInfo)
+        self.branches = Records(broker, bucket=subjects.BRANCHES_BUCKET, type=BranchInfo)
+        self.commits = Records(broker, bucket=subjects.COMMITS_BUCKET, type=CommitInfo)
+
+    # -- repos -------------------------------------------------------------------------------
+
+    async def create_repo(
+        self, name: str, *, description: str = "", pipeline: str = ""
+    ) -> RepoInfo:
+        check_name(name)
+        info = RepoInfo(name=name, created=time.time(), description=description, pipeline=pipeline)
+        if not await self.repos.create(name, info):
+            existing = await self.get_repo(name)
+            if pipeline and existing.pipeline == pipeline:
+                return existing
+            raise Conflict(f"repo {name} already exists")
+        return info
+
+    async def get_repo(self, name: str) -> RepoInfo:
+        check_name(name)
+        info = await self.repos.find(name)
+        if info is None:
+            raise NotFound(
+                f"repo {name} does not exist: create it with `datumflow create repo {name}`"
+            )
+        return info
+
+    async def list_repos(self) -> list[RepoInfo]:
+        return await self.repos.all()
+
+    async def delete_repo(self, name: str) -> None:
+        await self.get_repo(name)
+        for key in await self.branches.keys(f"{name}."):
+            await self.branches.delete(key)
+        for key in await self.commits.keys(f"{name}."):
+            await self.commits.delete(key)
+        await self.repos.delete(name)
+
+    # -- commits -----------------------------------------------------------------------------
+
+    async def head(self, repo: str, branch: str) -> CommitInfo | None:
+        found = await self.branches.find(f"{repo}.{branch}")
+        if found is None:
+            return None
+        return await self.commits.find(f"{repo}.{found.head}")
+
+    async def inspect_commit(self, repo: str, ref: str) -> CommitInfo:
+        """`ref` is a branch name or a commit id."""
+        await self.get_repo(repo)
+        info = await self.head(repo, ref)
+        if info is None:
+            info = await self.commits.find(f"{repo}.{ref}")
+        if info is None:
+            raise NotFound(f"{repo}@{ref}: no such branch or commit")
+        return info
+
+    async def list_commits(
+        self, repo: str, branch: str = "master", *, limit: int = 0
+    ) -> list[CommitInfo]:
+        await self.get_repo(repo)
+        out: list[CommitInfo] = []
+        info = await self.head(repo, branch)
+        while info is not None and (not limit or len(out) < limit):
+            out.append(info)
+            info = await self.commits.find(f"{repo}.{info.parent}") if info.parent else None
+        return out
+
+    async def files(self, info: CommitInfo | None) -> list[FileRef]:
+        return [] if info is None else await manifest.read(self.store, info.manifest)
+
+    async def commit_files(
+        self,
+        repo: str,
+        branch: str,
+        *,
+        puts: Iterable[FileRef] = (),
+        deletes: Iterable[str] = (),
+        replace: bool = False,
+        origin: Origin = "user",
+        provenance: list[CommitRef] | None = None,
+        commit_id: str = "",
+        job: str = "",
+        announce: bool = True,
+    ) -> CommitInfo:
+        """Make a commit on `branch` from its head plus `puts` minus `deletes` (a deleted
+        directory takes its subtree), or exactly `puts` with `replace`. Returns the new commit,
+        which is announced before this returns."""
+        await self.get_repo(repo)
+        check_name(branch, what="branch")
+        puts = list(puts)
+        deletes = [clean_path(d) for d in deletes]
+        started = time.time()
+        branch_key = f"{repo}.{branch}"
+        if commit_id and (landed := await self.commits.find(f"{repo}.{commit_id}")):
+            # A retry after a crash: the record exists; finish moving the branch if we had not.
+            if await self._move_head(branch_key, landed) and announce:
+                await self.announce(landed)
+            return landed
+        while True:
+            try:
+                current, revision = await self.branches.get(branch_key)
+                parent = await self.commits.find(f"{repo}.{current.head}")
+            except NotFound:
+                current, revision, parent = None, 0, None
+            files = {} if replace else {f.path: f for f in await self.files(parent)}
+            for path in deletes:
+                files.pop(path, None)
+                prefix = path.rstrip("/") + "/"
+                for p in [p for p in files if p.startswith(prefix)]:
+                    del files[p]
+            for ref in puts:
+                files[ref.path] = ref
+            ordered = [files[p] for p in sorted(files)]
+            _check_no_file_under_file(ordered)
+            key = await manifest.write(self.store, ordered)
+            info = CommitInfo(
+                repo=repo,
+                id=commit_id or new_commit_id(),
+                branch=branch,
+                parent=parent.id if parent else "",
+                manifest=key,
+                size_bytes=sum(f.size for f in ordered),
+                files=len(ordered),
+                origin=origin,
+                provenance=provenance or [],
+                started=started,
+                finished=time.time(),
+                job=job,
+            )
+            await self.commits.create(f"{repo}.{info.id}", info)
+            head = BranchInfo(repo=repo, name=branch, head=info.id)
+            try:
+                if current is None:
+                    if not await self.branches.create(branch_key, head):
+                        continue
+                else:
+                    await self.branches.swap(branch_key, head, revision=revision)
+            except Conflict:
+                continue  # someone else committed first: rebase on their head
+            if announce:
+                await self.announce(info)
+            return info
+
+    async def _move_head(self, branch_key: str, info: CommitInfo) -> bool:
+        """Point the branch at `info` if it still points at its parent; True if we moved it."""
+        head = BranchInfo(repo=info.repo, name=info.branch, head=info.id)
+        while True:
+            try:
+                current, revision = await self.branches.get(branch_key)
+            except NotFound:
+                if info.parent:
+                    return False
+                if await self.branches.create(branch_key, head):
+                    return True
+                continue
+            if current.head != info.parent:
+                return False
+            try:
+                await self.branches.swap(branch_key, head, revision=revision)
+                return True
+            except Conflict:
+                continue
+
+    async def announce(self, info: CommitInfo) -> None:
+        event = CommitEvent(
+            repo=info.repo,
+            branch=info.branch,
+            commit=info.id,
+            parent=info.parent,
+            manifest=info.manifest,
+            origin=info.origin,
+            provenance=info.provenance,
+        )
+        await self.broker.publish(subjects.commit(info.repo), event, msg_id=info.id)
+
+    async def adopt(self, event: CommitEvent) -> CommitInfo:
+        """Record a commit announced by a producer outside datumflow. Idempotent: every consumer
+        of the event may call it, and the first one records it."""
+        existing = await self.commits.find(f"{event.repo}.{event.commit}")
+        if existing is not None:
+            return existing
+        if event.manifest or event.files is None:
+            raise PermanentError(
+                f"commit event for {event.repo}@{event.commit}: no such commit is recorded, and"
+                " the event lists no `files`; an external producer must list the commit's files"
+            )
+        await self.get_repo(event.repo)
+        puts = []
+        for ref in event.files:
+            path = clean_path(ref.path)
+            if ref.source is None and not await self.store.exists(ref.hash):
+                raise PermanentError(
+                    f"commit event for {event.repo}@{event.commit}: {path} refers to object"
+                    f" {ref.hash or '(no hash)'}, which is not in the store; upload it first or"
+                    " give a `source`"
+                )
+            puts.append(FileRef(path=path, size=ref.size, hash=ref.hash, source=ref.source))
+        return await self.commit_files(
+            event.repo,
+            event.branch,
+            puts=puts,
+            deletes=event.deleted,
+            replace=not event.parent,
+            origin=event.origin if event.origin != "pipeline" else "external",
+            provenance=event.provenance,
+            commit_id=event.commit,
+            announce=False,
+        )
+
+
+def _check_no_file_under_file(ordered: list[FileRef]) -> None:
+    paths = {f.path for f in ordered}
+    for f in ordered:
+        parent = f.path.rsplit("/", 1)[0]
+        while parent:
+            if parent in paths:
+                raise PermanentError(f"{f.path}: {parent} is a file, so it cannot be a directory")
+            parent = parent.rsplit("/", 1)[0]
