@@ -32,6 +32,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
+    pfs_mode: str = "auto"
+    """How a worker lays out /pfs: "namespace" (a private bind mount per datum, Linux as root),
+    "direct" (the worker owns /pfs, as in a pod), "env" (a directory named in $PFS), or "auto"."""
+    grace: float = 20.0
+    """Seconds a worker told to stop may spend finishing its datum before handing it back."""
     s3_endpoint: str = ""
     s3_region: str = ""
 

@@ -146,3 +146,49 @@ async def connect(*, settings: Settings, name: str, reconnect: bool = True) -> B
         # Authorization violations and TLS failures come through here: not worth retrying.
         raise BrokerError(f"connecting to the broker at {url} failed: {exc}") from exc
     return Broker(nc, name=name)
+
+
+class Publisher:
+    """Publishes many messages with a bounded window of unacknowledged ones.
+
+    The planner queues a job's datums through this: one round trip per window instead of one per
+    datum. A publish whose acknowledgement does not come (a broker restart) is sent again; the
+    stream's de-duplication by Nats-Msg-Id makes that safe.
+    """
+
+    def __init__(self, broker: Broker, *, window: int = 256, timeout: float = 10.0) -> None:
+        self.broker = broker
+        self.window = window
+        self.timeout = timeout
+        self._pending: list[tuple[asyncio.Future[Any], str, bytes, dict[str, str]]] = []
+
+    async def publish(self, subject: str, message: msgspec.Struct, *, msg_id: str) -> None:
+        payload = msgspec.json.encode(message)
+        headers = {"Nats-Msg-Id": msg_id}
+        try:
+            future = await self.broker.js.publish_async(subject, payload, headers=headers)
+        except TRANSIENT:
+            await self._again(subject, payload, headers)
+            return
+        self._pending.append((future, subject, payload, headers))
+        if len(self._pending) >= self.window:
+            await self._settle(len(self._pending) // 2)
+
+    async def _settle(self, count: int) -> None:
+        settle, self._pending = self._pending[:count], self._pending[count:]
+        for future, subject, payload, headers in settle:
+            try:
+                await asyncio.wait_for(future, timeout=self.timeout)
+            except (*TRANSIENT, nats.js.errors.APIError):
+                await self._again(subject, payload, headers)
+
+    async def _again(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        async def once() -> None:
+            async with broker_errors(f"publishing to {subject}"):
+                await self.broker.js.publish(subject, payload, headers=headers)
+
+        await self.broker.retry(f"publishing to {subject}", once)
+
+    async def flush(self) -> None:
+        """Wait until the stream has stored everything published so far."""
+        await self._settle(len(self._pending))

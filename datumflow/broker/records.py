@@ -90,3 +90,20 @@ class BranchInfo(_Record, kw_only=True):
     repo: str
     name: str
     head: str
+
+
+class JobHead(_Record, kw_only=True):
+    """Per pipeline: its newest job, and the newest that succeeded (what skipping compares to)."""
+
+    pipeline: str
+    last_job: str = ""
+    last_success: str = ""
+
+
+class DatumIndexEntry(_Record, kw_only=True):
+    """One line of a finished job's datum index: what the next job compares against to skip."""
+
+    datum: str
+    hash: str
+    state: str
+    output: str = ""

@@ -13,6 +13,7 @@ BRANCHES_BUCKET = "df_branches"
 COMMITS_BUCKET = "df_commits"
 PIPELINES_BUCKET = "df_pipelines"
 JOBS_BUCKET = "df_jobs"
+JOB_HEADS_BUCKET = "df_job_heads"
 
 COMMITTER_CONSUMER = "df-committer"
 ADVISORY_CONSUMER = "df-max-deliveries"

@@ -16,7 +16,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, broker_errors
@@ -77,6 +77,7 @@ BUCKETS = [
     KeyValueConfig(bucket=subjects.COMMITS_BUCKET, history=1, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.PIPELINES_BUCKET, history=5, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.JOBS_BUCKET, history=1, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.JOB_HEADS_BUCKET, history=1, storage=StorageType.FILE),
 ]
 
 SHARED_CONSUMERS = [
@@ -157,12 +158,24 @@ def planner_consumer_config(spec: PipelineSpec) -> ConsumerConfig:
     )
 
 
-async def ensure_pipeline_consumers(broker: Broker, spec: PipelineSpec, *, ack_wait: float) -> None:
-    """The pipeline's consumers must exist before KEDA reads its lag or a worker binds to it."""
+async def ensure_pipeline_consumers(
+    broker: Broker, spec: PipelineSpec, *, ack_wait: float, replan: bool = False
+) -> None:
+    """The pipeline's consumers must exist before KEDA reads its lag or a worker binds to it.
+
+    With `replan`, the planner consumer starts over from the last commit of each input repo, so
+    an updated pipeline runs a job of its new version on the current heads."""
     async with broker_errors(f"declaring the consumers of pipeline {spec.name}"):
         await broker.js.add_consumer(
             subjects.DATUMS_STREAM, worker_consumer_config(spec, ack_wait=ack_wait)
         )
+        if replan:
+            try:
+                await broker.js.delete_consumer(
+                    subjects.COMMITS_STREAM, subjects.planner_consumer(spec.name)
+                )
+            except NotFoundError:
+                pass
         try:
             await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
         except BadRequestError:

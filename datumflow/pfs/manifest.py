@@ -6,12 +6,14 @@ holding it, and merges read two sorted streams.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 
 import msgspec
 
 from datumflow.broker.messages import FileRef
 from datumflow.storage.base import ObjectStore
+from datumflow.storage.file import FileStore
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(FileRef)
@@ -57,3 +59,22 @@ async def read(store: ObjectStore, key: str) -> list[FileRef]:
         return []
     data = await store.get_bytes(key)
     return [_decoder.decode(line) for line in data.split(b"\n") if line]
+
+
+def iter_lines(path: Path) -> Iterator[FileRef]:
+    """Entries of a manifest held in a local file, one line at a time."""
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield _decoder.decode(line)
+
+
+async def local_copy(store: ObjectStore, key: str, *, scratch: Path) -> Path | None:
+    """A local file with the manifest (None for the empty manifest), for synchronous streaming."""
+    if key == EMPTY:
+        return None
+    if isinstance(store, FileStore):
+        return store.path(key)  # the file store's object is already a local file
+    dest = scratch / f"manifest-{key}"
+    await store.get_file(key, dest)
+    return dest

@@ -159,7 +159,11 @@ class Repos:
                 finished=time.time(),
                 job=job,
             )
-            await self.commits.create(f"{repo}.{info.id}", info)
+            if not await self.commits.create(f"{repo}.{info.id}", info):
+                # Another consumer of the same event recorded this very commit first.
+                landed, _ = await self.commits.get(f"{repo}.{info.id}")
+                await self._move_head(branch_key, landed)
+                return landed
             head = BranchInfo(repo=repo, name=branch, head=info.id)
             try:
                 if current is None:

@@ -1,0 +1,292 @@
+"""The planner: commit event → job record + one datum message per datum.
+
+Each pipeline has its own consumer on the commit stream that hands out one event at a time, and a
+job is planned only once the pipeline's previous job has finished: jobs run, skip and commit in the
+order of their input commits. A separate consumer records commits announced by external producers
+(even for repos no pipeline reads) and dead-letters garbage.
+
+Everything is idempotent: the job id is a hash of the pipeline version and the input commits, datum
+messages carry Nats-Msg-Id job:datum, and the job record is created once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+from nats.aio.msg import Msg
+
+from datumflow.broker import subjects
+from datumflow.broker.connection import Broker, Publisher
+from datumflow.broker.messages import (
+    CommitEvent,
+    CommitRef,
+    DatumInput,
+    DatumResult,
+    DatumTask,
+    JobPlanned,
+)
+from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobHead, JobInfo, PipelineInfo
+from datumflow.errors import NotFound
+from datumflow.functions.consumer import consume, decode
+from datumflow.pfs import manifest
+from datumflow.pfs.datums import Leaf, datum_hash, datum_id, enumerate_datums
+from datumflow.pfs.pipelines import Pipelines, job_key
+from datumflow.pfs.repos import Repos
+from datumflow.spec import input_leaves, input_name
+from datumflow.storage.base import ObjectStore
+
+log = logging.getLogger(__name__)
+HEARTBEAT = 5.0
+_replace = msgspec.structs.replace
+
+
+def make_job_id(info: PipelineInfo, commits: list[CommitInfo | None]) -> str:
+    parts = [info.name, str(info.version)] + [c.id if c else "-" for c in commits]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+class Heartbeat:
+    """Tells the server we are still on a message while planning takes long."""
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+        self.last = time.monotonic()
+
+    async def beat(self) -> None:
+        if time.monotonic() - self.last > HEARTBEAT:
+            self.last = time.monotonic()
+            await self.msg.in_progress()
+
+
+class Planner:
+    def __init__(self, *, broker: Broker, store: ObjectStore, scratch: Path) -> None:
+        self.broker = broker
+        self.store = store
+        self.scratch = scratch
+        self.repos = Repos(broker=broker, store=store)
+        self.pipelines = Pipelines(broker=broker, repos=self.repos)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Plan for every pipeline until `stop` is set, following pipelines as they come and go."""
+        loops: dict[str, tuple[int, asyncio.Task[None], asyncio.Event]] = {}
+        adopter = asyncio.create_task(self._adopt_loop(stop))
+        try:
+            while not stop.is_set():
+                try:
+                    current = {p.name: p for p in await self.pipelines.list()}
+                except Exception as exc:
+                    log.warning("planner: listing pipelines failed: %s", exc)
+                    current = {name: None for name in loops}  # keep what runs
+                for name in list(loops):
+                    info = current.get(name, "gone")
+                    version, task, halt = loops[name]
+                    if (
+                        info == "gone"
+                        or (info is not None and info.version != version)
+                        or task.done()
+                    ):
+                        halt.set()
+                        await task
+                        del loops[name]
+                for name, info in current.items():
+                    if info is not None and name not in loops:
+                        halt = asyncio.Event()
+                        task = asyncio.create_task(self._pipeline_loop(name, halt))
+                        loops[name] = (info.version, task, halt)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+                except TimeoutError:
+                    pass
+        finally:
+            for _, _task, halt in loops.values():
+                halt.set()
+            await asyncio.gather(*(t for _, t, _ in loops.values()), return_exceptions=True)
+            await adopter
+
+    async def _adopt_loop(self, stop: asyncio.Event) -> None:
+        async def adopt(msg: Msg) -> None:
+            event = decode(msg.data, CommitEvent, what="commit event")
+            await self.repos.adopt(event)
+
+        await consume(
+            self.broker,
+            stream=subjects.COMMITS_STREAM,
+            durable=subjects.COMMITS_CONSUMER,
+            function="planner",
+            handle=adopt,
+            stop=stop,
+        )
+
+    async def _pipeline_loop(self, name: str, halt: asyncio.Event) -> None:
+        async def handle(msg: Msg) -> None:
+            await self.plan(name, msg)
+
+        await consume(
+            self.broker,
+            stream=subjects.COMMITS_STREAM,
+            durable=subjects.planner_consumer(name),
+            function="planner",
+            handle=handle,
+            stop=halt,
+        )
+
+    async def plan(self, name: str, msg: Msg) -> None:
+        event = decode(msg.data, CommitEvent, what="commit event")
+        try:
+            info = await self.pipelines.get(name)
+        except NotFound:
+            return  # deleted while the event was in flight
+        commit = await self.repos.adopt(event)
+        spec_leaves = input_leaves(info.spec.input)
+        if not any(x.repo == event.repo and x.branch == commit.branch for x in spec_leaves):
+            return  # a commit on a branch this pipeline does not read
+        commits: list[CommitInfo | None] = []
+        for leaf in spec_leaves:
+            if leaf.repo == commit.repo and leaf.branch == commit.branch:
+                commits.append(commit)
+            else:
+                commits.append(await self.repos.head(leaf.repo, leaf.branch))
+        job_id = make_job_id(info, commits)
+        key = job_key(name, job_id)
+        existing = await self.pipelines.jobs.find(key)
+        if existing is not None and existing.state != "created":
+            return  # planned already: this is a redelivery
+        beat = Heartbeat(msg)
+        await self._wait_for_previous(name, job_id, beat)
+        if existing is None:
+            job = JobInfo(
+                pipeline=name,
+                id=job_id,
+                version=info.version,
+                seq=msg.metadata.sequence.stream,
+                input_commits=[
+                    CommitRef(repo=c.repo, commit=c.id, branch=c.branch) for c in commits if c
+                ],
+                created=time.time(),
+            )
+            await self.pipelines.jobs.create(key, job)
+            await self._set_head(name, job_id)
+        total = await self._queue_datums(info, job_id, commits, beat)
+        await self.broker.publish(
+            subjects.job_planned(name, job_id),
+            JobPlanned(pipeline=name, job=job_id, data_total=total),
+            msg_id=f"{job_id}:planned",
+        )
+
+        def started(job: JobInfo) -> JobInfo | None:
+            if job.state != "created":
+                return None
+            return _replace(job, state="running", started=time.time(), data_total=total)
+
+        await self.pipelines.jobs.update(key, started)
+        log.info("planned job %s@%s: %d datums", name, job_id, total)
+
+    async def _set_head(self, name: str, job_id: str) -> None:
+        if await self.pipelines.heads.find(name) is None:
+            await self.pipelines.heads.create(name, JobHead(pipeline=name))
+        await self.pipelines.heads.update(
+            name, lambda h: None if h.last_job == job_id else _replace(h, last_job=job_id)
+        )
+
+    async def _wait_for_previous(self, name: str, job_id: str, beat: Heartbeat) -> None:
+        """A pipeline runs one job at a time, so the next can skip what the last one did."""
+        while True:
+            head = await self.pipelines.heads.find(name)
+            if head is None or not head.last_job or head.last_job == job_id:
+                return
+            previous = await self.pipelines.jobs.find(job_key(name, head.last_job))
+            if previous is None or previous.done:
+                return
+            await beat.beat()
+            await asyncio.sleep(0.1)
+
+    async def _previous_datums(self, name: str) -> dict[str, DatumIndexEntry]:
+        head = await self.pipelines.heads.find(name)
+        if head is None or not head.last_success:
+            return {}
+        last = await self.pipelines.jobs.find(job_key(name, head.last_success))
+        if last is None or not last.datums:
+            return {}
+        data = await self.store.get_bytes(last.datums)
+        entries = msgspec.json.decode(
+            b"[" + data.strip().replace(b"\n", b",") + b"]", type=list[DatumIndexEntry]
+        )
+        return {e.datum: e for e in entries}
+
+    async def _queue_datums(
+        self, info: PipelineInfo, job_id: str, commits: list[CommitInfo | None], beat: Heartbeat
+    ) -> int:
+        spec = info.spec
+        previous = (
+            {} if spec.reprocess_spec == "every_job" else await self._previous_datums(spec.name)
+        )
+        publisher = Publisher(self.broker)
+        total = 0
+        with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
+            leaves = []
+            for leaf, commit in zip(input_leaves(spec.input), commits, strict=True):
+                local = (
+                    await manifest.local_copy(self.store, commit.manifest, scratch=Path(tmp))
+                    if commit
+                    else None
+                )
+                files: Iterator = manifest.iter_lines(local) if local else iter(())
+                leaves.append(
+                    Leaf(
+                        name=input_name(leaf),
+                        repo=leaf.repo,
+                        branch=leaf.branch,
+                        commit=commit.id if commit else "",
+                        files=files,
+                    )
+                )
+            for inputs in enumerate_datums(spec.input, leaves):
+                total += 1
+                await self._queue_one(info, job_id, inputs, previous, publisher)
+                if total % 512 == 0:
+                    await beat.beat()
+            await publisher.flush()
+        return total
+
+    async def _queue_one(
+        self,
+        info: PipelineInfo,
+        job_id: str,
+        inputs: list[DatumInput],
+        previous: dict[str, DatumIndexEntry],
+        publisher: Publisher,
+    ) -> None:
+        did = datum_id(inputs)
+        dhash = datum_hash(did, inputs, info.salt)
+        before = previous.get(did)
+        if before is not None and before.hash == dhash and before.state in ("success", "skipped"):
+            # Unchanged since the last successful job: keep its output, run nothing.
+            skipped = DatumResult(
+                pipeline=info.name,
+                job=job_id,
+                datum=did,
+                hash=dhash,
+                state="skipped",
+                output=before.output,
+                files=[f for i in inputs for f in i.files],
+            )
+            await publisher.publish(
+                subjects.result(info.name, job_id), skipped, msg_id=f"{job_id}:{did}:skipped"
+            )
+            return
+        task = DatumTask(
+            pipeline=info.name,
+            version=info.version,
+            job=job_id,
+            datum=did,
+            hash=dhash,
+            inputs=inputs,
+        )
+        await publisher.publish(subjects.datum(info.name), task, msg_id=f"{job_id}:{did}")
