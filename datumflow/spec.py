@@ -223,7 +223,12 @@ def validate(spec: PipelineSpec) -> None:
         raise SpecError(f"output_branch: {spec.output_branch!r} is not a valid branch name")
 
 
-def _validate_input(inp: Input, where: str) -> None:
+def _validate_input(inp: Input, where: str) -> set[str]:
+    """Check `inp` and return the input names a datum of it may hold.
+
+    Two inputs of one datum with one name would share /pfs/<name>, so names must differ across the
+    children of cross, join and group; a union's children never meet in a datum and may repeat one.
+    """
     kinds = [k for k in ("pfs", "cross", "union", "join", "group") if getattr(inp, k) is not None]
     if len(kinds) != 1:
         found = ", ".join(kinds) if kinds else "none"
@@ -238,12 +243,27 @@ def _validate_input(inp: Input, where: str) -> None:
             raise SpecError(f"{where}.pfs.repo: {pfs.repo!r} is not a valid repo name")
         if pfs.name and not NAME_RE.match(pfs.name):
             raise SpecError(f"{where}.pfs.name: {pfs.name!r} is not a valid input name")
-        return
+        if input_name(pfs) == "out":
+            raise SpecError(
+                f"{where}.pfs.name: the input name 'out' is reserved for /pfs/out, the output;"
+                " set a different name"
+            )
+        return {input_name(pfs)}
     children = getattr(inp, kind)
     if not children:
         raise SpecError(f"{where}.{kind}: needs at least one input")
+    names: set[str] = set()
     for i, child in enumerate(children):
-        _validate_input(child, f"{where}.{kind}[{i}]")
+        child_names = _validate_input(child, f"{where}.{kind}[{i}]")
+        clash = sorted(names & child_names) if kind != "union" else []
+        if clash:
+            raise SpecError(
+                f"{where}.{kind}[{i}]: input name {clash[0]!r} is already used in this {kind};"
+                " names must be unique within cross, join and group (set pfs.name to tell them"
+                " apart)"
+            )
+        names |= child_names
+    return names
 
 
 def spec_json(spec: PipelineSpec) -> bytes:
