@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from datumflow.broker.connection import Broker, broker_errors
 from datumflow.errors import Conflict, NotFound
@@ -87,12 +87,19 @@ class Records:
                 pass
 
     async def keys(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix` ("pipeline." for one pipeline's jobs), by subject wildcard: nats-py's
+        own `keys(filters=...)` matches substrings, which would mix up `copy` and `copy2`."""
         kv = await self.broker.kv(self.bucket)
+        keys: list[str] = []
         async with broker_errors(f"listing {self.bucket}"):
+            watcher = await kv.watch(prefix + ">", ignore_deletes=True, meta_only=True)
             try:
-                keys = await kv.keys(filters=[prefix + ">"] if prefix else None)
-            except NoKeysError:
-                return []
+                async for entry in watcher:
+                    if entry is None:  # the watcher's "all current values sent" marker
+                        break
+                    keys.append(entry.key)
+            finally:
+                await watcher.stop()
         return sorted(keys)
 
     async def all(self, prefix: str = "") -> list[R]:

@@ -109,7 +109,7 @@ class Subscription:
         try:
             sub = await self._bind()
             msgs = await sub.fetch(batch=batch, timeout=wait)
-        except nats.errors.TimeoutError:
+        except (TimeoutError, nats.errors.TimeoutError):
             self._idle += 1
             if self._idle >= 30:  # half a minute of silence: make sure we are still attached
                 self._idle = 0

