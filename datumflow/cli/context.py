@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
@@ -68,7 +69,9 @@ def run(coro: Awaitable[T]) -> T:
     raise AssertionError("unreachable")
 
 
-async def with_api(settings: Settings, body: Callable[[Api], Awaitable[T]]) -> T:
+@contextlib.asynccontextmanager
+async def open_api(settings: Settings) -> AsyncIterator[Api]:
+    """A connection to the running datumflow named by the settings, with its repos and pipelines."""
     settings = resolve(settings)
     if not settings.nats_url:
         raise DatumflowError(
@@ -83,18 +86,22 @@ async def with_api(settings: Settings, body: Callable[[Api], Awaitable[T]]) -> T
         )
         try:
             repos = Repos(broker=broker, store=store)
-            api = Api(
+            yield Api(
                 settings=settings,
                 broker=broker,
                 store=store,
                 repos=repos,
                 pipelines=Pipelines(broker=broker, repos=repos),
             )
-            return await body(api)
         finally:
             await store.close()
     finally:
         await broker.close()
+
+
+async def with_api(settings: Settings, body: Callable[[Api], Awaitable[T]]) -> T:
+    async with open_api(settings) as api:
+        return await body(api)
 
 
 def emit_json(value: Any) -> None:

@@ -70,6 +70,7 @@ wait = group("wait", "Wait for a job, or for a commit and everything downstream 
 wait.command("job")(pps.wait_job)
 wait.command("commit")(pps.wait_commit)
 
+app.command()(runs.demo)
 app.command()(runs.up)
 app.command()(runs.down)
 app.command()(runs.planner)

@@ -165,3 +165,18 @@ def schema(what: str = typer.Argument(..., metavar="commit-event")) -> None:
     if what != "commit-event":
         fail(f"unknown schema {what!r}; known: commit-event")
     emit_json(commit_event_schema())
+
+
+def demo(
+    files: int = typer.Option(20, "--files", help="How many sample files to process."),
+) -> None:
+    """Start a private datumflow, run a two-stage DAG over sample files, print the result, stop."""
+    from rich.console import Console
+
+    from datumflow.cli.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        asyncio.run(run_demo(files=files, console=Console()))
+    except RuntimeError as exc:
+        fail(str(exc))

@@ -28,6 +28,7 @@ _CLONE_NEWNS = 0x00020000
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
+_PR_SET_PDEATHSIG = 1
 
 # Variables of datumflow itself, the object store or the broker: user code never sees them.
 _SECRET_PREFIXES = ("DATUMFLOW_", "AWS_", "NATS_", "KUBERNETES_")
@@ -46,6 +47,7 @@ def _bind_pfs(source: bytes) -> Callable[[], None]:
 
     def enter() -> None:
         # Runs in the child between fork and exec: a mount namespace of its own, /pfs inside it.
+        _die_with_parent(libc)
         if libc.unshare(_CLONE_NEWNS) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
         if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
@@ -54,6 +56,16 @@ def _bind_pfs(source: bytes) -> Callable[[], None]:
             raise OSError(ctypes.get_errno(), "bind-mounting the datum at /pfs")
 
     return enter
+
+
+def _die_with_parent(libc: ctypes.CDLL) -> None:
+    # A worker killed with SIGKILL must not leave its user code running on a datum that another
+    # worker is about to redo.
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _orphan_guard() -> None:
+    _die_with_parent(ctypes.CDLL(None, use_errno=True))
 
 
 def choose_mode(wanted: str) -> str:
@@ -89,7 +101,7 @@ async def run(
     timeout: float | None,
 ) -> Outcome:
     """Run `cmd` with the datum's layout; kill it and all its children at `timeout`."""
-    preexec = _bind_pfs(str(layout).encode()) if mode == "namespace" else None
+    preexec = _bind_pfs(str(layout).encode()) if mode == "namespace" else _orphan_guard
     cwd = "/pfs" if mode in ("namespace", "direct") else str(layout)
     started = time.monotonic()
     try:
