@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import s3server
-from s3server import FaultProxy, free_port, make_bucket, set_moto_auth, sync_client
 
 from datumflow.broker.messages import ObjectSource
 from datumflow.errors import NotFound, PermanentError, StorageError, TemporaryError
 from datumflow.storage import open_store
 from datumflow.storage.s3 import MIN_PART_SIZE, S3Store
+from tests import s3server
+from tests.s3server import FaultProxy, free_port, make_bucket, set_moto_auth, sync_client
 
 # The shared fixtures, by name (conftest.py is not ours to extend).
 aws_env = s3server.aws_env

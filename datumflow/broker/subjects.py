@@ -37,6 +37,11 @@ def job_planned(pipeline: str, job: str) -> str:
     return f"df.job.{pipeline}.{job}"
 
 
+def logs(pipeline: str, job: str = "*", datum: str = "*") -> str:
+    """Live output of user code (core NATS, not stored: the stored log is in the datum result)."""
+    return f"df.logs.{pipeline}.{job}.{datum}"
+
+
 def dead(function: str) -> str:
     return f"df.dead.{function}"
 

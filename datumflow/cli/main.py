@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from datumflow.cli import datum_commands, deploy_commands, ingest_commands
 from datumflow.cli import pfs_commands as pfs
 from datumflow.cli import pps_commands as pps
 from datumflow.cli import run_commands as runs
@@ -77,6 +78,19 @@ app.command()(runs.planner)
 app.command()(runs.committer)
 app.command()(runs.worker)
 app.command()(runs.schema)
+
+groups = {
+    "create": create,
+    "update": update,
+    "delete": delete,
+    "list": list_,
+    "inspect": inspect,
+    "put": put,
+    "get": get,
+    "wait": wait,
+}
+for module in (datum_commands, ingest_commands, deploy_commands):
+    module.register(app, groups)
 
 
 def main() -> None:

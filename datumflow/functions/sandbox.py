@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -99,6 +99,7 @@ async def run(
     layout: Path,
     mode: str,
     timeout: float | None,
+    on_output: Callable[[bytes], Awaitable[None]] | None = None,
 ) -> Outcome:
     """Run `cmd` with the datum's layout; kill it and all its children at `timeout`."""
     preexec = _bind_pfs(str(layout).encode()) if mode == "namespace" else _orphan_guard
@@ -125,6 +126,8 @@ async def run(
         nonlocal dropped
         assert proc.stdout is not None
         while chunk := await proc.stdout.read(65536):
+            if on_output is not None and len(log) < LOG_CAP:
+                await on_output(chunk[: LOG_CAP - len(log)])
             room = LOG_CAP - len(log)
             log.extend(chunk[: max(room, 0)])
             dropped += max(len(chunk) - max(room, 0), 0)

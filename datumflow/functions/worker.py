@@ -265,6 +265,14 @@ class Worker:
             PACH_OUTPUT_DIR=f"{root}/out",
         )
         text = ("\n".join(stdin) + "\n").encode() if stdin else b""
+        live = subjects.logs(task.pipeline, task.job, task.datum)
+
+        async def stream(chunk: bytes) -> None:
+            # Core NATS, not JetStream: live lines for `datumflow logs -f`, lost if no one
+            # listens. The whole log is kept as an object with the datum's result.
+            with contextlib.suppress(Exception):
+                await self.broker.nc.publish(live, chunk)
+
         return await sandbox.run(
             cmd,
             stdin=text,
@@ -272,6 +280,7 @@ class Worker:
             layout=layout,
             mode=self.mode,
             timeout=parse_duration(spec.datum_timeout, field="datum_timeout"),
+            on_output=stream,
         )
 
 
