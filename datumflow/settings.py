@@ -56,7 +56,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raw = env.get("DATUMFLOW_" + field.name.upper())
             if raw is None or raw == "":
                 continue
-            values[field.name] = float(raw) if field.type in (float, "float") else raw
+            if field.type in (float, "float"):
+                try:
+                    values[field.name] = float(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"bad datumflow setting DATUMFLOW_{field.name.upper()}={raw!r}: expected a number"
+                    ) from None
+            else:
+                values[field.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return msgspec.convert(values, cls)

@@ -182,7 +182,10 @@ def load_spec(data: bytes | str, *, source: str = "spec") -> PipelineSpec:
         spec = msgspec.convert(_normalise_keys(document), PipelineSpec)
     except msgspec.ValidationError as exc:
         raise SpecError(f"{source}: {_field_path(exc)}") from None
-    validate(spec)
+    try:
+        validate(spec)
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     return spec
 
 
