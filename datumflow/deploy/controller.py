@@ -183,10 +183,16 @@ class Controller:
         try:
             if spec is None:
                 await self.delete_pipeline(name)
+                log.info("pipeline %r: worker objects deleted", name)
             else:
                 if spec.name != name:
                     log.warning("pipeline event for %r carries the spec of %r", name, spec.name)
-                await self.apply_pipeline(spec)
+                objects = await self.apply_pipeline(spec)
+                log.info(
+                    "pipeline %r: applied %s",
+                    name,
+                    ", ".join(f"{o['kind']} {o['metadata']['name']}" for o in objects),
+                )
         except Exception as exc:
             action = "delete" if spec is None else "apply"
             if isinstance(exc, PermanentError) or (
