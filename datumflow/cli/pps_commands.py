@@ -86,23 +86,35 @@ def _input_text(info: PipelineInfo) -> str:
     return ", ".join(f"{x.repo}:{x.glob}" for x in input_leaves(info.spec.input))
 
 
+# The supervisor of `datumflow up` rewrites status.json several times a second; an older one was
+# left by a supervisor that is gone, and its worker counts are not true any more.
+STATUS_FRESH_SECONDS = 10.0
+
+
 def _status(settings_home: str) -> dict:
+    """Per pipeline, what the local supervisor last wrote: state, workers, desired, lag."""
     try:
-        return json.loads((Path(settings_home) / "status.json").read_text())
+        status = json.loads((Path(settings_home) / "status.json").read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(status, dict):
+        return {}
+    now = time.time()
+    return {
+        name: entry
+        for name, entry in status.items()
+        if isinstance(entry, dict) and now - entry.get("updated", 0) < STATUS_FRESH_SECONDS
+    }
 
 
 def _pipeline_view(info: PipelineInfo, status: dict, last: JobInfo | None) -> dict:
     s = status.get(info.name, {})
     autoscaled = info.spec.autoscaled
     workers = s.get("workers", 0)
-    state = "running"
-    if last is not None and last.state == "failure":
-        state = "failure"
-    if autoscaled and workers == 0 and not s.get("desired"):
-        state = "standby"
-    return {
+    # The supervisor's word when there is one. Without it (no `datumflow up` on this machine, or
+    # the pipeline not seen yet): an autoscaled pipeline without workers waits in standby.
+    state = s.get("state") or ("standby" if autoscaled and not workers else "running")
+    view = {
         "name": info.name,
         "version": info.version,
         "state": state,
@@ -114,10 +126,14 @@ def _pipeline_view(info: PipelineInfo, status: dict, last: JobInfo | None) -> di
         "workers": workers,
         "desired": s.get("desired", 0),
         "lag": s.get("lag"),
+        "max_workers": s.get("max_workers"),
         "last_job": last.id if last else "",
         "last_job_state": last.state if last else "",
         "created": info.created,
     }
+    if s.get("reason"):
+        view["reason"] = s["reason"]
+    return view
 
 
 def list_pipeline(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:

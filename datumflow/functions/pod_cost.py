@@ -1,9 +1,12 @@
-"""A worker's pod-deletion-cost marker: busy pods are expensive to delete, idle ones cheap.
+"""A worker's busy/idle marker: busy pods are expensive to delete, idle ones cheap.
 
 When the HPA lowers a Deployment's replica count, the ReplicaSet controller deletes the pods with the
 lowest `controller.kubernetes.io/pod-deletion-cost` first. A worker marks its own pod busy while it
 holds a datum and idle between datums, so a scale-down takes idle workers and leaves the busy ones to
 finish: the limitation Pachyderm's documentation names for its autoscaling.
+
+Outside Kubernetes the supervisor of `datumflow up` makes the same choice among its worker processes;
+a worker tells it through a file that exists while it holds a datum (`BusyFile`).
 
 The marker is best effort. A failed patch is logged and the worker goes on: the worst case is the
 one Kubernetes has without it, a busy pod chosen for deletion, which then hands its datum back.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -44,6 +48,29 @@ class NoPodDeletionCost:
 
     async def idle(self) -> None:
         return None
+
+
+class BusyFile:
+    """A local worker's marker: `path` exists while the worker holds a datum.
+
+    The supervisor names the file in DATUMFLOW_BUSY_FILE and reads it when it scales down. A local
+    file operation takes microseconds, so it is done inline.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def busy(self) -> None:
+        try:
+            self.path.touch()
+        except OSError as exc:
+            log.warning("could not mark busy in %s: %s", self.path, exc)
+
+    async def idle(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not mark idle in %s: %s", self.path, exc)
 
 
 class PodDeletionCost:
@@ -118,6 +145,18 @@ def pod_deletion_cost(
             )
             return NoPodDeletionCost()
     return PodDeletionCost(pod_name=pod_name, namespace=namespace, core_v1=core_v1)
+
+
+def worker_marker(
+    *, pod_name: str | None, namespace: str | None, busy_file: str | None
+) -> DeletionCostMarker:
+    """The busy/idle marker for a worker: its pod's deletion cost in Kubernetes (POD_NAME and
+    POD_NAMESPACE set), the supervisor's busy file locally (DATUMFLOW_BUSY_FILE set), else none."""
+    if pod_name and namespace:
+        return pod_deletion_cost(pod_name=pod_name, namespace=namespace)
+    if busy_file:
+        return BusyFile(Path(busy_file))
+    return NoPodDeletionCost()
 
 
 def in_cluster_core_v1() -> CoreV1Api:
