@@ -3,8 +3,8 @@ may drain, the state it reports, the busy marker it reads, and how the CLI reads
 
 from __future__ import annotations
 
+import asyncio
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -202,21 +202,16 @@ def test_supervisor_tells_busy_workers(tmp_path: Path) -> None:
     child.busy_file = tmp_path / "worker-edges-0.busy"
     child.process = _Process(4242)  # type: ignore[assignment]
     assert not supervisor._busy(child)
-
-    # The worker's marker file, once the worker writes it...
-    child.busy_file.touch()
+    marker = BusyFile(child.busy_file)
+    asyncio.run(marker.busy())
     assert supervisor._busy(child)
-    child.busy_file.unlink()
-    # ... and meanwhile the datum it has under its scratch directory.
-    datum = tmp_path / "scratch" / "worker-4242" / "job-datum-1" / "pfs"
-    datum.mkdir(parents=True)
-    assert supervisor._busy(child)
-    shutil.rmtree(datum.parent)
+    asyncio.run(marker.idle())
     assert not supervisor._busy(child)
 
     child.process.returncode = 0  # type: ignore[union-attr]
     child.busy_file.touch()
     assert not supervisor._busy(child), "a dead worker holds nothing"
+    assert not child.reap() and not child.busy_file.exists(), "its marker is cleared"
 
 
 # --- the CLI's view of status.json ---------------------------------------------------------------

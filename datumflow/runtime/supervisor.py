@@ -379,18 +379,12 @@ class Supervisor:
             return None
 
     def _busy(self, child: Child) -> bool:
-        """Whether a worker holds a datum now, as far as we can tell from outside."""
-        if not child.alive or child.process is None:
+        """Whether a worker holds a datum now: its busy file exists (functions.pod_cost.BusyFile,
+        named in DATUMFLOW_BUSY_FILE). A worker that writes none counts as idle, and the newest
+        goes first, as before there was a marker."""
+        if not child.alive:
             return False
-        if child.busy_file is not None and child.busy_file.exists():
-            return True
-        # Until every worker writes its busy file: a worker keeps the datum in hand under
-        # <home>/scratch/worker-<pid>/ (functions.worker.default_scratch) and clears it after.
-        scratch = self.home / "scratch" / f"worker-{child.process.pid}"
-        try:
-            return any(scratch.iterdir())
-        except OSError:
-            return False
+        return child.busy_file is not None and child.busy_file.exists()
 
     async def _scale(self, pw: PipelineWorkers, desired: int) -> None:
         pw.draining = [w for w in pw.draining if w.reap()]
