@@ -14,7 +14,7 @@ import pytest_asyncio
 from datumflow.broker.messages import ObjectSource
 from datumflow.errors import NotFound, PermanentError, StorageError, TemporaryError
 from datumflow.storage import open_store
-from datumflow.storage.s3 import MIN_PART_SIZE, S3Store
+from datumflow.storage.s3 import MIN_PART_SIZE, S3Store, parse_s3_url
 from tests import s3server
 from tests.s3server import FaultProxy, free_port, make_bucket, set_moto_auth, sync_client
 
@@ -375,6 +375,39 @@ async def test_get_source_in_a_missing_bucket(store: S3Store, tmp_path: Path) ->
         await store.get_source(source, tmp_path / "x")
     with pytest.raises(PermanentError, match="not an S3 URL"):
         await store.get_source(ObjectSource(url="file:///etc/passwd"), tmp_path / "x")
+
+
+@pytest.mark.asyncio
+async def test_sources_with_url_characters_in_their_keys(
+    store: S3Store, s3_endpoint: str, source_bucket: str, tmp_path: Path
+) -> None:
+    """An S3 key is taken verbatim from s3://bucket/key: `?`, `#`, `%` and `+` are part of it."""
+    client = sync_client(s3_endpoint)
+    key = "odd/what? #1 100%+more.txt"
+    put = client.put_object(Bucket=source_bucket, Key=key, Body=b"odd bytes")
+    url = f"s3://{source_bucket}/{key}"
+    assert parse_s3_url(url) == (source_bucket, key)
+    source = ObjectSource(url=url, etag=put["ETag"])
+    assert await store.get_source(source, tmp_path / "odd") == 9
+    assert b"".join([c async for c in store.read_source(source)]) == b"odd bytes"
+
+    info = await store.head_source(url)
+    assert info is not None
+    assert (info.etag, info.size) == (put["ETag"].strip('"'), 9)
+    assert info.version_id == put["VersionId"]
+    assert await store.head_source(f"s3://{source_bucket}/odd/absent") is None
+
+    client.put_object(Bucket=source_bucket, Key=key, Body=b"other bytes")
+    with pytest.raises(PermanentError, match="changed since it was committed"):
+        [c async for c in store.read_source(source)]
+
+
+@pytest.mark.asyncio
+async def test_check_source(store: S3Store, source_bucket: str) -> None:
+    await store.check_source(f"s3://{source_bucket}/some/prefix")
+    await store.check_source(f"s3://{source_bucket}")
+    with pytest.raises(NotFound, match="bucket 'no-such-feed' does not exist"):
+        await store.check_source("s3://no-such-feed/x")
 
 
 # -- memory ------------------------------------------------------------------------------------

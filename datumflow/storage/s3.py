@@ -28,7 +28,7 @@ import random
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlparse
 
 import aiohttp
@@ -93,6 +93,15 @@ class SourceRef(Protocol):
 
     url: str
     etag: str
+    version_id: str
+
+
+class SourceInfo(NamedTuple):
+    """An object's identity as the bucket reports it now."""
+
+    etag: str
+    """Without quotes."""
+    size: int
     version_id: str
 
 
@@ -198,11 +207,14 @@ def _error_code(exc: ClientError) -> tuple[str, int, str]:
     return str(error.get("Code", "")), int(status or 0), str(error.get("Message", ""))
 
 
-def _parse_s3_url(url: str) -> tuple[str, str]:
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc:
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, key) of `s3://bucket/key`. The key is taken verbatim, not URL-decoded: an S3 key
+    may hold `?`, `#`, `%` or spaces, which a URL parser would cut or decode."""
+    rest = url.removeprefix("s3://") if url.startswith("s3://") else ""
+    bucket, _, key = rest.partition("/")
+    if not bucket:
         raise PermanentError(f"{url!r} is not an S3 URL: use s3://bucket/key")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key
 
 
 class S3Store:
@@ -648,17 +660,13 @@ class S3Store:
             async for chunk in stream:
                 yield chunk
 
-    async def get_source(self, source: SourceRef, dest: Path) -> int:
-        """Download an object referenced in place (any bucket the credentials reach) to `dest`.
-
-        The object must still be the one that was committed: same ETag (and version, when set).
-        """
-        bucket, s3_key = _parse_s3_url(source.url)
+    def _source_stream(self, source: SourceRef) -> AsyncIterator[bytes]:
+        bucket, s3_key = parse_s3_url(source.url)
         if not s3_key:
             raise PermanentError(f"source {source.url!r} names a bucket but no object key")
         etag = source.etag.strip('"')
         pinned = f" (version {source.version_id})" if source.version_id else ""
-        stream = self._stream(
+        return self._stream(
             bucket,
             s3_key,
             etag=etag,
@@ -672,7 +680,43 @@ class S3Store:
                 f"{etag}; commit the new version to process it"
             ),
         )
-        return await self._download(stream, dest)
+
+    async def get_source(self, source: SourceRef, dest: Path) -> int:
+        """Download an object referenced in place (any bucket the credentials reach) to `dest`.
+
+        The object must still be the one that was committed: same ETag (and version, when set).
+        """
+        return await self._download(self._source_stream(source), dest)
+
+    async def read_source(self, source: SourceRef) -> AsyncIterator[bytes]:
+        """Stream an object referenced in place, checked as `get_source` checks it."""
+        stream = self._source_stream(source)
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                yield chunk
+
+    async def head_source(self, url: str) -> SourceInfo | None:
+        """What an object in any reachable bucket is now (ETag, size, version); None if absent."""
+        bucket, s3_key = parse_s3_url(url)
+        if not s3_key:
+            raise PermanentError(f"{url!r} names a bucket but no object key")
+        try:
+            with self._errors(bucket, s3_key):
+                head = await self._client.head_object(Bucket=bucket, Key=s3_key)
+        except NotFound:
+            return None  # a HEAD answer has no body: a missing bucket looks like a missing key
+        return SourceInfo(
+            etag=str(head.get("ETag", "")).strip('"'),
+            size=int(head.get("ContentLength", 0)),
+            version_id=str(head.get("VersionId", "") or ""),
+        )
+
+    async def check_source(self, url: str) -> None:
+        """Fail with a clear message unless the bucket of `s3://bucket/prefix` can be listed."""
+        bucket, prefix = parse_s3_url(url)
+        listing_prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        with self._errors(bucket):
+            await self._client.list_objects_v2(Bucket=bucket, Prefix=listing_prefix, MaxKeys=1)
 
     async def exists(self, key: str) -> bool:
         s3_key = self.object_key(key)
