@@ -64,6 +64,8 @@ class BucketMapping(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """A key prefix taken as a directory: "raw" matches raw/a.csv, not rawdata/a.csv."""
     repo: str
     branch: str = "master"
+    subject: str = ""
+    """The NATS subject the bucket's notifications arrive on; "" for ingest's default."""
 
 
 class RepoPath(NamedTuple):

@@ -7,6 +7,7 @@ pipelines run.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -14,12 +15,14 @@ from collections.abc import Iterable
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.kv import Records
-from datumflow.broker.messages import CommitEvent, CommitRef, FileRef, Origin
+from datumflow.broker.messages import CommitEvent, CommitRef, FileRef, ObjectSource, Origin
 from datumflow.broker.records import BranchInfo, CommitInfo, RepoInfo
 from datumflow.errors import Conflict, NotFound, PermanentError
 from datumflow.pfs import manifest
 from datumflow.pfs.paths import check_name, clean_path
 from datumflow.storage.base import ObjectStore
+
+COMMIT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 def new_commit_id() -> str:
@@ -212,6 +215,10 @@ class Repos:
     async def adopt(self, event: CommitEvent) -> CommitInfo:
         """Record a commit announced by a producer outside datumflow. Idempotent: every consumer
         of the event may call it, and the first one records it."""
+        what = f"commit event for {event.repo}@{event.commit}"
+        check_name(event.repo)
+        if not COMMIT_ID_RE.match(event.commit):
+            raise PermanentError(f"{what}: the commit id must be 1-128 letters, digits, '_' or '-'")
         existing = await self.commits.find(f"{event.repo}.{event.commit}")
         if existing is not None:
             return existing
@@ -224,11 +231,14 @@ class Repos:
         puts = []
         for ref in event.files:
             path = clean_path(ref.path)
-            if ref.source is None and not await self.store.exists(ref.hash):
+            if ref.size < 0:
+                raise PermanentError(f"{what}: {path} has a negative size ({ref.size})")
+            if ref.source is not None:
+                self._check_source(what, path, ref.source)
+            elif not ref.hash or not await self.store.exists(ref.hash):
                 raise PermanentError(
-                    f"commit event for {event.repo}@{event.commit}: {path} refers to object"
-                    f" {ref.hash or '(no hash)'}, which is not in the store; upload it first or"
-                    " give a `source`"
+                    f"{what}: {path} refers to object {ref.hash or '(no hash)'}, which is not in"
+                    " the store; upload it first or give a `source`"
                 )
             puts.append(FileRef(path=path, size=ref.size, hash=ref.hash, source=ref.source))
         return await self.commit_files(
@@ -242,6 +252,20 @@ class Repos:
             commit_id=event.commit,
             announce=False,
         )
+
+    def _check_source(self, what: str, path: str, source: ObjectSource) -> None:
+        """A file referenced in place must name an object, and the workers must reach it."""
+        bucket, _, key = source.url.removeprefix("s3://").partition("/")
+        if not source.url.startswith("s3://") or not bucket or not key or key.endswith("/"):
+            raise PermanentError(
+                f"{what}: {path} has source {source.url!r}; give s3://bucket/key of an object"
+            )
+        if getattr(self.store, "get_source", None) is None:
+            raise PermanentError(
+                f"{what}: {path} is read in place from {source.url}, but this datumflow stores"
+                f" its objects at {self.store.url}, so its workers cannot read buckets; run it"
+                " with --storage s3://BUCKET/PREFIX, or upload the file and give its `hash`"
+            )
 
 
 def _check_no_file_under_file(ordered: list[FileRef]) -> None:
