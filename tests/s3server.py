@@ -17,13 +17,18 @@ Run as a script, this module serves moto on a free port and prints `PORT <n>` on
 
 from __future__ import annotations
 
+import itertools
+import json
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote_plus
 
 import aiohttp
 import pytest
@@ -133,6 +138,85 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+# -- bucket notifications, as MinIO and AWS S3 send them -----------------------------------------
+
+_sequence = itertools.count(1)
+
+
+def next_sequencer() -> str:
+    """Increasing, like the sequencers S3 and MinIO put in their events (hex, compared padded)."""
+    return f"{time.time_ns() + next(_sequence):016X}"
+
+
+def s3_record(
+    event: str,
+    bucket: str,
+    key: str,
+    *,
+    etag: str = "",
+    size: int | None = None,
+    version_id: str = "",
+    sequencer: str = "",
+) -> dict[str, Any]:
+    """One record, `event` as AWS names it (`ObjectCreated:Put`, `ObjectRemoved:Delete`)."""
+    obj: dict[str, Any] = {"key": quote_plus(key, safe="/"), "sequencer": sequencer}
+    if size is not None:
+        obj["size"] = size
+    if etag:
+        obj["eTag"] = etag.strip('"')
+    if version_id:
+        obj["versionId"] = version_id
+    return {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": "us-east-1",
+        "eventTime": "2026-01-01T00:00:00.000Z",
+        "eventName": event,
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "datumflow",
+            "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+            "object": obj,
+        },
+    }
+
+
+def aws_notification(*records: dict[str, Any]) -> bytes:
+    """AWS S3's shape: `Records` only."""
+    return json.dumps({"Records": list(records)}).encode()
+
+
+def minio_notification(record: dict[str, Any]) -> bytes:
+    """MinIO's shape: the EventName/Key envelope around one record, `s3:` before the name; no size
+    nor eTag on removals."""
+    record = json.loads(json.dumps(record))
+    record["eventName"] = "s3:" + record["eventName"]
+    record["eventSource"] = "minio:s3"
+    if record["eventName"].startswith("s3:ObjectRemoved:"):
+        record["s3"]["object"].pop("size", None)
+        record["s3"]["object"].pop("eTag", None)
+    bucket = record["s3"]["bucket"]["name"]
+    key = record["s3"]["object"]["key"]
+    envelope = {"EventName": record["eventName"], "Key": f"{bucket}/{key}", "Records": [record]}
+    return json.dumps(envelope).encode()
+
+
+def put_and_describe(
+    client: Any, bucket: str, key: str, body: bytes, *, event: str = "ObjectCreated:Put"
+) -> dict[str, Any]:
+    """Write an object, then the notification record S3 would send for it."""
+    put = client.put_object(Bucket=bucket, Key=key, Body=body)
+    return s3_record(
+        event,
+        bucket,
+        key,
+        etag=put["ETag"],
+        size=len(body),
+        version_id=put.get("VersionId", ""),
+        sequencer=next_sequencer(),
+    )
 
 
 # Headers that belong to one HTTP hop, not to the request or response being relayed.
