@@ -1,9 +1,64 @@
-"""Commands registered by `register`; see main.py."""
+"""`datumflow ingest`: the function that turns bucket notifications into commits."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Annotated
+
 import typer
+
+from datumflow.broker.connection import Broker
+from datumflow.cli.context import fail, settings_of
+from datumflow.errors import DatumflowError
+from datumflow.functions.ingest import Ingest, IngestOptions
+from datumflow.pfs.bucket_sources import check_subject
+from datumflow.runtime.service import resolve, serve
+from datumflow.storage import ObjectStore
+
+
+def ingest(
+    ctx: typer.Context,
+    window: float = typer.Option(
+        1.0,
+        "--window",
+        envvar="DATUMFLOW_INGEST_WINDOW",
+        help="Seconds to gather a burst of notifications into one commit.",
+    ),
+    subject: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--subject",
+            envvar="DATUMFLOW_INGEST_SUBJECTS",
+            help="A NATS subject notifications arrive on, besides df.ingest.> and the subjects"
+            " of the bucket mappings (repeat, or comma-separate in the variable).",
+        ),
+    ] = None,
+    max_batch: int = typer.Option(
+        5_000, "--max-batch", help="Notifications in one commit at most."
+    ),
+) -> None:
+    """Run the ingest function (bucket notifications → commits)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    subjects = tuple(s.strip() for item in subject or [] for s in item.split(",") if s.strip())
+    try:
+        for s in subjects:
+            check_subject(s)
+        options = IngestOptions(window=window, max_batch=max_batch, subjects=subjects)
+    except DatumflowError as exc:
+        fail(str(exc))
+    if window <= 0 or max_batch < 1:
+        fail("--window must be above 0 and --max-batch at least 1")
+    settings = resolve(settings_of(ctx))
+
+    async def body(broker: Broker, store: ObjectStore, stop: asyncio.Event) -> None:
+        await Ingest(broker=broker, store=store, options=options).run(stop)
+
+    asyncio.run(serve(settings=settings, name="datumflow-ingest", body=body))
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
     """Add this module's commands to the app and to the groups (create, list, inspect, ...)."""
+    app.command()(ingest)

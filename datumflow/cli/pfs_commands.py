@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from datumflow.broker.messages import FileRef
+from datumflow.cli.bucket_feeds import create_fed_repo, get_file_to, read_file
 from datumflow.cli.context import (
     Api,
     address_of,
@@ -22,8 +23,9 @@ from datumflow.cli.context import (
     table,
     with_api,
 )
-from datumflow.errors import NotFound
+from datumflow.errors import DatumflowError, NotFound
 from datumflow.pfs import manifest
+from datumflow.pfs.bucket_sources import BucketSources, check_subject, parse_bucket_url, source_url
 from datumflow.pfs.paths import clean_path, join
 
 
@@ -31,11 +33,36 @@ def create_repo(
     ctx: typer.Context,
     name: str,
     description: str = typer.Option("", "--description", "-d"),
+    from_bucket: str = typer.Option(
+        "",
+        "--from-bucket",
+        metavar="s3://BUCKET[/PREFIX]",
+        help="Feed the repo from a bucket: objects under the prefix become its files, by their"
+        " bucket notifications (see `datumflow ingest`).",
+    ),
+    branch: str = typer.Option("master", "--branch", "-b", help="Branch fed from the bucket."),
+    subject: str = typer.Option(
+        "",
+        "--subject",
+        help="NATS subject the bucket's notifications arrive on (otherwise any df.ingest.* one).",
+    ),
 ) -> None:
-    """Create a repo."""
+    """Create a repo, optionally fed from a bucket's notifications."""
+    if (subject or branch != "master") and not from_bucket:
+        fail("--subject and --branch go with --from-bucket")
+    if from_bucket:
+        try:
+            parse_bucket_url(from_bucket)
+            if subject:
+                check_subject(subject)
+        except DatumflowError as exc:
+            fail(str(exc))
 
     async def body(api: Api) -> None:
-        await api.repos.create_repo(name, description=description)
+        if not from_bucket:
+            await api.repos.create_repo(name, description=description)
+            return
+        await create_fed_repo(api, name, description, from_bucket, branch, subject)
 
     run(with_api(settings_of(ctx), body))
 
@@ -45,6 +72,9 @@ def list_repo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"))
 
     async def body(api: Api) -> None:
         repos = await api.repos.list_repos()
+        feeds: dict[str, list[str]] = {}
+        for mapping in await BucketSources(broker=api.broker).list():
+            feeds.setdefault(mapping.repo, []).append(source_url(mapping))
         rows = []
         for r in repos:
             head = await api.repos.head(r.name, "master")
@@ -58,6 +88,7 @@ def list_repo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"))
                         "size_bytes": h.size_bytes if h else 0,
                         "description": r.description,
                         "pipeline": r.pipeline,
+                        "from_bucket": sorted(feeds.get(r.name, [])),
                     }
                     for r, h in rows
                 ]
@@ -82,6 +113,7 @@ def delete_repo(ctx: typer.Context, name: str) -> None:
         if info.pipeline:
             fail(f"repo {name} is the output of pipeline {info.pipeline}; delete the pipeline")
         await api.repos.delete_repo(name)
+        await BucketSources(broker=api.broker).remove_repo(name)
 
     run(with_api(settings_of(ctx), body))
 
@@ -261,9 +293,9 @@ def get_file(
         for f in await manifest.read(api.store, info.manifest):
             if f.path == address.path:
                 if output:
-                    await api.store.get_file(f.hash, Path(output))
+                    await get_file_to(api.store, f, Path(output))
                 else:
-                    async for chunk in api.store.read(f.hash):
+                    async for chunk in read_file(api.store, f):
                         sys.stdout.buffer.write(chunk)
                     sys.stdout.buffer.flush()
                 return
