@@ -19,7 +19,8 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.messages import DeadLetter, FileRef, ObjectSource
 from datumflow.broker.records import CommitInfo
-from datumflow.functions.ingest import Ingest, IngestOptions, sequencer_key
+from datumflow.functions.ingest import Ingest, IngestOptions
+from datumflow.functions.ingest_changes import sequencer_key
 from datumflow.functions.ingest_stream import INGEST_DURABLE, INGEST_STREAM, ensure_ingest_stream
 from datumflow.pfs.bucket_sources import BucketSources, check_subject, parse_bucket_url
 from datumflow.pfs.repos import Repos
@@ -352,7 +353,7 @@ async def _async(value):  # type: ignore[no-untyped-def]
 
 
 async def test_clashes_between_files_and_directories() -> None:
-    from datumflow.functions.ingest import _Batch, _drop_conflicts
+    from datumflow.functions.ingest_changes import Batch, drop_conflicts
     from datumflow.pfs.notifications import ObjectChange
 
     def put(path: str) -> tuple[FileRef, ObjectChange, object]:
@@ -360,9 +361,9 @@ async def test_clashes_between_files_and_directories() -> None:
         return FileRef(path=path, size=1, source=ObjectSource(url=f"s3://b{path}")), change, path
 
     head = {p: FileRef(path=p, size=1, hash="h") for p in ("/a", "/d/e")}
-    batch = _Batch()
+    batch = Batch()
     puts = [put(p) for p in ("/a", "/a/b", "/d", "/n", "/n/m", "/x/y")]
-    kept = _drop_conflicts(puts, head, set(), batch)  # type: ignore[arg-type]
+    kept = drop_conflicts(puts, head, set(), batch)  # type: ignore[arg-type]
     # /a is a new version of a file the repo has; /a/b and /d clash with the repo; /n/m with /n.
     assert [ref.path for ref, _, _ in kept] == ["/a", "/n", "/x/y"]
     assert batch.reasons("/a/b") == [  # type: ignore[arg-type]
@@ -371,5 +372,5 @@ async def test_clashes_between_files_and_directories() -> None:
     assert "/d is a directory (it holds /d/e)" in batch.reasons("/d")[0]  # type: ignore[arg-type]
     assert "/n is a file" in batch.reasons("/n/m")[0]  # type: ignore[arg-type]
     # A removed file no longer clashes.
-    kept = _drop_conflicts([put("/a/b")], head, {"/a"}, _Batch())  # type: ignore[arg-type]
+    kept = drop_conflicts([put("/a/b")], head, {"/a"}, Batch())  # type: ignore[arg-type]
     assert [ref.path for ref, _, _ in kept] == ["/a/b"]

@@ -29,13 +29,10 @@ across a restart, only the comparison with the head protects against a stale red
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
-import hashlib
 import logging
 import time
-from collections import OrderedDict, defaultdict
-from typing import Any
+from collections import OrderedDict
 
 import msgspec
 from nats.aio.msg import Msg
@@ -44,6 +41,14 @@ from datumflow.broker.connection import TRANSIENT, Broker
 from datumflow.broker.messages import FileRef, ObjectSource
 from datumflow.errors import BrokerError, PermanentError, TemporaryError
 from datumflow.functions.consumer import MAX_MESSAGE, Subscription, dead_letter
+from datumflow.functions.ingest_changes import (
+    Batch,
+    commit_id,
+    drop_conflicts,
+    newer,
+    object_url,
+    sequencer_key,
+)
 from datumflow.functions.ingest_stream import Binding, ensure_ingest_stream
 from datumflow.pfs.bucket_sources import BucketSources
 from datumflow.pfs.notifications import BucketMapping, ObjectChange, map_change, parse_notification
@@ -69,30 +74,6 @@ class IngestOptions(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds between re-reads of the bucket mappings."""
     max_retry_delay: float = 30.0
     """A batch that failed comes back after the delay its error asks for, at most this."""
-
-
-class _Batch:
-    """One batch on its way to commits: its usable messages, their changes, and what was bad."""
-
-    def __init__(self) -> None:
-        self.msgs: list[Msg] = []
-        self.changes: list[tuple[Msg, ObjectChange]] = []
-        self._bad: dict[int, list[str]] = defaultdict(list)
-
-    def blame(self, msg: Msg, reason: str) -> None:
-        self._bad[id(msg)].append(reason)
-
-    def reasons(self, msg: Msg) -> list[str]:
-        return self._bad.get(id(msg), [])
-
-
-def sequencer_key(sequencer: str) -> str:
-    """Sequencers compare as hex numbers: pad to one length before comparing as strings."""
-    return sequencer.upper().rjust(32, "0")
-
-
-def object_url(change: ObjectChange) -> str:
-    return f"s3://{change.bucket}/{change.key}"
 
 
 class Ingest:
@@ -214,9 +195,9 @@ class Ingest:
             with contextlib.suppress(*TRANSIENT):
                 await msg.ack()
 
-    async def _read(self, msgs: list[Msg]) -> _Batch:
+    async def _read(self, msgs: list[Msg]) -> Batch:
         """Decode each message; the unusable ones are dead-lettered and terminated now."""
-        batch = _Batch()
+        batch = Batch()
         for msg in msgs:
             try:
                 if len(msg.data) > MAX_MESSAGE:
@@ -249,7 +230,7 @@ class Ingest:
                 await msg.nak(delay=2.0)
 
     async def _group(
-        self, batch: _Batch
+        self, batch: Batch
     ) -> dict[tuple[str, str], dict[str, tuple[ObjectChange, Msg]]]:
         """The newest change of each path, per repo and branch."""
         groups: dict[tuple[str, str], dict[str, tuple[ObjectChange, Msg]]] = {}
@@ -274,7 +255,7 @@ class Ingest:
                 continue
             group = groups.setdefault((where.repo, where.branch), {})
             current = group.get(where.path)
-            if current is None or _newer(change, current[0]):
+            if current is None or newer(change, current[0]):
                 group[where.path] = (change, msg)
         return groups
 
@@ -316,7 +297,7 @@ class Ingest:
         repo: str,
         branch: str,
         entries: dict[str, tuple[ObjectChange, Msg]],
-        batch: _Batch,
+        batch: Batch,
     ) -> None:
         try:
             head = await self.repos.head(repo, branch)
@@ -339,13 +320,13 @@ class Ingest:
             if existing is not None and existing.source == source and existing.size == size:
                 continue  # this very version is in the head already
             puts.append((FileRef(path=path, size=size, source=source), change, msg))
-        puts = _drop_conflicts(puts, files, set(deletes), batch)
+        puts = drop_conflicts(puts, files, set(deletes), batch)
         if puts or deletes:
             refs = [ref for ref, _, _ in puts]
-            commit_id = _commit_id(repo, branch, head.id if head else "", refs, deletes)
+            made_id = commit_id(repo, branch, head.id if head else "", refs, deletes)
             try:
                 info = await self.repos.commit_files(
-                    repo, branch, puts=refs, deletes=deletes, origin="ingest", commit_id=commit_id
+                    repo, branch, puts=refs, deletes=deletes, origin="ingest", commit_id=made_id
                 )
             except PermanentError as exc:
                 self._blame_all(repo, branch, entries, batch, exc)
@@ -366,70 +347,13 @@ class Ingest:
         repo: str,
         branch: str,
         entries: dict[str, tuple[ObjectChange, Msg]],
-        batch: _Batch,
+        batch: Batch,
         exc: PermanentError,
     ) -> None:
         reason = f"committing to {repo}@{branch}: {exc}"
         log.error("ingest: %s", reason)
         for msg in {id(m): m for _, m in entries.values()}.values():
             batch.blame(msg, reason)
-
-
-def _newer(change: ObjectChange, than: ObjectChange) -> bool:
-    if change.sequencer and than.sequencer:
-        return sequencer_key(change.sequencer) > sequencer_key(than.sequencer)
-    return True  # arrival order
-
-
-def _ancestors(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(2, len(parts))]
-
-
-def _drop_conflicts(
-    puts: list[tuple[FileRef, ObjectChange, Msg]],
-    files: dict[str, FileRef],
-    deletes: set[str],
-    batch: _Batch,
-) -> list[tuple[FileRef, ObjectChange, Msg]]:
-    """S3 may hold both `a` and `a/b`; a repo cannot. What the repo has wins, then the shallower
-    path; a put that would clash is refused with a reason."""
-    kept_paths = sorted(set(files) - deletes)  # consistent: a commit's files never clash
-    new_files: set[str] = set()
-    new_dirs: set[str] = set()
-    kept = []
-    for ref, change, msg in puts:  # in path order: a parent comes before its children
-        path = ref.path
-        if path in files and path not in deletes:
-            kept.append((ref, change, msg))  # a new version of a file the repo has
-            continue
-        clash = ""
-        for parent in _ancestors(path):
-            if parent in new_files or (parent in files and parent not in deletes):
-                clash = f"{parent} is a file"
-                break
-        if not clash:
-            below = bisect.bisect_left(kept_paths, path + "/")
-            if below < len(kept_paths) and kept_paths[below].startswith(path + "/"):
-                clash = f"{path} is a directory (it holds {kept_paths[below]})"
-            elif path in new_dirs:
-                clash = f"{path} is a directory"
-        if clash:
-            batch.blame(
-                msg,
-                f"{object_url(change)} cannot be the file {path}: {clash} in the repo;"
-                " rename the object",
-            )
-            continue
-        new_files.add(path)
-        new_dirs.update(_ancestors(path))
-        kept.append((ref, change, msg))
-    return kept
-
-
-def _commit_id(repo: str, branch: str, parent: str, puts: list[FileRef], deletes: list[str]) -> str:
-    doc: list[Any] = [repo, branch, parent, puts, deletes]
-    return hashlib.sha256(msgspec.json.encode(doc)).hexdigest()[:32]
 
 
 async def _retry_later(msgs: list[Msg], exc: Exception, *, cap: float) -> None:
