@@ -11,6 +11,7 @@ Pachyderm code hard-codes `/pfs/<input>/...` and `/pfs/out`. Three ways to give 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -105,8 +106,10 @@ async def run(
     preexec = _bind_pfs(str(layout).encode()) if mode == "namespace" else _orphan_guard
     cwd = "/pfs" if mode in ("namespace", "direct") else str(layout)
     started = time.monotonic()
+    loop = asyncio.get_running_loop()
     try:
-        proc = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _Protocol(limit=2**16, loop=loop),
             *cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -119,6 +122,8 @@ async def run(
     except (OSError, subprocess.SubprocessError) as exc:
         message = f"could not start {cmd[0]!r}: {exc}\n".encode()
         return Outcome(returncode=127, log=message, elapsed=time.monotonic() - started)
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
+    output_pipe = _pipe_inode(transport)
     log = bytearray()
     dropped = 0
 
@@ -144,19 +149,18 @@ async def run(
 
     readers = asyncio.gather(pump(), feed())
     try:
-        await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=timeout)
+        # The exit itself, not proc.wait(): that one also waits for the output pipe to close,
+        # which a child left holding it would put off forever, past any datum_timeout.
+        await asyncio.wait_for(asyncio.shield(protocol.exited), timeout=timeout)
         returncode: int | None = proc.returncode
     except TimeoutError:
         returncode = None
     finally:
-        # The process group goes down with its leader: children that outlive it, or a process
-        # that is still running because we were cancelled or timed out.
-        _kill_group(proc.pid)
-        await proc.wait()
-    try:
-        await asyncio.wait_for(readers, timeout=5)
-    except TimeoutError:
-        readers.cancel()
+        # Everything the user code started goes down with it: children that outlive it, or a
+        # process still running because we were cancelled or timed out.
+        kill_tree(proc.pid, running=proc.returncode is None)
+        await protocol.exited
+    await _drain(readers, transport, output_pipe)
     if dropped:
         log.extend(f"\n[datumflow: {dropped} more bytes of output dropped]\n".encode())
     return Outcome(
@@ -164,8 +168,152 @@ async def run(
     )
 
 
-def _kill_group(pid: int) -> None:
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's own protocol, plus a future for the process's exit alone."""
+
+    def __init__(self, *, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+def _pipe_inode(transport: asyncio.SubprocessTransport) -> int:
+    pipe = transport.get_pipe_transport(1)
+    file = pipe.get_extra_info("pipe") if pipe is not None else None
     try:
-        os.killpg(pid, signal.SIGKILL)
+        return os.fstat(file.fileno()).st_ino if file is not None else 0
+    except OSError:
+        return 0
+
+
+async def _drain(
+    readers: asyncio.Future[object], transport: asyncio.SubprocessTransport, inode: int
+) -> None:
+    """Read the output to its end. A process still holding the output pipe once the tree is
+    killed inherited it from the user code and left its session (a daemon that did not close its
+    output): it is the user code's too, and is killed. Failing that, we let go of the pipe, so
+    that a datum never hangs on it."""
+    for wait in (0.5, 2.0):
+        done, _ = await asyncio.wait({readers}, timeout=wait)
+        if done:
+            readers.result()  # an error of our own while reading is not to be lost
+            return
+        for pid in _pipe_holders(inode):
+            _signal(pid, signal.SIGKILL)
+    readers.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await readers
+    transport.close()
+
+
+def _pipe_holders(inode: int) -> set[int]:
+    """Processes other than this one with the pipe `inode` open."""
+    if not inode:
+        return set()
+    target = f"pipe:[{inode}]"
+    holders = set()
+    me = os.getpid()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return holders
+    for name in entries:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
+                    holders.add(int(name))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def kill_tree(leader: int, *, running: bool) -> None:
+    """SIGKILL the user process `leader` and every process it started.
+
+    The user process leads its own session and process group (start_new_session). Its descendants
+    are found three ways, since each alone can be escaped: its process group (`killpg`); its session
+    (a child that moved to a group of its own with `setpgid`, as shells with job control do); and,
+    while the leader is `running` (not yet reaped, so its pid is still its own), its tree of parent
+    links (a child that left with `setsid`). They are stopped first, so that none can fork while
+    the tree is walked, then killed.
+    """
+    _signal_group(leader, signal.SIGSTOP)
+    stopped: set[int] = set()
+    for _ in range(8):
+        found = _tree(leader, running=running) - stopped - {os.getpid()}
+        if not found:
+            break
+        for pid in found:
+            _signal(pid, signal.SIGSTOP)
+        stopped |= found
+    _signal_group(leader, signal.SIGKILL)
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+
+
+def _tree(leader: int, *, running: bool) -> set[int]:
+    """The members of the leader's session, and their descendants by parent link; with the leader
+    `running`, the leader and its descendants too."""
+    children: dict[int, list[int]] = {}
+    members: set[int] = set()
+    for ppid, pid, session in _processes():
+        children.setdefault(ppid, []).append(pid)
+        if session == leader:
+            members.add(pid)
+    found = {leader} if running else set()
+    todo = [*found, *members]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found | members
+
+
+def _processes() -> list[tuple[int, int, int]]:
+    """(parent pid, pid, session id) of every live process; [] where there is no /proc."""
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone already
+        # pid (comm) state ppid pgrp session ...: comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 4 or fields[0] in (b"Z", b"X"):
+            continue
+        out.append((int(fields[1]), int(name), int(fields[3])))
+    return out
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
