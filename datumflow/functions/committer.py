@@ -4,33 +4,43 @@ The results stream is the record of truth. The first terminal result of each dat
 later one (a redelivery that raced, a late worker after a max-deliveries failure) is ignored, so
 figures stay exact. After a restart the committer rebuilds a job's tally by replaying that job's
 subjects from the stream. Finishing is idempotent: the output commit id is derived from the job id.
+
+Two more ways a job ends, both decided here: a datum whose worker died on every attempt becomes a
+FAILED result when the server gives up on it (the max-deliveries advisory), and a job that runs
+longer than its pipeline's `job_timeout` is KILLED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
 from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRef, JobPlanned
-from datumflow.broker.records import DatumIndexEntry, JobInfo
-from datumflow.errors import BrokerError, NotFound, PermanentError
+from datumflow.broker.records import DatumIndexEntry, JobInfo, JobState, PipelineInfo
+from datumflow.errors import BrokerError, NotFound, PermanentError, SpecError
+from datumflow.functions import results
 from datumflow.functions.consumer import Subscription, Unusable, consume, dead_letter, decode
 from datumflow.pfs import manifest
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
+from datumflow.spec import parse_duration
 from datumflow.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 _replace = msgspec.structs.replace
+
+DEADLINE_CHECK = 1.0
+"""Seconds between two looks at the running jobs' `job_timeout`."""
 
 
 class Tally:
@@ -71,9 +81,25 @@ class Tally:
             stats=stats,
         )
 
+    def index(self) -> list[DatumIndexEntry]:
+        """The job's datum index: what the next job compares against to skip."""
+        return [
+            DatumIndexEntry(datum=r.datum, hash=r.hash, state=r.state, output=r.output)
+            for r in sorted(self.results.values(), key=lambda r: r.datum)
+        ]
+
 
 def output_commit_id(job: str) -> str:
     return hashlib.sha256(f"output:{job}".encode()).hexdigest()[:32]
+
+
+def failure_reason(failed: list[DatumResult]) -> str:
+    """`datum 1a2b3c4d5e6f (/poison.txt) failed: ...`: the datum a user should look at first."""
+    first = failed[0]
+    paths = [f.path for f in first.files[:3]]
+    where = f" ({', '.join(paths)}{', ...' if len(first.files) > 3 else ''})" if paths else ""
+    more = f" (and {len(failed) - 1} more failed datums)" if len(failed) > 1 else ""
+    return f"datum {first.datum[:12]}{where} failed: {first.error}{more}"
 
 
 class Committer:
@@ -83,9 +109,18 @@ class Committer:
         self.repos = Repos(broker=broker, store=store)
         self.pipelines = Pipelines(broker=broker, repos=self.repos)
         self.tallies: dict[tuple[str, str], Tally] = {}
+        # Finishing a job and killing it both end it; one at a time per job, so that the loser
+        # sees the winner's work (no output commit for a killed job, no kill of a finished one).
+        self._ending: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.gather(self._results_loop(stop), self._advisory_loop(stop))
+        timeouts = JobTimeouts(committer=self)
+        await asyncio.gather(
+            self._results_loop(stop), self._advisory_loop(stop), timeouts.run(stop)
+        )
+
+    def _lock(self, pipeline: str, job: str) -> asyncio.Lock:
+        return self._ending.setdefault((pipeline, job), asyncio.Lock())
 
     # -- results -----------------------------------------------------------------------------
 
@@ -107,7 +142,7 @@ class Committer:
         try:
             for msg in msgs:
                 try:
-                    message = _decode_result(msg)
+                    message = results.decode_event(msg)
                 except Unusable as exc:
                     await dead_letter(self.broker, function="committer", msg=msg, reason=str(exc))
                     await msg.term()
@@ -138,43 +173,10 @@ class Committer:
             if record is not None and record.done:
                 tally.done = True
             else:
-                for message in await self._replay(pipeline, job):
+                for message in await results.replay(self.broker, pipeline, job):
                     tally.add(message)
             self.tallies[key] = tally
         return tally
-
-    async def _replay(self, pipeline: str, job: str) -> list[DatumResult | JobPlanned]:
-        """Every result of the job already in the stream, for a committer that (re)starts."""
-        config = ConsumerConfig(
-            filter_subjects=[subjects.result(pipeline, job), subjects.job_planned(pipeline, job)],
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.ALL,
-            inactive_threshold=60,
-            mem_storage=True,
-        )
-        out: list[DatumResult | JobPlanned] = []
-        async with broker_errors(f"replaying the results of {pipeline}@{job}"):
-            info = await self.broker.js.add_consumer(subjects.RESULTS_STREAM, config)
-            try:
-                sub = await self.broker.js.pull_subscribe_bind(
-                    consumer=info.name, stream=subjects.RESULTS_STREAM
-                )
-                remaining = info.num_pending
-                while remaining > 0:
-                    msgs = await sub.fetch(batch=min(remaining, 1024), timeout=5)
-                    remaining -= len(msgs)
-                    for msg in msgs:
-                        try:
-                            out.append(_decode_result(msg))
-                        except Unusable:
-                            pass  # dead-lettered when it first came through
-                await sub.unsubscribe()
-            finally:
-                try:
-                    await self.broker.js.delete_consumer(subjects.RESULTS_STREAM, info.name)
-                except Exception:
-                    pass
-        return out
 
     async def _progress(self, pipeline: str, job: str) -> None:
         tally = self.tallies[(pipeline, job)]
@@ -195,71 +197,107 @@ class Committer:
 
         await self.pipelines.jobs.update(key, update)
 
-    # -- finishing a job ---------------------------------------------------------------------
+    # -- ending a job ------------------------------------------------------------------------
 
     async def _finish(self, pipeline: str, job: str, tally: Tally) -> None:
-        key = job_key(pipeline, job)
-        record = await self.pipelines.jobs.find(key)
-        if record is None or record.done:
+        async with self._lock(pipeline, job):
+            if tally.done:
+                return  # killed while we waited for the lock
+            key = job_key(pipeline, job)
+            record = await self.pipelines.jobs.find(key)
+            if record is None or record.done:
+                tally.done = True
+                return
+            try:
+                info = await self.pipelines.get(pipeline)
+            except NotFound:
+                tally.done = True
+                return
+            state, reason, output_commit = await self._outcome(info, record, tally)
+            won = await self._end(key, tally, state=state, reason=reason, output=output_commit)
+            if won and state == "success":
+                await self.pipelines.heads.update(
+                    pipeline,
+                    lambda h: None if h.last_success == job else _replace(h, last_success=job),
+                )
             tally.done = True
-            return
-        try:
-            info = await self.pipelines.get(pipeline)
-        except NotFound:
-            tally.done = True
-            return
-        state, reason, output_commit = "success", "", ""
+            tally.results = {}  # a finished job's results are in its datum index now
+            log.info("job %s@%s: %s %s", pipeline, job, state, reason)
+
+    async def _outcome(
+        self, info: PipelineInfo, record: JobInfo, tally: Tally
+    ) -> tuple[JobState, str, str]:
+        """(state, reason, output commit) of a job all of whose datums have a result."""
         failed = sorted(
             (r for r in tally.results.values() if r.state == "failed"), key=lambda r: r.datum
         )
         if failed:
-            first = failed[0]
-            more = f" (and {len(failed) - 1} more failed datums)" if len(failed) > 1 else ""
-            state, reason = "failure", f"datum {first.datum[:12]} failed: {first.error}{more}"
-        else:
-            try:
-                files = await self._merge_outputs(tally)
-                commit = await self.repos.commit_files(
-                    pipeline,
-                    info.spec.output_branch,
-                    puts=files,
-                    replace=True,
-                    origin="pipeline",
-                    provenance=record.input_commits,
-                    commit_id=output_commit_id(job),
-                    job=job,
-                )
-                output_commit = commit.id
-            except PermanentError as exc:
-                state, reason = "failure", str(exc)
-        index = [
-            DatumIndexEntry(datum=r.datum, hash=r.hash, state=r.state, output=r.output)
-            for r in sorted(tally.results.values(), key=lambda r: r.datum)
-        ]
-        index_key, _ = await self.store.put_bytes(msgspec.json.encode(index))
+            return "failure", failure_reason(failed), ""
+        try:
+            files = await self._merge_outputs(tally)
+            commit = await self.repos.commit_files(
+                info.name,
+                info.spec.output_branch,
+                puts=files,
+                replace=True,
+                origin="pipeline",
+                provenance=record.input_commits,
+                commit_id=output_commit_id(record.id),
+                job=record.id,
+            )
+        except PermanentError as exc:
+            return "failure", str(exc), ""
+        return "success", "", commit.id
 
-        def finish(current: JobInfo) -> JobInfo | None:
-            if current.done:
+    async def _end(
+        self, key: str, tally: Tally, *, state: JobState, reason: str, output: str = ""
+    ) -> bool:
+        """Write the job's final record with its datum index; False if it had already ended."""
+        index_key, _ = await self.store.put_bytes(msgspec.json.encode(tally.index()))
+        won = False
+
+        def end(current: JobInfo) -> JobInfo | None:
+            nonlocal won
+            won = not current.done
+            if not won:
                 return None
             return _replace(
                 tally.figures(current),
                 state=state,
                 reason=reason,
-                output_commit=output_commit,
+                output_commit=output,
                 finished=time.time(),
                 started=current.started or current.created,
                 datums=index_key,
             )
 
-        await self.pipelines.jobs.update(key, finish)
-        if state == "success":
-            await self.pipelines.heads.update(
-                pipeline,
-                lambda h: None if h.last_success == job else _replace(h, last_success=job),
-            )
-        tally.done = True
-        tally.results = {}  # a finished job's results are in its datum index now
-        log.info("job %s@%s: %s %s", pipeline, job, state, reason)
+        await self.pipelines.jobs.update(key, end)
+        return won
+
+    async def kill(self, pipeline: str, job: str, *, why: str) -> bool:
+        """End a running job KILLED: its queued datums are removed, later results ignored.
+
+        True if this call killed it; False if it had ended already."""
+        async with self._lock(pipeline, job):
+            tally = await self._tally(pipeline, job)
+            if tally.done:
+                return False
+            done = sum(1 for r in tally.results.values() if r.state in ("success", "skipped"))
+            total = "?" if tally.total is None else tally.total
+            reason = f"{why}; {done} of {total} datums were done"
+            # Purge before the record says killed: the planner plans the pipeline's next job only
+            # once this one has ended, and that job's datums must not go with these. One job runs
+            # at a time per pipeline, so everything under the subject is this job's.
+            async with broker_errors(f"removing the queued datums of {pipeline}@{job}"):
+                await self.broker.js.purge_stream(
+                    subjects.DATUMS_STREAM, subject=subjects.datum(pipeline)
+                )
+            won = await self._end(job_key(pipeline, job), tally, state="killed", reason=reason)
+            tally.done = True
+            tally.results = {}
+            if won:
+                log.info("job %s@%s: killed: %s", pipeline, job, reason)
+        return won
 
     async def _merge_outputs(self, tally: Tally) -> list[FileRef]:
         """The union of the datums' outputs; two datums writing one path fail the job."""
@@ -272,7 +310,8 @@ class Committer:
                 if ref.path in merged:
                     raise PermanentError(
                         f"duplicate path output by different datums: {ref.path} (datums"
-                        f" {owner[ref.path][:12]} and {result.datum[:12]})"
+                        f" {owner[ref.path][:12]} and {result.datum[:12]}); make each datum write"
+                        " its own paths, e.g. named after its input file"
                     )
                 owner[ref.path] = result.datum
                 merged[ref.path] = ref
@@ -301,14 +340,17 @@ class Committer:
         )
 
     async def _max_deliveries(self, msg: Msg) -> None:
-        advisory = msgspec.json.decode(msg.data, type=MaxDeliveries)
+        try:
+            advisory = msgspec.json.decode(msg.data, type=MaxDeliveries)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise Unusable(f"max-deliveries advisory: {exc}") from None
         if advisory.stream != subjects.DATUMS_STREAM:
             return
         async with broker_errors("reading a datum that ran out of deliveries"):
             try:
                 raw = await self.broker.js.get_msg(subjects.DATUMS_STREAM, advisory.stream_seq)
             except NotFoundError:
-                return  # a late worker finished it after all
+                return  # a late worker finished it after all, or its job was killed
         try:
             task = decode(raw.data or b"", DatumTask, what="datum task")
         except PermanentError:
@@ -343,6 +385,55 @@ class Committer:
                 pass
 
 
+class JobTimeouts:
+    """Kills the jobs that run longer than their pipeline's `job_timeout`.
+
+    A pipeline runs one job at a time, its newest (the job head), so one look per pipeline with a
+    timeout finds every job to kill. The clock starts when the job starts running, i.e. once its
+    datums are queued, as Pachyderm's does when the job starts.
+    """
+
+    def __init__(self, *, committer: Committer, every: float = DEADLINE_CHECK) -> None:
+        self.committer = committer
+        self.pipelines = committer.pipelines
+        self.every = every
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.check()
+            except (*TRANSIENT, BrokerError) as exc:
+                log.warning("committer: checking job timeouts: %s", exc)
+            except Exception:
+                log.exception("committer: checking job timeouts")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.every)
+
+    async def check(self, now: float | None = None) -> list[str]:
+        """Kill what is overdue; returns the jobs killed as PIPELINE@JOB."""
+        now = time.time() if now is None else now
+        killed = []
+        for info in await self.pipelines.list():
+            try:
+                limit = parse_duration(info.spec.job_timeout, field="job_timeout")
+            except SpecError:
+                continue  # refused at create; an older record cannot stop the others
+            if not limit:
+                continue
+            head = await self.pipelines.heads.find(info.name)
+            if head is None or not head.last_job:
+                continue
+            job = await self.pipelines.jobs.find(job_key(info.name, head.last_job))
+            if job is None or job.state != "running" or not job.started:
+                continue
+            if now - job.started < limit:
+                continue
+            why = f"job_timeout: the job ran longer than {info.spec.job_timeout} and was killed"
+            if await self.committer.kill(info.name, job.id, why=why):
+                killed.append(f"{info.name}@{job.id}")
+        return killed
+
+
 class MaxDeliveries(msgspec.Struct):
     """The part of the server's max-deliveries advisory we use."""
 
@@ -352,13 +443,7 @@ class MaxDeliveries(msgspec.Struct):
     deliveries: int = 0
 
 
-def _decode_result(msg: Msg) -> DatumResult | JobPlanned:
-    if msg.subject.startswith("df.job."):
-        return decode(msg.data, JobPlanned, what="job event")  # type: ignore[return-value]
-    return decode(msg.data, DatumResult, what="datum result")  # type: ignore[return-value]
-
-
-async def _quiet(call) -> None:  # type: ignore[no-untyped-def]
+async def _quiet(call: Awaitable[object]) -> None:
     try:
         await call
     except Exception:

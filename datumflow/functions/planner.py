@@ -16,30 +16,31 @@ import hashlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgspec
 from nats.aio.msg import Msg
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import Broker, Publisher
+from datumflow.broker.connection import Broker, Publisher, broker_errors
 from datumflow.broker.messages import (
     CommitEvent,
     CommitRef,
     DatumInput,
     DatumResult,
     DatumTask,
+    FileRef,
     JobPlanned,
 )
 from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobHead, JobInfo, PipelineInfo
-from datumflow.errors import NotFound
-from datumflow.functions.consumer import consume, decode
+from datumflow.errors import NotFound, PermanentError
+from datumflow.functions.consumer import MAX_MESSAGE, consume, decode
 from datumflow.pfs import manifest
 from datumflow.pfs.datums import Leaf, datum_hash, datum_id, enumerate_datums
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
-from datumflow.spec import input_leaves, input_name
+from datumflow.spec import Input, input_leaves, input_name
 from datumflow.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,14 @@ class Planner:
             )
             await self.pipelines.jobs.create(key, job)
             await self._set_head(name, job_id)
-        total = await self._queue_datums(info, job_id, commits, beat)
+        try:
+            total = await self._queue_datums(info, job_id, commits, beat)
+        except PermanentError as exc:
+            # Planning cannot succeed (a manifest gone from the store, a file list out of order):
+            # end the job FAILURE rather than leave it "created", which would hold every later job
+            # of the pipeline behind it.
+            await self._fail_planning(name, job_id, f"planning the job's datums failed: {exc}")
+            return
         await self.broker.publish(
             subjects.job_planned(name, job_id),
             JobPlanned(pipeline=name, job=job_id, data_total=total),
@@ -187,6 +195,21 @@ class Planner:
 
         await self.pipelines.jobs.update(key, started)
         log.info("planned job %s@%s: %d datums", name, job_id, total)
+
+    async def _fail_planning(self, name: str, job_id: str, reason: str) -> None:
+        # The datums queued before the fault go first, as for a killed job: nothing else of this
+        # pipeline can be in the queue while its one job is still being planned.
+        async with broker_errors(f"removing the queued datums of {name}@{job_id}"):
+            await self.broker.js.purge_stream(subjects.DATUMS_STREAM, subject=subjects.datum(name))
+
+        def failed(job: JobInfo) -> JobInfo | None:
+            if job.done:
+                return None
+            now = time.time()
+            return _replace(job, state="failure", reason=reason, started=now, finished=now)
+
+        await self.pipelines.jobs.update(job_key(name, job_id), failed)
+        log.error("job %s@%s: %s", name, job_id, reason)
 
     async def _set_head(self, name: str, job_id: str) -> None:
         if await self.pipelines.heads.find(name) is None:
@@ -245,9 +268,9 @@ class Planner:
                         files=files,
                     )
                 )
-            for inputs in enumerate_datums(spec.input, leaves):
+            for did, inputs in job_datums(spec.input, leaves):
                 total += 1
-                await self._queue_one(info, job_id, inputs, previous, publisher)
+                await self._queue_one(info, job_id, did, inputs, previous, publisher)
                 if total % 512 == 0:
                     await beat.beat()
             await publisher.flush()
@@ -257,15 +280,16 @@ class Planner:
         self,
         info: PipelineInfo,
         job_id: str,
+        did: str,
         inputs: list[DatumInput],
         previous: dict[str, DatumIndexEntry],
         publisher: Publisher,
     ) -> None:
-        did = datum_id(inputs)
         dhash = datum_hash(did, inputs, info.salt)
         before = previous.get(did)
         if before is not None and before.hash == dhash and before.state in ("success", "skipped"):
-            # Unchanged since the last successful job: keep its output, run nothing.
+            # Unchanged since the last successful job, and done there: keep its output, run
+            # nothing. A recovered or failed datum wrote no output, so it runs again.
             skipped = DatumResult(
                 pipeline=info.name,
                 job=job_id,
@@ -273,7 +297,7 @@ class Planner:
                 hash=dhash,
                 state="skipped",
                 output=before.output,
-                files=[f for i in inputs for f in i.files],
+                files=_listed(inputs),
             )
             await publisher.publish(
                 subjects.result(info.name, job_id), skipped, msg_id=f"{job_id}:{did}:skipped"
@@ -287,4 +311,61 @@ class Planner:
             hash=dhash,
             inputs=inputs,
         )
+        size = len(msgspec.json.encode(task))
+        if size > MAX_MESSAGE:
+            # A worker would refuse it unread and the job would wait for it forever: fail it here.
+            count = sum(len(i.files) for i in inputs)
+            too_big = DatumResult(
+                pipeline=info.name,
+                job=job_id,
+                datum=did,
+                hash=dhash,
+                state="failed",
+                files=_listed(inputs),
+                error=(
+                    f"the datum holds {count} files, {size} bytes as a datum message, over the"
+                    f" {MAX_MESSAGE} byte limit; use a glob that splits the input into more,"
+                    " smaller datums"
+                ),
+                attempts=0,
+            )
+            await publisher.publish(
+                subjects.result(info.name, job_id), too_big, msg_id=f"{job_id}:{did}:failed"
+            )
+            return
         await publisher.publish(subjects.datum(info.name), task, msg_id=f"{job_id}:{did}")
+
+
+LISTED_FILES = 1000
+"""Input files a planner-made result lists; past that none (`list datum` enumerates them anyway),
+so that a result always fits in a message."""
+
+
+def _listed(inputs: list[DatumInput]) -> list[FileRef]:
+    files = [f for i in inputs for f in i.files]
+    return files if len(files) <= LISTED_FILES else []
+
+
+def job_datums(inp: Input, leaves: Sequence[Leaf]) -> Iterator[tuple[str, list[DatumInput]]]:
+    """The datums a job of `inp` runs on `leaves`, with their ids, each id once.
+
+    Only a union can give one datum twice (the same input under two of its branches); it is one
+    piece of work, queued and counted once. Other inputs need no memory of the ids seen.
+    `datumflow list datum -f` shows exactly this.
+    """
+    seen: set[bytes] | None = set() if _has_union(inp) else None
+    for inputs in enumerate_datums(inp, leaves):
+        did = datum_id(inputs)
+        if seen is not None:
+            digest = bytes.fromhex(did[:32])
+            if digest in seen:
+                continue
+            seen.add(digest)
+        yield did, inputs
+
+
+def _has_union(inp: Input) -> bool:
+    if inp.union is not None:
+        return True
+    children = inp.cross or inp.join or inp.group or []
+    return any(_has_union(child) for child in children)
