@@ -1,0 +1,258 @@
+"""The parts of datum handling that need no `datumflow up`: the sandbox's kill of a process tree,
+the planner's datum list, the committer's tally, reasons and job timeouts, the results reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from datumflow.broker import subjects
+from datumflow.broker.connection import Broker
+from datumflow.broker.messages import (
+    DatumInput,
+    DatumResult,
+    DatumStats,
+    DatumTask,
+    FileRef,
+    JobPlanned,
+)
+from datumflow.broker.records import JobInfo
+from datumflow.functions import results, sandbox
+from datumflow.functions.committer import Committer, JobTimeouts, Tally, failure_reason
+from datumflow.functions.planner import job_datums
+from datumflow.pfs.datums import Leaf
+from datumflow.pfs.pipelines import job_key
+from datumflow.spec import Input, load_spec
+from datumflow.storage import open_store
+
+# -- the sandbox -----------------------------------------------------------------------------
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie no one has reaped yet (this machine's init may not reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+async def run_sh(layout: Path, script: str, timeout: float | None) -> sandbox.Outcome:
+    layout.mkdir(exist_ok=True)
+    return await sandbox.run(
+        ["sh", "-c", script],
+        stdin=b"",
+        env=dict(os.environ),
+        layout=layout,
+        mode="env",
+        timeout=timeout,
+    )
+
+
+@pytest.mark.asyncio
+async def test_timeout_kills_every_child_however_it_left(tmp_path: Path) -> None:
+    # A background child; one that left the session with setsid; one a job-control shell moved
+    # to a process group of its own. All three hold the output pipe.
+    script = (
+        "sleep 300 & echo $! > child;"
+        " setsid sleep 301 & echo $! > escaped;"
+        " (set -m; sleep 302 & echo $! > grouped; wait) &"
+        " while [ ! -s grouped ]; do sleep 0.01; done; sleep 303"
+    )
+    started = time.monotonic()
+    outcome = await run_sh(tmp_path, script, timeout=1.0)
+    assert outcome.returncode is None
+    assert time.monotonic() - started < 4
+    for name in ("child", "escaped", "grouped"):
+        pid = int((tmp_path / name).read_text())
+        assert dead(pid), f"{name} ({pid}) outlived the timeout"
+
+
+@pytest.mark.asyncio
+async def test_a_daemon_left_holding_the_output_does_not_hang_the_datum(tmp_path: Path) -> None:
+    # The user code exits at once, leaving a process in a session of its own with its stdout.
+    script = (
+        "setsid sh -c 'echo $$ > daemon; exec sleep 300' &"
+        " while [ ! -s daemon ]; do sleep 0.01; done; echo done"
+    )
+    started = time.monotonic()
+    outcome = await run_sh(tmp_path, script, timeout=None)
+    assert (outcome.returncode, outcome.log) == (0, b"done\n")
+    assert time.monotonic() - started < 4
+    assert dead(int((tmp_path / "daemon").read_text()))
+
+
+@pytest.mark.asyncio
+async def test_a_quick_run_keeps_its_output_and_code(tmp_path: Path) -> None:
+    outcome = await run_sh(tmp_path, "echo out; echo err >&2; exit 7", timeout=5)
+    assert (outcome.returncode, outcome.log) == (7, b"out\nerr\n")
+
+
+# -- the planner's datums --------------------------------------------------------------------
+
+
+def leaf(repo: str, *paths: str) -> Leaf:
+    return Leaf(
+        name=repo,
+        repo=repo,
+        branch="master",
+        commit="c1",
+        files=[FileRef(path=p, size=1, hash="h" + p) for p in paths],
+    )
+
+
+def an_input(tree: dict) -> Input:
+    return msgspec.convert(tree, Input)
+
+
+def test_a_datum_a_union_gives_twice_is_one_datum() -> None:
+    twice = an_input({"union": [{"pfs": {"repo": "a", "glob": "/*"}}] * 2})
+    datums = list(job_datums(twice, [leaf("a", "/x", "/y"), leaf("a", "/x", "/y")]))
+    assert [inputs[0].root for _, inputs in datums] == ["/x", "/y"]
+    # Nested under a cross, the repeated pairs go too.
+    nested = an_input(
+        {
+            "cross": [
+                {"union": [{"pfs": {"repo": "a", "glob": "/*"}}] * 2},
+                {"pfs": {"repo": "b", "glob": "/*"}},
+            ]
+        }
+    )
+    leaves = [leaf("a", "/x"), leaf("a", "/x"), leaf("b", "/1", "/2")]
+    assert len(list(job_datums(nested, leaves))) == 2
+
+
+def test_datums_without_a_union_are_all_kept() -> None:
+    cross = an_input(
+        {"cross": [{"pfs": {"repo": "a", "glob": "/*"}}, {"pfs": {"repo": "b", "glob": "/*"}}]}
+    )
+    datums = list(job_datums(cross, [leaf("a", "/x", "/y"), leaf("b", "/1", "/2")]))
+    assert len(datums) == 4 and len({did for did, _ in datums}) == 4
+
+
+# -- the committer's arithmetic --------------------------------------------------------------
+
+
+def result(datum: str, state: str, **fields: object) -> DatumResult:
+    return DatumResult(pipeline="p", job="j", datum=datum, state=state, **fields)  # type: ignore[arg-type]
+
+
+def test_the_first_result_of_a_datum_counts_once() -> None:
+    tally = Tally()
+    stats = DatumStats(process_time=1.0, upload_bytes=10)
+    for message in [
+        result("d1", "success", stats=stats),
+        result("d2", "failed", error="boom"),
+        JobPlanned(pipeline="p", job="j", data_total=3),
+        result("d1", "success", stats=stats),  # a redelivery that raced
+        result("d2", "success"),  # a late worker after the max-deliveries failure
+        result("d3", "skipped"),
+    ]:
+        tally.add(message)
+    assert tally.complete
+    job = tally.figures(JobInfo(pipeline="p", id="j", version=1, seq=1, created=0.0))
+    counts = (job.data_total, job.data_processed, job.data_skipped, job.data_failed)
+    assert counts == (3, 1, 1, 1)
+    assert (job.stats.process_time, job.stats.upload_bytes) == (1.0, 10)
+    assert [e.state for e in tally.index()] == ["success", "failed", "skipped"]
+
+
+def test_the_failure_reason_names_the_datum_and_its_files() -> None:
+    files = [FileRef(path=f"/f{i}") for i in range(5)]
+    failed = [result("a" * 64, "failed", error="exit 1", files=files), result("b" * 64, "failed")]
+    assert failure_reason(failed) == (
+        f"datum {'a' * 12} (/f0, /f1, /f2, ...) failed: exit 1 (and 1 more failed datums)"
+    )
+    assert failure_reason([result("c" * 64, "failed", error="x")]) == f"datum {'c' * 12} failed: x"
+
+
+def test_first_results_and_planned_total() -> None:
+    events = [result("d1", "failed"), result("d1", "success"), result("d2", "success")]
+    assert {d: r.state for d, r in results.first_results(events).items()} == {
+        "d1": "failed",
+        "d2": "success",
+    }
+    assert results.planned_total(events) is None
+    assert results.planned_total([*events, JobPlanned(pipeline="p", job="j", data_total=2)]) == 2
+
+
+# -- job timeouts, against a real broker -----------------------------------------------------
+
+
+async def running_job(committer: Committer, name: str, job: str, *, started: float) -> None:
+    record = JobInfo(
+        pipeline=name,
+        id=job,
+        version=1,
+        state="running",
+        seq=1,
+        created=started,
+        started=started,
+        data_total=2,
+    )
+    await committer.pipelines.jobs.create(job_key(name, job), record)
+    await committer.pipelines.heads.update(name, lambda h: msgspec.structs.replace(h, last_job=job))
+
+
+async def queued(broker: Broker, pipeline: str) -> int:
+    info = await broker.js.stream_info(
+        subjects.DATUMS_STREAM, subjects_filter=subjects.datum(pipeline)
+    )
+    return (info.state.subjects or {}).get(subjects.datum(pipeline), 0)
+
+
+@pytest.mark.asyncio
+async def test_job_timeout_kills_only_the_overdue_job(broker: Broker, tmp_path: Path) -> None:
+    store = await open_store((tmp_path / "objects").as_uri())
+    committer = Committer(broker=broker, store=store)
+    await committer.repos.create_repo("in")
+    for name, timeout in [("bounded", "5s"), ("patient", "1h"), ("free", "")]:
+        spec = {
+            "pipeline": {"name": name},
+            "input": {"pfs": {"repo": "in", "glob": "/*"}},
+            "transform": {"cmd": ["true"]},
+            "job_timeout": timeout,
+        }
+        await committer.pipelines.create(load_spec(json.dumps(spec)), ack_wait=2)
+        await running_job(committer, name, f"{name}-job", started=time.time() - 60)
+    # The overdue job has one datum done and one still queued.
+    task = DatumTask(
+        pipeline="bounded",
+        version=1,
+        job="bounded-job",
+        datum="d2",
+        hash="h",
+        inputs=[DatumInput(name="in", repo="in", branch="master", commit="c", files=[])],
+    )
+    await broker.publish(subjects.datum("bounded"), task, msg_id="bounded-job:d2")
+    done = DatumResult(pipeline="bounded", job="bounded-job", datum="d1", state="success")
+    await broker.publish(subjects.result("bounded", "bounded-job"), done, msg_id="d1")
+    planned = JobPlanned(pipeline="bounded", job="bounded-job", data_total=2)
+    await broker.publish(subjects.job_planned("bounded", "bounded-job"), planned, msg_id="p")
+    assert await queued(broker, "bounded") == 1
+
+    timeouts = JobTimeouts(committer=committer)
+    assert await timeouts.check() == ["bounded@bounded-job"]
+    killed = await committer.pipelines.get_job("bounded", "bounded-job")
+    assert killed.state == "killed" and killed.finished
+    assert killed.reason == (
+        "job_timeout: the job ran longer than 5s and was killed; 1 of 2 datums were done"
+    )
+    assert (killed.data_processed, killed.data_total) == (1, 2)
+    assert await queued(broker, "bounded") == 0
+    for name in ("patient", "free"):
+        assert (await committer.pipelines.get_job(name, f"{name}-job")).state == "running"
+
+    # Killed once: a second look, or a late result, changes nothing.
+    assert await timeouts.check() == []
+    late = DatumResult(pipeline="bounded", job="bounded-job", datum="d2", state="success")
+    await committer._tally("bounded", "bounded-job")
+    committer.tallies[("bounded", "bounded-job")].add(late)
+    await committer._progress("bounded", "bounded-job")
+    assert await committer.pipelines.get_job("bounded", "bounded-job") == killed
+    await store.close()

@@ -1,0 +1,260 @@
+"""Failures end to end, with real processes: a poison datum, a datum that kills its worker every
+time, a datum timeout with children, outputs that collide, and a job timeout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from datumflow.broker.messages import FileRef
+from tests.conftest import Cluster, eventually
+from tests.test_core_e2e import create_pipeline, jobs_of, output_files, put_files, wait_job_done
+
+pytestmark = pytest.mark.asyncio
+
+
+def marks_of(marks: Path) -> list[str]:
+    """Names of the mark files the user code left (`<input file>.<shell pid>`), one per attempt."""
+    return sorted(p.name.rsplit(".", 1)[0] for p in marks.iterdir())
+
+
+def datums_of(cluster: Cluster, target: str) -> list[dict]:
+    return json.loads(cluster.cli("list", "datum", target, "--json").stdout)
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie no one has reaped yet (this machine's init may not reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+async def test_poison_datum_fails_alone_and_names_itself(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(DATUMFLOW_ACK_WAIT="2")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    await put_files(cluster, "nums", {"/a": b"a", "/b": b"b", "/poison": b"p", "/c": b"c"})
+    await create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "picky"},
+            "input": {"pfs": {"repo": "nums", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    'for f in /pfs/nums/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
+                    ' if [ "$n" = poison ]; then echo "cannot read $n" >&2; exit 3; fi;'
+                    ' cp "$f" /pfs/out/; done',
+                ],
+                "env": {"MARKS": str(marks)},
+            },
+            "datum_tries": 2,
+        },
+    )
+    [job] = await wait_job_done(cluster, "picky")
+    assert job.state == "failure"
+    assert (job.data_total, job.data_processed, job.data_failed) == (4, 3, 1)
+    # Two attempts of the poison datum, one of each other.
+    assert marks_of(marks) == ["a", "b", "c", "poison", "poison"]
+
+    datums = {d["files"][0]["path"]: d for d in datums_of(cluster, f"picky@{job.id}")}
+    assert {p: d["state"] for p, d in datums.items()} == {
+        "/a": "success",
+        "/b": "success",
+        "/c": "success",
+        "/poison": "failed",
+    }
+    poison = datums["/poison"]["id"]
+    assert f"datum {poison[:12]} (/poison) failed" in job.reason
+    assert "exited with code 3" in job.reason
+
+    detail = json.loads(
+        cluster.cli("inspect", "datum", f"picky@{job.id}", poison[:12], "--json").stdout
+    )
+    assert detail["id"] == poison and detail["attempts"] == 2
+    assert "cannot read poison" in detail["error"]
+    logs = cluster.cli("logs", "-p", "picky", "--datum", poison[:12]).stdout
+    assert logs == "cannot read poison\n"
+
+
+async def test_datum_that_kills_its_worker_every_time_ends_failed(
+    make_cluster, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(DATUMFLOW_ACK_WAIT="2")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    await put_files(cluster, "nums", {"/a": b"a", "/crash": b"x", "/b": b"b"})
+    # The user code's parent is its worker: SIGKILL it, as the kernel's OOM killer would.
+    await create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "crashy"},
+            "input": {"pfs": {"repo": "nums", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    'for f in /pfs/nums/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
+                    ' if [ "$n" = crash ]; then kill -9 $PPID; sleep 5; fi;'
+                    ' cp "$f" /pfs/out/; done',
+                ],
+                "env": {"MARKS": str(marks)},
+            },
+            "datum_tries": 3,
+        },
+    )
+    [job] = await wait_job_done(cluster, "crashy", timeout=90)
+    assert job.state == "failure", job.reason
+    assert (job.data_total, job.data_processed, job.data_failed) == (3, 2, 1)
+    assert "worker died during each of its 3 attempts" in job.reason
+    assert "(/crash)" in job.reason
+    # Delivered exactly datum_tries times, then given up; the others ran once each.
+    assert marks_of(marks) == ["a", "b", "crash", "crash", "crash"]
+    [crash] = [d for d in datums_of(cluster, f"crashy@{job.id}") if d["state"] == "failed"]
+    assert crash["files"] == [{"input": "nums", "repo": "nums", "path": "/crash"}]
+
+
+async def test_datum_timeout_kills_the_user_code_and_its_children(
+    make_cluster, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(DATUMFLOW_ACK_WAIT="2")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    await put_files(cluster, "in", {"/slow": b"s"})
+    # A child in the background, one that left the session, and the process itself all outlive
+    # the timeout unless the worker kills them; the escaped one also holds the output pipe.
+    await create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "sleepy"},
+            "input": {"pfs": {"repo": "in", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    'sleep 300 & echo $! > "$MARKS/child.pid";'
+                    ' setsid sleep 301 & echo $! > "$MARKS/escaped.pid";'
+                    ' echo $$ > "$MARKS/self.pid"; sleep 302',
+                ],
+                "env": {"MARKS": str(marks)},
+            },
+            "datum_timeout": "1s",
+            "datum_tries": 1,
+        },
+    )
+    [job] = await wait_job_done(cluster, "sleepy", timeout=30)
+    assert job.state == "failure"
+    assert "ran longer than datum_timeout (1s) and was killed" in job.reason
+    assert job.stats.process_time < 10
+    pids = {p.stem: int(p.read_text()) for p in marks.glob("*.pid")}
+    assert set(pids) == {"child", "escaped", "self"}
+    for name, pid in pids.items():
+        assert dead(pid), f"the {name} process {pid} outlived its datum"
+
+
+async def test_colliding_outputs_fail_the_job(cluster: Cluster, tmp_path: Path) -> None:
+    await put_files(cluster, "src", {"/one": b"1", "/two": b"2"})
+    await create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "same-path"},
+            "input": {"pfs": {"repo": "src", "glob": "/*"}},
+            "transform": {"cmd": ["sh", "-c", "cat /pfs/src/* > /pfs/out/result"]},
+        },
+    )
+    # /one writes the file /x, /two the directory /x: a file and a directory at one path.
+    await create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "file-and-dir"},
+            "input": {"pfs": {"repo": "src", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    "if [ -e /pfs/src/one ]; then echo f > /pfs/out/x;"
+                    " else mkdir /pfs/out/x; echo d > /pfs/out/x/y; fi",
+                ],
+            },
+        },
+    )
+    [same] = await wait_job_done(cluster, "same-path")
+    assert same.state == "failure"
+    assert same.reason.startswith("duplicate path output by different datums: /result")
+    assert same.data_processed == 2 and not same.output_commit
+    [mixed] = await wait_job_done(cluster, "file-and-dir")
+    assert mixed.state == "failure"
+    assert "/x is output both as a file" in mixed.reason
+    assert await output_files(cluster, "same-path") == {}
+
+
+async def test_job_timeout_kills_the_job_and_its_queue(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(DATUMFLOW_ACK_WAIT="2")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    await put_files(cluster, "in", {f"/s{i}": b"slow" for i in range(1, 5)})
+    # Datums of files named s* take 3 s each, one worker: a 2 s job_timeout kills the job while
+    # the first datum runs, with three datums still queued.
+    await create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "bounded"},
+            "input": {"pfs": {"repo": "in", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    'for f in /pfs/in/*; do n=$(basename "$f"); touch "$MARKS/start-$n.$$";'
+                    ' case $n in s*) sleep 3;; esac; cp "$f" /pfs/out/;'
+                    ' touch "$MARKS/end-$n.$$"; done',
+                ],
+                "env": {"MARKS": str(marks)},
+            },
+            "job_timeout": "2s",
+        },
+    )
+    [killed] = await wait_job_done(cluster, "bounded", timeout=30)
+    assert killed.state == "killed"
+    assert killed.reason.startswith("job_timeout: the job ran longer than 2s and was killed")
+    assert killed.finished - killed.started < 5
+    assert killed.data_total == 4 and killed.data_processed < 4
+
+    # The datum in hand when the job was killed still finishes; its late result changes nothing.
+    await eventually(
+        lambda: _async([m for m in marks_of(marks) if m.startswith("end-")]),
+        what="the datum in hand to finish",
+    )
+    # The next commit gets a job of its own, which runs at once: the killed job's queued datums
+    # were removed, or the one worker would go through them first.
+    async with cluster.api() as api:
+        key, size = await api.store.put_bytes(b"fast")
+        await api.repos.commit_files(
+            "in",
+            "master",
+            puts=[FileRef(path="/f1", size=size, hash=key)],
+            deletes=[f"/s{i}" for i in range(1, 5)],
+        )
+    jobs = await wait_job_done(cluster, "bounded", count=2, timeout=30)
+    assert jobs[0].state == "success", jobs[0].reason
+    assert await output_files(cluster, "bounded") == {"/f1": b"fast"}
+    started = [m for m in marks_of(marks) if m.startswith("start-s")]
+    assert "start-s3" not in started and "start-s4" not in started, started
+    after = {j.id: j for j in await jobs_of(cluster, "bounded")}[killed.id]
+    assert after == killed
+    states = {d["state"] for d in datums_of(cluster, f"bounded@{killed.id}")}
+    assert "killed" in states
+
+
+async def _async(value):  # type: ignore[no-untyped-def]
+    return value
