@@ -1,0 +1,143 @@
+"""Fetching datum sets from a durable pull consumer with plain pull requests on a private inbox.
+
+nats-py's `PullSubscription.fetch` starts a task and a timer for every message it returns; for a
+set of hundreds of tiny datums that is most of the worker's time. Here a fetch is one request and
+one drain of the inbox:
+
+1. `{"batch": n, "no_wait": true}`: whatever is there now, up to n, closed by a 404 status;
+2. if nothing was there, `{"batch": 1, "expires": wait}`: wait for the next datum, and only one,
+   so that no datum is delivered to a worker busy with something else; then top up as in 1.
+
+A message that comes after we stopped waiting for it (its request expired as it was sent) stays in
+the inbox and is the first one the next fetch returns: delivered to us, it is ours to handle.
+There is no subscription state to lose when the broker restarts: the inbox is resubscribed on
+reconnect, and a request lost with the old connection just times out (nats.py #504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from datumflow.broker.connection import TRANSIENT, Broker
+
+log = logging.getLogger(__name__)
+
+_NO_MESSAGES = "404"
+_TIMEOUT = "408"
+_CONFLICT = "409"
+_CONTROL = "100"
+
+
+class _Request(msgspec.Struct, omit_defaults=True):
+    batch: int
+    no_wait: bool = False
+    expires: int = 0
+    """Nanoseconds."""
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Puller:
+    """Datum sets from one durable consumer."""
+
+    def __init__(self, broker: Broker, *, stream: str, durable: str) -> None:
+        self.broker = broker
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.durable = durable
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._box: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+
+    async def _receive(self, msg: Msg) -> None:
+        self._box.append(msg)
+        self._arrived.set()
+
+    async def _subscribe(self) -> None:
+        if self._sub is None:
+            self._inbox = self.broker.nc.new_inbox()
+            self._sub = await self.broker.nc.subscribe(self._inbox, cb=self._receive)
+
+    async def fetch(self, *, batch: int = 1, wait: float = 1.0) -> list[Msg]:
+        """Up to `batch` datum messages (a few more if some were left over); [] when none came
+        within `wait` seconds."""
+        try:
+            await self._subscribe()
+            msgs = self._leftovers()
+            if msgs:
+                return msgs
+            msgs = await self._ask(_Request(batch=batch, no_wait=True), timeout=wait)
+            if msgs:
+                return msgs
+            first = await self._ask(_Request(batch=1, expires=int(wait * 1e9)), timeout=wait + 0.5)
+            if first and batch > 1:
+                first += await self._ask(_Request(batch=batch - 1, no_wait=True), timeout=wait)
+            return first
+        except TRANSIENT as exc:
+            log.warning("fetching from %s: %s", self.durable, exc)
+            await asyncio.sleep(0.5)
+            return []
+
+    def _leftovers(self) -> list[Msg]:
+        out = [m for m in self._box if not _status(m)]
+        self._box.clear()
+        return out
+
+    async def _ask(self, request: _Request, *, timeout: float) -> list[Msg]:
+        """Send one pull request and collect its messages until its closing status."""
+        self._arrived.clear()
+        await self.broker.nc.publish(self.subject, _encode(request), reply=self._inbox)
+        box = self._box
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        out: list[Msg] = []
+        while len(out) < request.batch:
+            if not box:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+                continue
+            msg = box.popleft()
+            status = _status(msg)
+            if not status:
+                out.append(msg)
+            elif status == _CONTROL:
+                continue
+            else:
+                if status == _CONFLICT:
+                    # The consumer was deleted or is changing leader: do not spin on it.
+                    log.info("%s: %s", self.durable, (msg.headers or {}).get("Description", ""))
+                    await asyncio.sleep(0.5)
+                break  # 404 nothing (more) now, 408 expired, 409: this request is over
+        return out
+
+    async def close(self) -> None:
+        if self._sub is None:
+            return
+        sub, self._sub = self._sub, None
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        # Delivered to us and never started: hand them back now rather than after ack_wait.
+        for msg in self._leftovers():
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+
+def _status(msg: Msg) -> str:
+    headers = msg.headers
+    if not headers or msg.data:
+        return ""
+    return headers.get("Status", "")
