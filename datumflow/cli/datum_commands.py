@@ -231,11 +231,19 @@ class JobView:
         extra = sorted((set(self.first) | set(self.index)) - known)
         return ordered + extra
 
+    def counted(self, did: str) -> DatumResult | None:
+        """The datum's result that counted: for a finished job, only one in its index (a
+        result that came after its job was killed was ignored)."""
+        if self.job.done and self.job.datums and did not in self.index:
+            return None
+        return self.first.get(did)
+
     def state(self, did: str) -> str:
         if did in self.index:
             return self.index[did].state
-        if did in self.first:
-            return self.first[did].state
+        result = self.counted(did)
+        if result is not None:
+            return result.state
         if not self.job.done:
             return "starting"
         return "killed" if self.job.state == "killed" else "unprocessed"
@@ -260,7 +268,7 @@ class JobView:
                 id=did,
                 files=self.files(did),
                 state=self.state(did),
-                time=_seconds(self.first.get(did)),
+                time=_seconds(self.counted(did)),
             )
             for did in self.ids()
         ]
@@ -330,7 +338,7 @@ def inspect_datum(
             "job": job,
             "state": view.state(did),
             "hash": result.hash if result else (view.index[did].hash if did in view.index else ""),
-            "time": _seconds(result),
+            "time": _seconds(view.counted(did)),
             "files": msgspec.to_builtins(view.files(did)),
             "inputs": [
                 {
@@ -347,6 +355,8 @@ def inspect_datum(
         if result is not None:
             output = await manifest.read(api.store, result.output) if result.output else []
             detail |= {
+                # A result that came after its job ended (killed) is shown, but did not count.
+                "counted": view.counted(did) is not None,
                 "attempts": result.attempts,
                 "error": result.error,
                 "stats": msgspec.to_builtins(result.stats),
