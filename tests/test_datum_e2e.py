@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from datumflow.broker.messages import FileRef
-from tests.conftest import Cluster, eventually
+from datumflow.runtime.embedded import EmbeddedServer
+from tests.conftest import Cluster, cluster_env, eventually
 from tests.test_core_e2e import create_pipeline, jobs_of, output_files, put_files, wait_job_done
 
 pytestmark = pytest.mark.asyncio
@@ -20,6 +22,24 @@ pytestmark = pytest.mark.asyncio
 COPY = (
     'for f in /pfs/src/*; do n=$(basename "$f"); touch "$MARKS/$n.$$"; cp "$f" "/pfs/out/$n"; done'
 )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One `datumflow up` for the module: each test has its own repo and pipeline."""
+    root = tmp_path_factory.mktemp("datum-e2e")
+    server = EmbeddedServer(store_dir=root / "nats", log_file=root / "nats-server.log")
+    server.start()
+    asyncio.run(server.wait_ready())
+    home = root / "home"
+    env = cluster_env(home, server, DATUMFLOW_ACK_WAIT="2")
+    shared = Cluster(home=home, server=server, env=env)
+    try:
+        shared.start()
+        yield shared
+    finally:
+        shared.stop()
+        server.stop()
 
 
 def marks_of(marks: Path) -> list[str]:
@@ -48,10 +68,10 @@ def figures(job) -> tuple[str, int, int, int, int, int]:  # type: ignore[no-unty
     )
 
 
-def copy_spec(name: str, marks: Path, **extra: object) -> dict:
+def copy_spec(name: str, repo: str, marks: Path, **extra: object) -> dict:
     return {
         "pipeline": {"name": name},
-        "input": {"pfs": {"repo": "src", "glob": "/*"}},
+        "input": {"pfs": {"repo": repo, "name": "src", "glob": "/*"}},
         "transform": {"cmd": ["sh", "-c", COPY], "env": {"MARKS": str(marks)}},
         **extra,
     }
@@ -62,13 +82,13 @@ async def test_skipping_across_commits_updates_and_reprocess(
 ) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_files(cluster, "src", {"/a": b"a1", "/b": b"b1", "/c": b"c1"})
-    await create_pipeline(cluster, tmp_path, copy_spec("copy", marks))
+    await put_files(cluster, "letters", {"/a": b"a1", "/b": b"b1", "/c": b"c1"})
+    await create_pipeline(cluster, tmp_path, copy_spec("copy", "letters", marks))
     [first] = await wait_job_done(cluster, "copy")
     assert figures(first) == ("success", 3, 3, 0, 0, 0)
 
     # A changed file and a new one run; the rest are skipped and keep their output.
-    await commit(cluster, "src", {"/b": b"b2", "/d": b"d1"})
+    await commit(cluster, "letters", {"/b": b"b2", "/d": b"d1"})
     second = (await wait_job_done(cluster, "copy", count=2))[0]
     assert figures(second) == ("success", 4, 2, 2, 0, 0)
     assert await output_files(cluster, "copy") == {
@@ -79,7 +99,7 @@ async def test_skipping_across_commits_updates_and_reprocess(
     }
 
     # A deleted file takes its output with it; nothing runs.
-    await commit(cluster, "src", {}, deletes=["/c"])
+    await commit(cluster, "letters", {}, deletes=["/c"])
     third = (await wait_job_done(cluster, "copy", count=3))[0]
     assert figures(third) == ("success", 3, 0, 3, 0, 0)
     assert await output_files(cluster, "copy") == {"/a": b"a1", "/b": b"b2", "/d": b"d1"}
@@ -110,11 +130,13 @@ async def test_skipping_across_commits_updates_and_reprocess(
 async def test_every_job_reprocesses_everything(cluster: Cluster, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_files(cluster, "src", {"/a": b"a", "/b": b"b"})
-    await create_pipeline(cluster, tmp_path, copy_spec("again", marks, reprocess_spec="every_job"))
+    await put_files(cluster, "words", {"/a": b"a", "/b": b"b"})
+    await create_pipeline(
+        cluster, tmp_path, copy_spec("again", "words", marks, reprocess_spec="every_job")
+    )
     [first] = await wait_job_done(cluster, "again")
     assert figures(first) == ("success", 2, 2, 0, 0, 0)
-    await commit(cluster, "src", {"/c": b"c"})
+    await commit(cluster, "words", {"/c": b"c"})
     second = (await wait_job_done(cluster, "again", count=2))[0]
     assert figures(second) == ("success", 3, 3, 0, 0, 0)
     assert marks_of(marks) == ["a", "a", "b", "b", "c"]
@@ -125,7 +147,7 @@ async def test_err_cmd_recovers_and_recovered_datums_run_again(
 ) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_files(cluster, "src", {"/good": b"g", "/bad": b"b", "/three": b"3"})
+    await put_files(cluster, "cases", {"/good": b"g", "/bad": b"b", "/three": b"3"})
     # bad writes output, then fails: err_cmd recovers it, and its output is dropped. three
     # exits 3, which accept_return_code makes a success.
     script = (
@@ -137,7 +159,7 @@ async def test_err_cmd_recovers_and_recovered_datums_run_again(
         tmp_path,
         {
             "pipeline": {"name": "lenient"},
-            "input": {"pfs": {"repo": "src", "glob": "/*"}},
+            "input": {"pfs": {"repo": "cases", "name": "src", "glob": "/*"}},
             "transform": {
                 "cmd": ["sh", "-c", script],
                 "env": {"MARKS": str(marks)},
@@ -153,7 +175,7 @@ async def test_err_cmd_recovers_and_recovered_datums_run_again(
     # Recovered at the first attempt: no retry, err_cmd ran once with its stdin.
     assert marks_of(marks) == ["bad", "err-handled", "good", "three"]
 
-    await commit(cluster, "src", {"/new": b"n"})
+    await commit(cluster, "cases", {"/new": b"n"})
     second = (await wait_job_done(cluster, "lenient", count=2))[0]
     # good and three are skipped; bad runs again (and is recovered again), new runs.
     assert figures(second) == ("success", 4, 1, 2, 0, 1)
@@ -173,7 +195,7 @@ async def test_err_cmd_recovers_and_recovered_datums_run_again(
 async def test_logs_are_streamed_live_and_kept_per_datum(cluster: Cluster, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_files(cluster, "src", {"/x": b"x", "/y": b"y"})
+    await put_files(cluster, "voices", {"/x": b"x", "/y": b"y"})
     # Each datum speaks on stdout and stderr, then ticks until the test's go, then says bye.
     # Live output is not kept for late listeners: the ticks tell when the follower listens.
     script = (
@@ -185,7 +207,7 @@ async def test_logs_are_streamed_live_and_kept_per_datum(cluster: Cluster, tmp_p
         tmp_path,
         {
             "pipeline": {"name": "talk"},
-            "input": {"pfs": {"repo": "src", "glob": "/*"}},
+            "input": {"pfs": {"repo": "voices", "name": "src", "glob": "/*"}},
             "transform": {"cmd": ["sh", "-c", script], "env": {"MARKS": str(marks)}},
             "parallelism_spec": {"constant": 2},
         },

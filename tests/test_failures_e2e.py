@@ -3,16 +3,38 @@ time, a datum timeout with children, outputs that collide, and a job timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from datumflow.broker.messages import FileRef
-from tests.conftest import Cluster, eventually
-from tests.test_core_e2e import create_pipeline, jobs_of, output_files, put_files, wait_job_done
+from datumflow.runtime.embedded import EmbeddedServer
+from tests.conftest import Cluster, cluster_env, eventually
+from tests.test_core_e2e import jobs_of, output_files, put_files, wait_job_done
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One `datumflow up` for the module, quick to redeliver: each test has its own repo and
+    pipeline, and what it breaks (a worker, a job) is its pipeline's alone."""
+    root = tmp_path_factory.mktemp("failures-e2e")
+    server = EmbeddedServer(store_dir=root / "nats", log_file=root / "nats-server.log")
+    server.start()
+    asyncio.run(server.wait_ready())
+    home = root / "home"
+    env = cluster_env(home, server, DATUMFLOW_ACK_WAIT="2")
+    shared = Cluster(home=home, server=server, env=env)
+    try:
+        shared.start()
+        yield shared
+    finally:
+        shared.stop()
+        server.stop()
 
 
 def marks_of(marks: Path) -> list[str]:
@@ -33,22 +55,21 @@ def dead(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
-async def test_poison_datum_fails_alone_and_names_itself(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cluster = make_cluster(DATUMFLOW_ACK_WAIT="2")
+async def test_poison_datum_fails_alone_and_names_itself(cluster: Cluster, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_files(cluster, "nums", {"/a": b"a", "/b": b"b", "/poison": b"p", "/c": b"c"})
+    await put_files(cluster, "numbers", {"/a": b"a", "/b": b"b", "/poison": b"p", "/c": b"c"})
     await create_pipeline(
         cluster,
         tmp_path,
         {
             "pipeline": {"name": "picky"},
-            "input": {"pfs": {"repo": "nums", "glob": "/*"}},
+            "input": {"pfs": {"repo": "numbers", "glob": "/*"}},
             "transform": {
                 "cmd": [
                     "sh",
                     "-c",
-                    'for f in /pfs/nums/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
+                    'for f in /pfs/numbers/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
                     ' if [ "$n" = poison ]; then echo "cannot read $n" >&2; exit 3; fi;'
                     ' cp "$f" /pfs/out/; done',
                 ],
@@ -84,24 +105,23 @@ async def test_poison_datum_fails_alone_and_names_itself(make_cluster, tmp_path:
 
 
 async def test_datum_that_kills_its_worker_every_time_ends_failed(
-    make_cluster, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    cluster = make_cluster(DATUMFLOW_ACK_WAIT="2")
+    cluster: Cluster, tmp_path: Path
+) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_files(cluster, "nums", {"/a": b"a", "/crash": b"x", "/b": b"b"})
+    await put_files(cluster, "crashes", {"/a": b"a", "/crash": b"x", "/b": b"b"})
     # The user code's parent is its worker: SIGKILL it, as the kernel's OOM killer would.
     await create_pipeline(
         cluster,
         tmp_path,
         {
             "pipeline": {"name": "crashy"},
-            "input": {"pfs": {"repo": "nums", "glob": "/*"}},
+            "input": {"pfs": {"repo": "crashes", "glob": "/*"}},
             "transform": {
                 "cmd": [
                     "sh",
                     "-c",
-                    'for f in /pfs/nums/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
+                    'for f in /pfs/crashes/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
                     ' if [ "$n" = crash ]; then kill -9 $PPID; sleep 5; fi;'
                     ' cp "$f" /pfs/out/; done',
                 ],
@@ -118,16 +138,15 @@ async def test_datum_that_kills_its_worker_every_time_ends_failed(
     # Delivered exactly datum_tries times, then given up; the others ran once each.
     assert marks_of(marks) == ["a", "b", "crash", "crash", "crash"]
     [crash] = [d for d in datums_of(cluster, f"crashy@{job.id}") if d["state"] == "failed"]
-    assert crash["files"] == [{"input": "nums", "repo": "nums", "path": "/crash"}]
+    assert crash["files"] == [{"input": "crashes", "repo": "crashes", "path": "/crash"}]
 
 
 async def test_datum_timeout_kills_the_user_code_and_its_children(
-    make_cluster, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    cluster = make_cluster(DATUMFLOW_ACK_WAIT="2")
+    cluster: Cluster, tmp_path: Path
+) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_files(cluster, "in", {"/slow": b"s"})
+    await put_files(cluster, "sleepers", {"/slow": b"s"})
     # A child in the background, one that left the session, and the process itself all outlive
     # the timeout unless the worker kills them; the escaped one also holds the output pipe.
     await create_pipeline(
@@ -135,7 +154,7 @@ async def test_datum_timeout_kills_the_user_code_and_its_children(
         tmp_path,
         {
             "pipeline": {"name": "sleepy"},
-            "input": {"pfs": {"repo": "in", "glob": "/*"}},
+            "input": {"pfs": {"repo": "sleepers", "glob": "/*"}},
             "transform": {
                 "cmd": [
                     "sh",
@@ -157,7 +176,9 @@ async def test_datum_timeout_kills_the_user_code_and_its_children(
     pids = {p.stem: int(p.read_text()) for p in marks.glob("*.pid")}
     assert set(pids) == {"child", "escaped", "self"}
     for name, pid in pids.items():
-        assert dead(pid), f"the {name} process {pid} outlived its datum"
+        await eventually(
+            lambda pid=pid: _async(dead(pid)), timeout=3, what=f"{name} ({pid}) to die"
+        )
 
 
 async def test_colliding_outputs_fail_the_job(cluster: Cluster, tmp_path: Path) -> None:
@@ -198,62 +219,77 @@ async def test_colliding_outputs_fail_the_job(cluster: Cluster, tmp_path: Path) 
     assert await output_files(cluster, "same-path") == {}
 
 
-async def test_job_timeout_kills_the_job_and_its_queue(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cluster = make_cluster(DATUMFLOW_ACK_WAIT="2")
+async def test_job_timeout_kills_the_job_and_its_queue(cluster: Cluster, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_files(cluster, "in", {f"/s{i}": b"slow" for i in range(1, 5)})
-    # Datums of files named s* take 3 s each, one worker: a 2 s job_timeout kills the job while
-    # the first datum runs, with three datums still queued.
-    await create_pipeline(
-        cluster,
-        tmp_path,
-        {
-            "pipeline": {"name": "bounded"},
-            "input": {"pfs": {"repo": "in", "glob": "/*"}},
-            "transform": {
-                "cmd": [
-                    "sh",
-                    "-c",
-                    'for f in /pfs/in/*; do n=$(basename "$f"); touch "$MARKS/start-$n.$$";'
-                    ' case $n in s*) sleep 3;; esac; cp "$f" /pfs/out/;'
-                    ' touch "$MARKS/end-$n.$$"; done',
-                ],
-                "env": {"MARKS": str(marks)},
-            },
-            "job_timeout": "2s",
+    # Datums of files named s* wait for the test's go; the others run at once.
+    spec = {
+        "pipeline": {"name": "bounded"},
+        "input": {"pfs": {"repo": "timed", "name": "in", "glob": "/*"}},
+        "transform": {
+            "cmd": [
+                "sh",
+                "-c",
+                'for f in /pfs/in/*; do n=$(basename "$f"); touch "$MARKS/start-$n.$$";'
+                ' case $n in s*) while [ ! -e "$GO" ]; do sleep 0.05; done;; esac;'
+                ' cp "$f" /pfs/out/; touch "$MARKS/end-$n.$$"; done',
+            ],
+            "env": {"MARKS": str(marks), "GO": str(tmp_path / "go")},
         },
-    )
-    [killed] = await wait_job_done(cluster, "bounded", timeout=30)
-    assert killed.state == "killed"
-    assert killed.reason.startswith("job_timeout: the job ran longer than 2s and was killed")
-    assert killed.finished - killed.started < 5
-    assert killed.data_total == 4 and killed.data_processed < 4
+    }
+    await put_files(cluster, "timed", {"/f0": b"fast"})
+    await create_pipeline(cluster, tmp_path, spec)
+    # The clock runs from the job's start, worker start-up included: set the timeout once the
+    # worker is up, so that a slow machine cannot kill a job before its first datum.
+    await wait_job_done(cluster, "bounded")
+    await create_pipeline(cluster, tmp_path, {**spec, "job_timeout": "3s"}, update=True)
+    first = (await wait_job_done(cluster, "bounded", count=2))[0]
+    assert (first.version, first.state, first.data_skipped) == (2, "success", 1), first.reason
 
-    # The datum in hand when the job was killed still finishes; its late result changes nothing.
-    await eventually(
-        lambda: _async([m for m in marks_of(marks) if m.startswith("end-")]),
-        what="the datum in hand to finish",
+    # Four waiting datums and one worker: the job is killed with one datum in hand, three queued.
+    await commit(cluster, "timed", {f"/s{i}": b"slow" for i in range(1, 5)}, deletes=["/f0"])
+    await eventually(lambda: _async("start-s1" in marks_of(marks)), what="s1 to start")
+    killed = (await wait_job_done(cluster, "bounded", count=3, timeout=30))[0]
+    assert killed.state == "killed"
+    assert killed.reason == (
+        "job_timeout: the job ran longer than 3s and was killed; 0 of 4 datums were done"
     )
+    assert 3 <= killed.finished - killed.started < 20
+    assert (killed.data_total, killed.data_processed) == (4, 0)
+
+    # The datum in hand finishes after all; its late result changes nothing.
+    (tmp_path / "go").touch()
+    await eventually(lambda: _async("end-s1" in marks_of(marks)), what="s1 to finish")
     # The next commit gets a job of its own, which runs at once: the killed job's queued datums
     # were removed, or the one worker would go through them first.
-    async with cluster.api() as api:
-        key, size = await api.store.put_bytes(b"fast")
-        await api.repos.commit_files(
-            "in",
-            "master",
-            puts=[FileRef(path="/f1", size=size, hash=key)],
-            deletes=[f"/s{i}" for i in range(1, 5)],
-        )
-    jobs = await wait_job_done(cluster, "bounded", count=2, timeout=30)
-    assert jobs[0].state == "success", jobs[0].reason
+    await commit(cluster, "timed", {"/f1": b"fast"}, deletes=[f"/s{i}" for i in range(1, 5)])
+    last = (await wait_job_done(cluster, "bounded", count=4, timeout=30))[0]
+    assert last.state == "success", last.reason
     assert await output_files(cluster, "bounded") == {"/f1": b"fast"}
-    started = [m for m in marks_of(marks) if m.startswith("start-s")]
-    assert "start-s3" not in started and "start-s4" not in started, started
+    assert marks_of(marks) == ["end-f0", "end-f1", "end-s1", "start-f0", "start-f1", "start-s1"]
     after = {j.id: j for j in await jobs_of(cluster, "bounded")}[killed.id]
     assert after == killed
-    states = {d["state"] for d in datums_of(cluster, f"bounded@{killed.id}")}
-    assert "killed" in states
+    states = {d["files"][0]["path"]: d["state"] for d in datums_of(cluster, f"bounded@{killed.id}")}
+    assert states == {"/s1": "killed", "/s2": "killed", "/s3": "killed", "/s4": "killed"}
+
+
+async def create_pipeline(
+    cluster: Cluster, tmp_path: Path, spec: dict, *, update: bool = False
+) -> None:
+    path = tmp_path / f"{spec['pipeline']['name']}.json"
+    path.write_text(json.dumps(spec))
+    cluster.cli("update" if update else "create", "pipeline", "-f", str(path))
+
+
+async def commit(
+    cluster: Cluster, repo: str, puts: dict[str, bytes], deletes: list[str] = ()
+) -> None:
+    async with cluster.api() as api:
+        refs = []
+        for path, data in sorted(puts.items()):
+            key, size = await api.store.put_bytes(data)
+            refs.append(FileRef(path=path, size=size, hash=key))
+        await api.repos.commit_files(repo, "master", puts=refs, deletes=deletes)
 
 
 async def _async(value):  # type: ignore[no-untyped-def]
