@@ -204,6 +204,7 @@ class JobView:
         self.planned = planned
         self.first = first
         self.index = index
+        self._inputs = dict(planned or [])
 
     @classmethod
     async def load(cls, api: Api, pipeline: str, job_id: str) -> JobView:
@@ -249,10 +250,7 @@ class JobView:
         return "killed" if self.job.state == "killed" else "unprocessed"
 
     def inputs(self, did: str) -> list[DatumInput] | None:
-        for planned_id, inputs in self.planned or []:
-            if planned_id == did:
-                return inputs
-        return None
+        return self._inputs.get(did)
 
     def files(self, did: str) -> list[DatumFile]:
         inputs = self.inputs(did)

@@ -223,6 +223,7 @@ class Committer:
             tally.done = True
             tally.results = {}  # a finished job's results are in its datum index now
             log.info("job %s@%s: %s %s", pipeline, job, state, reason)
+        self._ending.pop((pipeline, job), None)  # an ended job's tally says so from now on
 
     async def _outcome(
         self, info: PipelineInfo, record: JobInfo, tally: Tally
@@ -297,6 +298,7 @@ class Committer:
             tally.results = {}
             if won:
                 log.info("job %s@%s: killed: %s", pipeline, job, reason)
+        self._ending.pop((pipeline, job), None)
         return won
 
     async def _merge_outputs(self, tally: Tally) -> list[FileRef]:
@@ -393,10 +395,24 @@ class JobTimeouts:
     datums are queued, as Pachyderm's does when the job starts.
     """
 
-    def __init__(self, *, committer: Committer, every: float = DEADLINE_CHECK) -> None:
+    def __init__(
+        self, *, committer: Committer, every: float = DEADLINE_CHECK, refresh: float = 5.0
+    ) -> None:
         self.committer = committer
         self.pipelines = committer.pipelines
         self.every = every
+        self.refresh = refresh
+        self._bounded: list[PipelineInfo] = []
+        self._listed: float | None = None
+
+    async def _pipelines_with_timeouts(self) -> list[PipelineInfo]:
+        # Listing every pipeline is a round trip per pipeline: done every `refresh` seconds,
+        # while the jobs of the ones with a timeout are looked at every `every` seconds.
+        now = time.monotonic()
+        if self._listed is None or now - self._listed >= self.refresh:
+            self._bounded = [p for p in await self.pipelines.list() if p.spec.job_timeout]
+            self._listed = now
+        return self._bounded
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -413,7 +429,7 @@ class JobTimeouts:
         """Kill what is overdue; returns the jobs killed as PIPELINE@JOB."""
         now = time.time() if now is None else now
         killed = []
-        for info in await self.pipelines.list():
+        for info in await self._pipelines_with_timeouts():
             try:
                 limit = parse_duration(info.spec.job_timeout, field="job_timeout")
             except SpecError:
