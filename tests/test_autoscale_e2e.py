@@ -39,6 +39,17 @@ def worker_processes(cluster: Cluster, pipeline: str) -> list[int]:
     return sorted(pid for pid in pids if _parent(pid) not in pids)
 
 
+def function_running(cluster: Cluster, function: str) -> bool:
+    """Whether `datumflow <function>` runs as a child of this cluster's supervisor."""
+    assert cluster.process is not None
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and _parent(int(proc.name)) == cluster.process.pid:
+            with contextlib.suppress(OSError):
+                if function.encode() in (proc / "cmdline").read_bytes().split(b"\0"):
+                    return True
+    return False
+
+
 def _parent(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -123,6 +134,11 @@ async def test_autoscaled_pipeline_goes_from_zero_to_parallelism_and_back(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ) -> None:
     cluster = make_cluster(DATUMFLOW_ACK_WAIT="10")
+    for function in ("planner", "committer", "ingest"):
+        await eventually(
+            lambda f=function: asyncio.to_thread(function_running, cluster, f),
+            what=f"datumflow {function} under the supervisor",
+        )
     async with cluster.api() as api:
         await api.repos.create_repo("nums")
         await api.repos.create_repo("quiet")

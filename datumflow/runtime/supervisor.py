@@ -1,7 +1,7 @@
 """`datumflow up`: the broker, the functions and the workers of every pipeline, on one machine.
 
 Each function is a child process running the same entry point a container runs (`datumflow
-planner`, `datumflow worker --pipeline NAME`, ...). A child that dies is started again, with a
+planner`, `committer`, `ingest`, `worker --pipeline NAME`). A child that dies is started again, with a
 backoff. Worker counts follow KEDA's rule (datumflow.scaling) from the lag of each pipeline's
 consumer, read from the monitoring endpoint as KEDA reads it.
 """
@@ -296,7 +296,14 @@ class Supervisor:
         instance_path(self.home).write_bytes(msgspec.json.encode(instance))
         self.broker = await connect_patiently(settings=self.settings, name="datumflow-supervisor")
         self.records = Records(self.broker, bucket=subjects.PIPELINES_BUCKET, type=PipelineInfo)
-        self.functions = [self._child("planner", "planner"), self._child("committer", "committer")]
+        # The ingest function's own options (DATUMFLOW_INGEST_WINDOW, _SUBJECTS) are not settings:
+        # passed through as they are.
+        ingest_env = {k: v for k, v in os.environ.items() if k.startswith("DATUMFLOW_INGEST_")}
+        self.functions = [
+            self._child("planner", "planner"),
+            self._child("committer", "committer"),
+            self._child("ingest", "ingest", **ingest_env),
+        ]
         for child in self.functions:
             child.stop_timeout = self.settings.grace + 5
             await child.start()
