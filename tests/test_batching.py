@@ -17,7 +17,9 @@ import nats
 import pytest
 
 from datumflow.broker import subjects
-from datumflow.broker.messages import DatumResult
+from datumflow.broker.messages import DatumResult, JobPlanned
+from datumflow.broker.outbox import Outbox
+from datumflow.errors import BrokerError
 from datumflow.functions.batch import MAX_SET, TARGET, BatchSizer
 from datumflow.functions.inprocess import Datum
 from datumflow.spec import DatumSetSpec
@@ -28,8 +30,8 @@ from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_j
 
 
 def marked_copy(inputs: dict[str, Path], out: Path, *, datum: Datum) -> None:
-    """Leave a mark (datum, process, set, attempt), take a while, copy the input."""
-    name = f"{datum.id}.{os.getpid()}.{datum.batch}.{datum.attempt}"
+    """Leave a mark (datum, process, set, attempt, when), take a while, copy the input."""
+    name = f"{datum.id}.{os.getpid()}.{datum.batch}.{datum.attempt}.{time.time_ns()}"
     (Path(datum.env["MARKS"]) / name).touch()
     time.sleep(float(datum.env["SECONDS"]))
     source = inputs["in"]
@@ -41,14 +43,17 @@ class Mark(msgspec.Struct, frozen=True):
     pid: int
     batch: int
     attempt: int
+    at: int
+    """time.time_ns() when the datum started."""
 
 
 def marks_in(directory: Path) -> list[Mark]:
+    """Every mark, in the order the datums started."""
     out = []
     for path in directory.iterdir():
-        datum, pid, batch, attempt = path.name.split(".")
-        out.append(Mark(datum, int(pid), int(batch), int(attempt)))
-    return out
+        datum, pid, batch, attempt, at = path.name.split(".")
+        out.append(Mark(datum, int(pid), int(batch), int(attempt), int(at)))
+    return sorted(out, key=lambda m: m.at)
 
 
 # ------------------------------------------------------------------------------- the set's size
@@ -178,6 +183,7 @@ async def test_worker_killed_in_the_middle_of_a_set(make_cluster, tmp_path: Path
         by_set = defaultdict(list)
         for m in marks_in(marks):
             by_set[(m.pid, m.batch)].append(m)
+        # The later of the two is the datum in hand.
         return next((ms[-1] for ms in by_set.values() if len(ms) >= 2), None)
 
     # Kill the worker while it runs the second datum of a set: the first is done, three wait.
@@ -208,3 +214,35 @@ async def test_worker_killed_in_the_middle_of_a_set(make_cluster, tmp_path: Path
     assert all(runs[d] == 1 for d in never_started)
     assert all(m.pid != victim.pid for m in marks_in(marks) if m.datum in never_started)
     assert runs[victim.datum] == 2
+
+
+# ---------------------------------------------------------------------------------- the outbox
+
+
+@pytest.mark.asyncio
+async def test_outbox_stores_each_message_once_and_says_what_it_could_not(broker) -> None:  # type: ignore[no-untyped-def]
+    outbox = Outbox(broker, window=8)
+    settled: list[tuple[int, bool]] = []
+
+    def note(i: int):  # type: ignore[no-untyped-def]
+        async def then(stored: bool) -> None:
+            settled.append((i, stored))
+
+        return then
+
+    subject = subjects.dead("outbox-test")
+    for i in range(100):
+        # Every message twice: the second is a duplicate by its Nats-Msg-Id.
+        for _ in range(2):
+            planned = JobPlanned(pipeline="p", job="j", data_total=i)
+            await outbox.publish(subject, planned, msg_id=f"outbox:{i}", then=note(i))
+    await outbox.publish("no.stream.listens.here", b"x", msg_id="lost", then=note(-1))
+    await outbox.flush()
+    assert settled == [(i, True) for i in range(100) for _ in range(2)] + [(-1, False)]
+    info = await broker.js.stream_info(subjects.DEAD_STREAM, subjects_filter=subject)
+    assert info.state.messages == 100
+
+    # Without a `then`, flush is where a message that could not be stored is heard of.
+    await outbox.publish("no.stream.listens.here", b"x", msg_id="lost-again")
+    with pytest.raises(BrokerError, match="1 messages could not be stored"):
+        await outbox.flush()

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from datumflow.broker.messages import DatumInput, DatumTask, FileRef
 from datumflow.functions.inprocess import Datum
 from datumflow.functions.userthread import DatumTimeout, UserThread
+from datumflow.functions.worker import _check_paths
+from datumflow.pfs.paths import BadPath
 from tests.conftest import REPO_ROOT, Cluster
 from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
 
@@ -278,3 +281,26 @@ async def test_halting_a_run_stops_after_the_job_in_hand() -> None:
     await asyncio.wait_for(consumer, 10)
     assert seen == [(0, "done")]
     thread.close()
+
+
+# ------------------------------------------------------------------------ what a datum may name
+
+
+async def test_a_datum_naming_paths_outside_its_layout_is_refused() -> None:
+    def task(name: str = "in", path: str = "/a/b.txt", root: str = "/a/") -> DatumTask:
+        ref = FileRef(path=path, hash="h")
+        inp = DatumInput(name=name, repo="r", branch="master", commit="c", files=[ref], root=root)
+        return DatumTask(pipeline="p", version=1, job="j", datum="d", hash="h", inputs=[inp])
+
+    _check_paths(task())
+    _check_paths(task(root="/"))
+    for bad in (
+        task(path="/a/../../etc/passwd"),
+        task(path="relative"),
+        task(path="/a//b"),
+        task(root="/../"),
+        task(name="../../tmp"),
+        task(name="out"),
+    ):
+        with pytest.raises(BadPath):
+            _check_paths(bad)

@@ -19,15 +19,12 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections import deque
 
 import msgspec
-import nats.js.errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
-from datumflow.errors import BrokerError
+from datumflow.broker.connection import TRANSIENT, Broker
+from datumflow.broker.outbox import Outbox
 from datumflow.spec import DatumSetSpec
 
 log = logging.getLogger(__name__)
@@ -123,170 +120,33 @@ class Heartbeat:
                 await self._task
 
 
-_PENDING, _STORED, _FAILED = 0, 1, 2
-
-
-class _Answer(msgspec.Struct):
-    """The stream's answer to a publish (a JetStream PubAck, or an API error)."""
-
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict | None = None
-
-
-_answer = msgspec.json.Decoder(_Answer)
-
-
-class _InFlight(msgspec.Struct):
-    msg: Msg
-    subject: str
-    payload: bytes
-    headers: dict[str, str]
-    token: str
-    sent: float
-    state: int = _PENDING
-
-
 class Settler:
-    """Publishes results in a window and acks each datum once its result is stored.
-
-    Results are published with a reply subject on an inbox of ours, rather than through
-    nats-py's `publish_async` (a future, a random token and a JSON parse into a dataclass per
-    message, which a tiny datum notices). The answers are matched by token; datums are acked in
-    publication order, each once its result is stored; a result not stored within `timeout` (a
-    lost answer, a broker restart) is published again, waiting this time; the stream's
-    de-duplication by Nats-Msg-Id makes that safe.
-    """
+    """Publishes results in a window (datumflow.broker.outbox) and acks each datum once its result
+    is stored, in publication order; a datum whose result could not be stored is nak'ed, to be
+    done again (its result id dedupes)."""
 
     def __init__(
         self, broker: Broker, heartbeat: Heartbeat, *, window: int = 512, timeout: float = 10.0
     ) -> None:
-        self.broker = broker
+        self.outbox = Outbox(broker, window=window, timeout=timeout)
         self.heartbeat = heartbeat
-        self.window = window
-        self.timeout = timeout
-        self._order: deque[_InFlight] = deque()
-        self._waiting: dict[str, _InFlight] = {}
-        self._progress = asyncio.Event()
-        self._room = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._prefix = ""
-        self._sub: Subscription | None = None
-        self._count = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _answered(self, reply: Msg) -> None:
-        item = self._waiting.pop(reply.subject.rpartition(".")[2], None)
-        if item is None:
-            return  # answered after we gave up waiting and published it again
-        try:
-            stored = bool(reply.data) and _answer.decode(reply.data).error is None
-        except msgspec.DecodeError:
-            stored = False
-        # A status without data (503: no stream listens) is not stored either.
-        item.state = _STORED if stored else _FAILED
-        self._progress.set()
 
     async def publish(
         self, msg: Msg, subject: str, message: msgspec.Struct, *, msg_id: str
     ) -> None:
         """Send the result of `msg`'s datum; returns before the stream has answered."""
-        nc = self.broker.nc
-        if self._sub is None:
-            self._prefix = nc.new_inbox()
-            self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._answered)
-        while len(self._order) >= self.window:
-            self._room.clear()
-            await self._room.wait()
-        self._count += 1
-        token = str(self._count)
-        loop = asyncio.get_running_loop()
-        item = _InFlight(
-            msg, subject, msgspec.json.encode(message), {"Nats-Msg-Id": msg_id}, token, loop.time()
-        )
-        self._waiting[token] = item
-        self._order.append(item)
-        self._idle.clear()
-        try:
-            await nc.publish(
-                subject, item.payload, reply=f"{self._prefix}.{token}", headers=item.headers
-            )
-        except TRANSIENT:
-            self._waiting.pop(token, None)
-            item.state = _FAILED  # the acker publishes it again, waiting this time
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._acker())
-        self._progress.set()
 
-    async def _acker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            # Everything answered at the head of the line is settled without yielding: a burst
-            # of answers becomes one write of acks to the broker.
-            while self._order and self._order[0].state != _PENDING:
-                item = self._order.popleft()
-                try:
-                    await self._settle(item)
-                except Exception:
-                    # Unacked, the datum comes back after ack_wait: never let one stop the rest.
-                    log.exception("settling the result of a datum from %s", item.msg.subject)
-                finally:
-                    self.heartbeat.release(item.msg)
-            if len(self._order) < self.window:
-                self._room.set()
-            if not self._order:
-                self._idle.set()
-                self._progress.clear()
-                await self._progress.wait()
-                continue
-            head = self._order[0]
-            self._progress.clear()
+        async def then(stored: bool) -> None:
             try:
-                await asyncio.wait_for(
-                    self._progress.wait(), head.sent + self.timeout - loop.time()
-                )
-            except TimeoutError:
-                if head.state == _PENDING:
-                    self._waiting.pop(head.token, None)
-                    head.state = _FAILED  # no answer: publish it again, waiting this time
+                with contextlib.suppress(*TRANSIENT):
+                    if stored:
+                        await msg.ack()
+                    else:
+                        await msg.nak(delay=1)
+            finally:
+                self.heartbeat.release(msg)
 
-    async def _settle(self, item: _InFlight) -> None:
-        stored = item.state == _STORED or await self._again(item)
-        with contextlib.suppress(*TRANSIENT):
-            if stored:
-                await item.msg.ack()
-            else:
-                # Not stored: the datum comes back and is done again (its result id dedupes).
-                await item.msg.nak(delay=1)
-
-    async def _again(self, item: _InFlight) -> bool:
-        async def once() -> None:
-            async with broker_errors(f"publishing to {item.subject}"):
-                await self.broker.js.publish(item.subject, item.payload, headers=item.headers)
-
-        try:
-            await self.broker.retry(f"publishing to {item.subject}", once, attempts=5)
-        except (BrokerError, nats.js.errors.Error) as exc:
-            log.warning(
-                "result for %s not stored (%s); the datum will be redone", item.subject, exc
-            )
-            return False
-        return True
-
-    async def drain(self) -> None:
-        """Until every result published so far is stored and its datum acked."""
-        if self._task is not None and not self._task.done():
-            await self._idle.wait()
+        await self.outbox.publish(subject, message, msg_id=msg_id, then=then)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.drain(), timeout=self.timeout * 2)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        await self.outbox.close()

@@ -43,6 +43,7 @@ from datumflow.functions.outputs import collect_outputs
 from datumflow.functions.pull import Puller
 from datumflow.functions.userthread import DatumTimeout, Run, UserThread
 from datumflow.pfs import manifest
+from datumflow.pfs.paths import BadPath, check_name, clean_path
 from datumflow.pfs.pipelines import Pipelines
 from datumflow.pfs.repos import Repos
 from datumflow.spec import parse_duration
@@ -272,6 +273,7 @@ class Worker:
         for msg in batch.msgs:
             try:
                 task = decode(msg.data, DatumTask, what="datum task")
+                _check_paths(task)  # type: ignore[arg-type]
             except PermanentError as exc:
                 batch.settle(msg)
                 self.heartbeat.release(msg)
@@ -589,6 +591,18 @@ class Worker:
             timeout=parse_duration(spec.datum_timeout, field="datum_timeout"),
             on_output=stream,
         )
+
+
+def _check_paths(task: DatumTask) -> None:
+    """Refuse a datum whose input names or paths would lead out of its layout: the layout is
+    made by joining them, and anyone who can publish on df.datum.* could send one."""
+    for inp in task.inputs:
+        check_name(inp.name, what="input")
+        if inp.name == "out":
+            raise BadPath("input name 'out' is reserved for the output")
+        for path in (inp.root, *(f.path for f in inp.files)):
+            if clean_path(path) != path.rstrip("/") and path != "/":
+                raise BadPath(f"input {inp.name}: path {path!r} is not a clean absolute path")
 
 
 def _result_maker(task: DatumTask, attempt: int) -> MakeResult:
