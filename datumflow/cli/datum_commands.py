@@ -379,7 +379,9 @@ def inspect_datum(
 def logs(
     ctx: typer.Context,
     pipeline: str = typer.Option(..., "--pipeline", "-p"),
-    job: str = typer.Option("", "--job", "-j", help="A job id [default: the newest job]."),
+    job: str = typer.Option(
+        "", "--job", "-j", help="A job id (default: the pipeline's newest job)."
+    ),
     datum: str = typer.Option("", "--datum", help="A datum id, or its first characters."),
     follow: bool = typer.Option(
         False,
