@@ -144,8 +144,8 @@ class Run:
             except BaseException:
                 # Cancelled, or the consumer stopped iterating: leave nothing running behind.
                 chunk.halt = True
-                if not chunk.finished:
-                    self.thread._abandon(lane)
+                if not chunk.finished and len(chunk.done) <= chunk.index:
+                    self.thread._abandon(lane)  # a job is in hand: interrupt it
                 raise
             offset += seen + 1 if timed_out else seen
             if chunk.halt:

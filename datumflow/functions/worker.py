@@ -383,15 +383,17 @@ class Worker:
         timeout = parse_duration(spec.datum_timeout, field="datum_timeout")
         self._run = self.thread.each(jobs, timeout=timeout)
         try:
-            async for index, outcome in self._run:
-                msg, task = items[index]
-                make = _result_maker(task, attempts[index])
-                try:
-                    result = await self._called(info, task, outcome, make, attempts[index])
-                except Retry as exc:
-                    await self._retry(batch, msg, task, attempts[index], str(exc))
-                    continue
-                await self._publish(batch, msg, task, result)
+            # Closed on the way out, whatever happens: the thread stops with the set.
+            async with contextlib.aclosing(aiter(self._run)) as results:
+                async for index, outcome in results:
+                    msg, task = items[index]
+                    make = _result_maker(task, attempts[index])
+                    try:
+                        result = await self._called(info, task, outcome, make, attempts[index])
+                    except Retry as exc:
+                        await self._retry(batch, msg, task, attempts[index], str(exc))
+                        continue
+                    await self._publish(batch, msg, task, result)
         finally:
             self._run = None
 
@@ -432,11 +434,12 @@ class Worker:
             prepared=prepared,
         )
         timeout = parse_duration(spec.datum_timeout, field="datum_timeout")
-        async for _, outcome in self.thread.each([job], timeout=timeout):
-            if isinstance(outcome, inprocess.Called) and prepared is not None:
-                outcome.download_time = download.download_time
-                outcome.download_bytes = download.download_bytes
-            return await self._called(info, task, outcome, make, attempt)
+        async with contextlib.aclosing(aiter(self.thread.each([job], timeout=timeout))) as results:
+            async for _, outcome in results:
+                if isinstance(outcome, inprocess.Called) and prepared is not None:
+                    outcome.download_time = download.download_time
+                    outcome.download_bytes = download.download_bytes
+                return await self._called(info, task, outcome, make, attempt)
         raise Retry("stopped before the datum ran")
 
     async def _called(
