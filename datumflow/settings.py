@@ -12,6 +12,9 @@ from pathlib import Path
 
 import msgspec
 
+SECRET_FIELDS = frozenset({"nats_password", "nats_token", "nats_nkey_seed"})
+"""Settings whose values are secrets (the others name files or places, which are not)."""
+
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     home: str = ".datumflow"
@@ -39,6 +42,23 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Seconds a worker told to stop may spend finishing its datum before handing it back."""
     s3_endpoint: str = ""
     s3_region: str = ""
+    storage_faults: str = ""
+    """Testing only: latency, errors and crashes injected into the object store of every function
+    (see datumflow.storage.faulty), e.g. "latency=0.02,jitter=0.05,errors=0.1". Empty: none."""
+
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks and debug lines: never with their secrets.
+        shown = []
+        for field in msgspec.structs.fields(self):
+            value = getattr(self, field.name)
+            if value == field.default:
+                continue
+            if field.name in SECRET_FIELDS:
+                value = "***"
+            shown.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
 
     @property
     def home_path(self) -> Path:

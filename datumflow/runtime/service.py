@@ -17,9 +17,12 @@ import msgspec
 from datumflow.broker.connection import Broker, connect
 from datumflow.broker.topology import ensure_topology
 from datumflow.errors import BrokerError
+from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance
 from datumflow.settings import Settings
-from datumflow.storage import ObjectStore, open_store
+from datumflow.storage import FileStore, ObjectStore, open_store
+from datumflow.storage.faulty import FaultyStore, parse_faults
+from datumflow.storage.retrying import RetryingStore
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +30,22 @@ Body = Callable[[Broker, ObjectStore, asyncio.Event], Awaitable[None]]
 
 
 def resolve(settings: Settings) -> Settings:
-    """Fill in the broker and store of the running `datumflow up` when none is named."""
+    """Fill in the broker and store of the running `datumflow up` when none is named, and the
+    credentials of a secured state directory (`up --secure`) when none are given."""
     if settings.nats_url:
         return settings
-    instance = read_instance(Path(settings.home))
+    home = Path(settings.home)
+    instance = read_instance(home)
     if instance is None:
         return settings
-    return msgspec.structs.replace(
+    settings = msgspec.structs.replace(
         settings,
         nats_url=instance.nats_url,
         monitor_url=settings.monitor_url or instance.monitor_url,
         storage=settings.storage or instance.storage,
     )
+    made = secure.load(home)
+    return secure.apply(settings, made) if made is not None else settings
 
 
 async def connect_patiently(*, settings: Settings, name: str, patience: float = 60.0) -> Broker:
@@ -64,13 +71,32 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+async def open_function_store(*, settings: Settings, function: str) -> ObjectStore:
+    """The object store a function uses: the real one, with retries of the errors that may pass,
+    and the faults of `storage_faults` (testing only) between the two."""
+    store = await open_store(
+        settings.storage_url(), endpoint=settings.s3_endpoint, region=settings.s3_region
+    )
+    if settings.storage_faults:
+        faulty = FaultyStore(
+            store,
+            spec=parse_faults(settings.storage_faults),
+            function=function,
+            record_dir=settings.home_path / "faults",
+        )
+        log.warning("%s: injecting object store faults: %s", function, settings.storage_faults)
+        return RetryingStore(faulty)
+    if isinstance(store, FileStore):
+        return store  # a local disk either works or fails for good; keep its fast paths
+    return RetryingStore(store)
+
+
 async def serve(*, settings: Settings, name: str, body: Body) -> None:
     stop = asyncio.Event()
     stop_on_signals(stop)
     broker = await connect_patiently(settings=settings, name=name)
-    store = await open_store(
-        settings.storage_url(), endpoint=settings.s3_endpoint, region=settings.s3_region
-    )
+    function = name.removeprefix("datumflow-").split("-")[0]
+    store = await open_function_store(settings=settings, function=function)
     try:
         await body(broker, store, stop)
     finally:

@@ -1,0 +1,64 @@
+"""What the worker SIGKILL storm showed about the supervisor's restart backoff.
+
+A child in a crash loop should wait longer and longer before it is started again; a child that ran
+fine for a while and was then killed once (an OOM kill, a node hiccup, a chaos test) should come
+back at once. Today the restart count never resets: once a worker has been killed seven times over
+its life, every later death costs 10 s, however long it ran in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from datumflow.runtime.supervisor import Child
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _die(child: Child) -> None:
+    assert child.process is not None
+    child.process.kill()
+    await child.process.wait()
+
+
+async def test_a_crash_loop_backs_off(tmp_path: Path) -> None:
+    child = Child("w", ["sleep", "60"], env=dict(os.environ), log_file=tmp_path / "w.log")
+    waits = []
+    for _ in range(4):
+        await child.start()
+        await _die(child)
+        await child.keep_alive()  # sees the death, schedules the restart
+        waits.append(child.next_start - time.monotonic())
+        child.next_start = 0.0
+    assert waits == sorted(waits) and waits[-1] > waits[0] * 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "supervisor.Child.keep_alive never resets `restarts`: after seven deaths in a lifetime,"
+        " every restart waits 10 s even when the child had been running fine"
+    ),
+)
+async def test_a_child_that_ran_fine_comes_back_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proposed fix names how long a run counts as healthy; 1 s here keeps the test short.
+    monkeypatch.setattr(Child, "healthy_after", 1.0, raising=False)
+    child = Child("w", ["sleep", "60"], env=dict(os.environ), log_file=tmp_path / "w.log")
+    for _ in range(8):  # an early crash loop
+        await child.start()
+        await _die(child)
+        await child.keep_alive()
+        child.next_start = 0.0
+    await child.start()
+    await asyncio.sleep(1.5)  # then a healthy run
+    await _die(child)
+    await child.keep_alive()
+    wait = child.next_start - time.monotonic()
+    assert wait < 1.0, f"a child that ran fine waits {wait:.1f}s to come back"
