@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +27,7 @@ from pathlib import Path
 import msgspec
 
 MAX_PAYLOAD = 8 * 1024 * 1024
+_PR_SET_PDEATHSIG = 1
 
 
 class Instance(msgspec.Struct, kw_only=True):
@@ -136,6 +140,8 @@ class EmbeddedServer:
         return self.secure_config.exists()
 
     def start(self) -> None:
+        """Start the server. It stops when the thread that started it dies (Linux), so call this
+        from a thread that lives as long as the server should: the main thread, not a pool's."""
         config = self._config()
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(
@@ -145,6 +151,9 @@ class EmbeddedServer:
             # Its own process group: a Ctrl-C meant for `datumflow up` reaches the server only
             # through our orderly shutdown, after the functions have stopped.
             start_new_session=True,
+            # But if we die without that shutdown (SIGKILL, the OOM killer), the server stops
+            # too, rather than hold the store directory for a `datumflow up` started after us.
+            preexec_fn=_stop_with_parent,
         )
         if out is not subprocess.DEVNULL:
             out.close()
@@ -179,6 +188,13 @@ class EmbeddedServer:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, 9)
             self.process.wait()
+
+
+def _stop_with_parent() -> None:
+    # Runs in the child between fork and exec. Linux only; elsewhere the server outlives us.
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _http_status(url: str) -> int:
