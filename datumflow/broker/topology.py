@@ -23,6 +23,9 @@ from datumflow.broker.connection import Broker, broker_errors
 from datumflow.spec import PipelineSpec, input_leaves
 
 DAY = 24 * 3600.0
+# The planner and committer heartbeat or finish well inside this; a crashed one's message comes
+# back to its restarted self after at most this long.
+CONTROL_ACK_WAIT = 10.0
 DUPLICATE_WINDOW = 120.0
 MAX_PAYLOAD = 8 * 1024 * 1024
 
@@ -86,7 +89,7 @@ SHARED_CONSUMERS = [
         ConsumerConfig(
             durable_name=subjects.COMMITTER_CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30,
+            ack_wait=CONTROL_ACK_WAIT,
             max_ack_pending=20_000,
             deliver_policy=DeliverPolicy.ALL,
         ),
@@ -96,7 +99,7 @@ SHARED_CONSUMERS = [
         ConsumerConfig(
             durable_name=subjects.ADVISORY_CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30,
+            ack_wait=CONTROL_ACK_WAIT,
             deliver_policy=DeliverPolicy.ALL,
         ),
     ),
@@ -105,7 +108,7 @@ SHARED_CONSUMERS = [
         ConsumerConfig(
             durable_name=subjects.COMMITS_CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30,
+            ack_wait=CONTROL_ACK_WAIT,
             max_ack_pending=64,
             deliver_policy=DeliverPolicy.NEW,
         ),
@@ -149,7 +152,7 @@ def planner_consumer_config(spec: PipelineSpec) -> ConsumerConfig:
         durable_name=subjects.planner_consumer(spec.name),
         filter_subjects=[subjects.commit(repo) for repo in repos],
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=30,
+        ack_wait=CONTROL_ACK_WAIT,
         # One commit event at a time: a pipeline's jobs are planned, and so committed, in order.
         max_ack_pending=1,
         max_deliver=-1,
