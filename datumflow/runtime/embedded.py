@@ -153,7 +153,7 @@ class EmbeddedServer:
             start_new_session=True,
             # But if we die without that shutdown (SIGKILL, the OOM killer), the server stops
             # too, rather than hold the store directory for a `datumflow up` started after us.
-            preexec_fn=_stop_with_parent,
+            preexec_fn=stop_with_parent,
         )
         if out is not subprocess.DEVNULL:
             out.close()
@@ -190,7 +190,7 @@ class EmbeddedServer:
             self.process.wait()
 
 
-def _stop_with_parent() -> None:
+def stop_with_parent() -> None:
     # Runs in the child between fork and exec. Linux only; elsewhere the server outlives us.
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)

@@ -27,7 +27,7 @@ from datumflow.broker import subjects
 from datumflow.broker.kv import Records
 from datumflow.broker.records import PipelineInfo
 from datumflow.errors import SpecError
-from datumflow.runtime.embedded import EmbeddedServer, Instance, instance_path
+from datumflow.runtime.embedded import EmbeddedServer, Instance, instance_path, stop_with_parent
 from datumflow.runtime.service import connect_patiently
 from datumflow.scaling import (
     Scaler,
@@ -52,6 +52,9 @@ TICK_SECONDS = 0.25
 class Child:
     """One supervised process: restarted when it dies, stopped with SIGTERM."""
 
+    healthy_after = 30.0
+    """A child that ran this long before dying was not crash-looping: it comes back at once."""
+
     def __init__(self, name: str, argv: list[str], *, env: dict[str, str], log_file: Path) -> None:
         self.name = name
         self.argv = argv
@@ -59,6 +62,7 @@ class Child:
         self.log_file = log_file
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.started_at = 0.0
         self.next_start = 0.0
         self.stopping = False
         self.stop_timeout = 10.0
@@ -84,13 +88,19 @@ class Child:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
+                # If `datumflow up` is SIGKILLed, its functions and workers stop too instead of
+                # running on unsupervised.
+                preexec_fn=stop_with_parent,
             )
+        self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
     async def keep_alive(self) -> None:
         if self.stopping or self.alive or time.monotonic() < self.next_start:
             return
         if self.process is not None:
+            if time.monotonic() - self.started_at >= self.healthy_after:
+                self.restarts = 0
             self.restarts += 1
             log.warning(
                 "%s exited with code %s; restarting (restart %d)",

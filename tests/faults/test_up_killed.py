@@ -91,13 +91,6 @@ def test_the_embedded_broker_stops_with_datumflow_up(killed_up) -> None:  # type
     assert not _survivors(home, ("nats-server",), within=15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "supervisor.Child.start gives its children no PR_SET_PDEATHSIG: the planner, committer,"
-        " ingest and workers of a SIGKILLed `datumflow up` run on, reconnecting forever"
-    ),
-)
 def test_the_functions_stop_with_datumflow_up(killed_up) -> None:  # type: ignore[no-untyped-def]
     home, before = killed_up
     assert "planner" in " ".join(before.values())
