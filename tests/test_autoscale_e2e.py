@@ -2,7 +2,8 @@
 
 An autoscaled pipeline waits in standby with no worker process, gets up to its parallelism under
 load, and goes back to zero after its cooldown; a pipeline without autoscaling keeps its workers.
-A worker told to stop while busy hands its datum back at once instead of holding it for ack_wait.
+A worker told to stop while busy hands its datum back at once instead of holding it for ack_wait;
+a scale-down stops the idle workers and leaves the busy one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from datumflow.broker import subjects
+from datumflow.cli import run_commands
 from datumflow.scaling import lag_from_jsz
 from tests.conftest import Cluster, eventually
 from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
@@ -294,3 +296,65 @@ async def test_sigterm_hands_a_busy_workers_datum_to_another_at_once(
     # where waiting out ack_wait would take 60.
     assert elapsed < 15, f"the datum took {elapsed:.1f}s to complete after SIGTERM"
     print(f"\nSIGTERM -> datum done on another worker: {elapsed:.2f}s (ack_wait 60s, grace 1s)")
+
+
+# The supervisor names a busy file for each worker (DATUMFLOW_BUSY_FILE) and stops idle workers
+# first; the worker writes it once `datumflow worker` hands it to functions.pod_cost.worker_marker.
+WORKER_WRITES_BUSY_FILE = "DATUMFLOW_BUSY_FILE" in Path(run_commands.__file__).read_text()
+
+
+@pytest.mark.skipif(
+    not WORKER_WRITES_BUSY_FILE,
+    reason="`datumflow worker` does not pass DATUMFLOW_BUSY_FILE to pod_cost.worker_marker yet"
+    " (cli/run_commands.py); until then a scale-down stops the newest workers first",
+)
+async def test_scale_down_stops_idle_workers_and_leaves_the_busy_one(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    # Three datums, three workers; two datums are quick, one is long. When the lag drops to the
+    # long datum alone, the scaler asks for one worker: the two idle ones must go, and the one
+    # holding the long datum must stay and finish it, on its first and only attempt.
+    cluster = make_cluster(DATUMFLOW_ACK_WAIT="60", DATUMFLOW_GRACE="1")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    go = tmp_path / "go"
+    await put_files(cluster, "parts", {"/long": b"long\n", "/quick1": b"1\n", "/quick2": b"2\n"})
+    await create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "mixed"},
+            "input": {"pfs": {"repo": "parts", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    'for f in /pfs/parts/*; do n=$(basename "$f"); echo $PPID >> "$MARKS/$n";'
+                    ' case $n in long) while [ ! -e "$GO" ]; do sleep 0.05; done;; esac;'
+                    ' cp "$f" /pfs/out/; done',
+                ],
+                "env": {"MARKS": str(marks), "GO": str(go)},
+            },
+            "parallelism_spec": {"constant": 3},
+            "autoscaling": True,
+            "scaling": {"cooldown_period": 30, "polling_interval": POLL},
+            # Datum sets of one: each worker takes one datum.
+            "datum_set_spec": {"number": 1},
+        },
+    )
+    async with watching(cluster, "mixed") as watch:
+        await watch.until(lambda s: s.processes == 3, timeout=30, what="three workers")
+        long_mark = marks / "long"
+        await eventually(lambda: asyncio.to_thread(long_mark.exists), what="the long datum")
+        # Down to the one worker the remaining lag asks for (after the scale-down window).
+        await watch.until(
+            lambda s: s.status.get("desired") == 1 and s.processes == 1,
+            timeout=60,
+            what="one worker left",
+        )
+        [holder] = [int(x) for x in long_mark.read_text().split()]
+        assert await asyncio.to_thread(worker_processes, cluster, "mixed") == [holder]
+        go.touch()
+        [job] = await wait_job_done(cluster, "mixed", timeout=60)
+    assert job.state == "success", job.reason
+    assert len(long_mark.read_text().split()) == 1, "the long datum ran once"
