@@ -155,12 +155,15 @@ def worker(ctx: typer.Context, pipeline: str = typer.Option(..., "--pipeline", "
     settings = resolve(settings_of(ctx))
 
     async def body(broker, store, stop) -> None:  # type: ignore[no-untyped-def]
-        marker = None
-        pod, namespace = os.environ.get("POD_NAME", ""), os.environ.get("POD_NAMESPACE", "")
-        if pod and namespace:
-            from datumflow.functions.pod_cost import pod_deletion_cost
+        from datumflow.functions.pod_cost import worker_marker
 
-            marker = pod_deletion_cost(pod_name=pod, namespace=namespace)
+        # Busy or idle, so that a scale-down stops idle workers first: the pod's deletion cost
+        # in Kubernetes, the supervisor's busy file on one machine.
+        marker = worker_marker(
+            pod_name=os.environ.get("POD_NAME"),
+            namespace=os.environ.get("POD_NAMESPACE"),
+            busy_file=os.environ.get("DATUMFLOW_BUSY_FILE"),
+        )
         w = Worker(
             broker=broker,
             store=store,
