@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 
 from datumflow.broker import subjects
-from datumflow.cli import run_commands
 from datumflow.scaling import lag_from_jsz
 from tests.conftest import Cluster, eventually
 from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
@@ -299,15 +298,7 @@ async def test_sigterm_hands_a_busy_workers_datum_to_another_at_once(
 
 
 # The supervisor names a busy file for each worker (DATUMFLOW_BUSY_FILE) and stops idle workers
-# first; the worker writes it once `datumflow worker` hands it to functions.pod_cost.worker_marker.
-WORKER_WRITES_BUSY_FILE = "DATUMFLOW_BUSY_FILE" in Path(run_commands.__file__).read_text()
-
-
-@pytest.mark.skipif(
-    not WORKER_WRITES_BUSY_FILE,
-    reason="`datumflow worker` does not pass DATUMFLOW_BUSY_FILE to pod_cost.worker_marker yet"
-    " (cli/run_commands.py); until then a scale-down stops the newest workers first",
-)
+# first; the worker keeps the file while it holds a datum.
 async def test_scale_down_stops_idle_workers_and_leaves_the_busy_one(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ) -> None:
