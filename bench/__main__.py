@@ -51,7 +51,7 @@ def _say(text: str) -> None:
 
 def _wait_quiet(seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
+    while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
         time.sleep(5)
     _say(f"load average {os.getloadavg()[0]:.2f}; starting")
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="first wait up to this long for the 1-minute load average to drop below 0.5",
+        help="first wait up to this long for the 1-minute load average to drop below 1",
     )
     args = parser.parse_args(argv)
     if args.wait_quiet > 0:

@@ -129,7 +129,8 @@ async def wait_job(
         for job in jobs:
             if job.done or (planned_only and job.state != "created"):
                 return job
-        await asyncio.sleep(0.05)
+        # The figures come from the job record's times, not from when we notice: poll gently.
+        await asyncio.sleep(0.25)
     raise RuntimeError(f"no job of {pipeline} finished within {timeout:.0f}s")
 
 
