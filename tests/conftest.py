@@ -206,6 +206,28 @@ def make_cluster(tmp_path: Path, nats_server: EmbeddedServer) -> Iterator[Callab
             cluster.stop()
 
 
+@contextlib.contextmanager
+def shared_cluster(root: Path, **extra: str) -> Iterator[Cluster]:
+    """One nats-server and one `datumflow up` for a whole module, where each test uses its own
+    repo and pipeline: starting them costs more than most tests."""
+    server = EmbeddedServer(store_dir=root / "nats", log_file=root / "nats-server.log")
+    server.start()
+    asyncio.run(server.wait_ready())
+    home = root / "home"
+    shared = Cluster(home=home, server=server, env=cluster_env(home, server, **extra))
+    try:
+        shared.start()
+        yield shared
+    finally:
+        shared.stop()
+        server.stop()
+
+
+def marks_of(marks: Path) -> list[str]:
+    """Names of the mark files user code left (`<input file>.<shell pid>`), one per attempt."""
+    return sorted(p.name.rsplit(".", 1)[0] for p in marks.iterdir())
+
+
 @pytest.fixture
 def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
     return make_cluster()

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from datumflow.broker.messages import FileRef
-from datumflow.runtime.embedded import EmbeddedServer
-from tests.conftest import Cluster, cluster_env, eventually
+from tests.conftest import Cluster, eventually, marks_of, shared_cluster
 from tests.test_core_e2e import create_pipeline, jobs_of, output_files, put_files, wait_job_done
 
 pytestmark = pytest.mark.asyncio
@@ -27,23 +26,8 @@ COPY = (
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One `datumflow up` for the module: each test has its own repo and pipeline."""
-    root = tmp_path_factory.mktemp("datum-e2e")
-    server = EmbeddedServer(store_dir=root / "nats", log_file=root / "nats-server.log")
-    server.start()
-    asyncio.run(server.wait_ready())
-    home = root / "home"
-    env = cluster_env(home, server, DATUMFLOW_ACK_WAIT="2")
-    shared = Cluster(home=home, server=server, env=env)
-    try:
-        shared.start()
+    with shared_cluster(tmp_path_factory.mktemp("datum-e2e"), DATUMFLOW_ACK_WAIT="2") as shared:
         yield shared
-    finally:
-        shared.stop()
-        server.stop()
-
-
-def marks_of(marks: Path) -> list[str]:
-    return sorted(p.name.rsplit(".", 1)[0] for p in marks.iterdir())
 
 
 async def commit(

@@ -3,7 +3,6 @@ time, a datum timeout with children, outputs that collide, and a job timeout."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from datumflow.broker.messages import FileRef
-from datumflow.runtime.embedded import EmbeddedServer
-from tests.conftest import Cluster, cluster_env, eventually
+from tests.conftest import Cluster, eventually, marks_of, shared_cluster
 from tests.test_core_e2e import jobs_of, output_files, put_files, wait_job_done
 
 pytestmark = pytest.mark.asyncio
@@ -22,24 +20,8 @@ pytestmark = pytest.mark.asyncio
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One `datumflow up` for the module, quick to redeliver: each test has its own repo and
     pipeline, and what it breaks (a worker, a job) is its pipeline's alone."""
-    root = tmp_path_factory.mktemp("failures-e2e")
-    server = EmbeddedServer(store_dir=root / "nats", log_file=root / "nats-server.log")
-    server.start()
-    asyncio.run(server.wait_ready())
-    home = root / "home"
-    env = cluster_env(home, server, DATUMFLOW_ACK_WAIT="2")
-    shared = Cluster(home=home, server=server, env=env)
-    try:
-        shared.start()
+    with shared_cluster(tmp_path_factory.mktemp("failures-e2e"), DATUMFLOW_ACK_WAIT="2") as shared:
         yield shared
-    finally:
-        shared.stop()
-        server.stop()
-
-
-def marks_of(marks: Path) -> list[str]:
-    """Names of the mark files the user code left (`<input file>.<shell pid>`), one per attempt."""
-    return sorted(p.name.rsplit(".", 1)[0] for p in marks.iterdir())
 
 
 def datums_of(cluster: Cluster, target: str) -> list[dict]:
