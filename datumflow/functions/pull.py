@@ -6,7 +6,8 @@ one drain of the inbox:
 
 1. `{"batch": n, "no_wait": true}`: whatever is there now, up to n, closed by a 404 status;
 2. if nothing was there, `{"batch": 1, "expires": wait}`: wait for the next datum, and only one,
-   so that no datum is delivered to a worker busy with something else; then top up as in 1.
+   so that no datum is delivered to a worker busy with something else; then top up as in 1
+   (or, with `linger`, wait that long for the batch to fill).
 
 A message that comes after we stopped waiting for it (its request expired as it was sent) stays in
 the inbox and is the first one the next fetch returns: delivered to us, it is ours to handle.
@@ -66,21 +67,30 @@ class Puller:
             self._inbox = self.broker.nc.new_inbox()
             self._sub = await self.broker.nc.subscribe(self._inbox, cb=self._receive)
 
-    async def fetch(self, *, batch: int = 1, wait: float = 1.0) -> list[Msg]:
-        """Up to `batch` datum messages (a few more if some were left over); [] when none came
-        within `wait` seconds."""
+    async def fetch(self, *, batch: int = 1, wait: float = 1.0, linger: float = 0.0) -> list[Msg]:
+        """Up to `batch` messages (a few more if some were left over); [] when none came within
+        `wait` seconds. With `linger`, once there is one, wait up to that long for the batch to
+        fill: fewer, larger batches for a consumer that can take the delay (the committer)."""
         try:
             await self._subscribe()
             msgs = self._leftovers()
             if msgs:
                 return msgs
             msgs = await self._ask(_Request(batch=batch, no_wait=True), timeout=wait)
-            if msgs:
+            if msgs and not linger:
                 return msgs
-            first = await self._ask(_Request(batch=1, expires=int(wait * 1e9)), timeout=wait + 0.5)
-            if first and batch > 1:
-                first += await self._ask(_Request(batch=batch - 1, no_wait=True), timeout=wait)
-            return first
+            if not msgs:
+                msgs = await self._ask(
+                    _Request(batch=1, expires=int(wait * 1e9)), timeout=wait + 0.5
+                )
+                if not msgs:
+                    return msgs
+            if len(msgs) < batch:
+                rest = _Request(batch=batch - len(msgs), no_wait=True)
+                if linger > 0:
+                    rest = _Request(batch=batch - len(msgs), expires=int(linger * 1e9))
+                msgs += await self._ask(rest, timeout=max(linger, wait) + 0.5)
+            return msgs
         except TRANSIENT as exc:
             log.warning("fetching from %s: %s", self.durable, exc)
             await asyncio.sleep(0.5)

@@ -23,10 +23,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-REPORT = 0.004
+REPORT = 0.05
 """Seconds between two reports of finished jobs to the loop, at most one per job."""
-POLL = 0.5
-"""The longest the loop waits without looking for finished jobs while one runs."""
 
 Job = Callable[[int], Any]
 """Work for the user-code thread; it is given the thread's number (see UserThread.generation)."""
@@ -67,6 +65,8 @@ class _Chunk:
         self.started = 0.0
         self.halt = False
         self.finished = False
+        self.completed = 0.0
+        """When the lane last finished a job."""
         self._reported = 0.0
 
     def __call__(self, lane: int) -> None:
@@ -82,9 +82,9 @@ class _Chunk:
                     result = exc
                 self.done.append(result)
                 # Tiny jobs are reported in groups: one wake-up of the loop, and one write to
-                # the broker, for many results. The loop polls for results a group leaves
-                # behind (see Run._wait).
-                now = time.monotonic()
+                # the broker, for many results. While jobs finish that fast, the loop also looks
+                # for results a group left unreported (see Run._overdue).
+                now = self.completed = time.monotonic()
                 if now - self._reported >= REPORT:
                     self._reported = now
                     self._notify()
@@ -106,7 +106,6 @@ class Run:
         self.timeout = timeout
         self._halted = False
         self._chunk: _Chunk | None = None
-        self._poll = REPORT
 
     def halt(self) -> None:
         """Start nothing more after the job in hand; the iteration ends when it is done."""
@@ -152,24 +151,23 @@ class Run:
                 return
 
     async def _overdue(self, chunk: _Chunk, seen: int) -> bool:
-        """Wait for the lane's next report, or for jobs it finished without one; True when the
-        job in hand ran past the timeout."""
-        wait = self._poll
+        """Wait for the lane's next report; True when the job in hand ran past the timeout.
+
+        A result goes unreported only when it came less than REPORT after the last report; so
+        while the last result is that recent, look again after REPORT. Once it is older, any new
+        result is reported: wait for it, however long the job takes, without waking."""
+        now = time.monotonic()
+        wait = REPORT if now - chunk.completed < REPORT else None
         if self.timeout is not None:
             # The job in hand is `seen` once the lane has started it; until then look again soon.
-            if chunk.index == seen:
-                wait = min(wait, chunk.started + self.timeout - time.monotonic())
-            else:
-                wait = min(wait, REPORT)
+            left = chunk.started + self.timeout - now if chunk.index == seen else REPORT
+            wait = left if wait is None else min(wait, left)
         try:
-            await asyncio.wait_for(chunk.wake.wait(), max(wait, 0.001))
+            await asyncio.wait_for(chunk.wake.wait(), None if wait is None else max(wait, 0.001))
         except TimeoutError:
             pass
         if len(chunk.done) > seen or chunk.finished:
-            self._poll = REPORT
             return False
-        # Nothing new: a long job. Look less often while it runs.
-        self._poll = min(self._poll * 2, POLL)
         return (
             self.timeout is not None
             and chunk.index == seen
