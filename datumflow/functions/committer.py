@@ -29,7 +29,8 @@ from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRe
 from datumflow.broker.records import DatumIndexEntry, JobInfo, JobState, PipelineInfo
 from datumflow.errors import BrokerError, NotFound, PermanentError, SpecError
 from datumflow.functions import results
-from datumflow.functions.consumer import Subscription, Unusable, consume, dead_letter, decode
+from datumflow.functions.consumer import Unusable, consume, dead_letter, decode
+from datumflow.functions.pull import Puller
 from datumflow.pfs import manifest
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
@@ -41,44 +42,56 @@ _replace = msgspec.structs.replace
 
 DEADLINE_CHECK = 1.0
 """Seconds between two looks at the running jobs' `job_timeout`."""
+LINGER = 0.05
+"""Seconds the committer waits, once a result has come, for more to take with it: results that
+trickle in one by one would otherwise cost a round of pull requests each."""
+PROGRESS_EVERY = 0.5
+"""Seconds between two writes of a running job's figures. Writing them for every batch of results
+costs the committer and the broker three round trips a batch, which is most of their work when
+results come one by one; a finished job is written at once."""
 
 
 class Tally:
-    """What the committer knows of one job: its size once planned, and each datum's outcome."""
+    """What the committer knows of one job: its size once planned, and each datum's outcome.
+
+    The figures are kept as results come, not summed from them each time: a job of a million
+    datums is reported on many times."""
 
     def __init__(self) -> None:
         self.total: int | None = None
         self.results: dict[str, DatumResult] = {}
         self.done = False
+        self.counts = {"success": 0, "skipped": 0, "failed": 0, "recovered": 0}
+        self.stats = DatumStats()
 
     def add(self, message: DatumResult | JobPlanned) -> None:
         if isinstance(message, JobPlanned):
             self.total = message.data_total
-        else:
-            self.results.setdefault(message.datum, message)
+            return
+        if message.datum in self.results:
+            return  # the first terminal result counts
+        self.results[message.datum] = message
+        self.counts[message.state] += 1
+        stats, more = self.stats, message.stats
+        stats.download_time += more.download_time
+        stats.process_time += more.process_time
+        stats.upload_time += more.upload_time
+        stats.download_bytes += more.download_bytes
+        stats.upload_bytes += more.upload_bytes
 
     @property
     def complete(self) -> bool:
         return self.total is not None and len(self.results) >= self.total
 
     def figures(self, job: JobInfo) -> JobInfo:
-        count = {"success": 0, "skipped": 0, "failed": 0, "recovered": 0}
-        stats = DatumStats()
-        for r in self.results.values():
-            count[r.state] += 1
-            stats.download_time += r.stats.download_time
-            stats.process_time += r.stats.process_time
-            stats.upload_time += r.stats.upload_time
-            stats.download_bytes += r.stats.download_bytes
-            stats.upload_bytes += r.stats.upload_bytes
         return _replace(
             job,
             data_total=self.total if self.total is not None else job.data_total,
-            data_processed=count["success"],
-            data_skipped=count["skipped"],
-            data_failed=count["failed"],
-            data_recovered=count["recovered"],
-            stats=stats,
+            data_processed=self.counts["success"],
+            data_skipped=self.counts["skipped"],
+            data_failed=self.counts["failed"],
+            data_recovered=self.counts["recovered"],
+            stats=_replace(self.stats),
         )
 
     def index(self) -> list[DatumIndexEntry]:
@@ -112,11 +125,16 @@ class Committer:
         # Finishing a job and killing it both end it; one at a time per job, so that the loser
         # sees the winner's work (no output commit for a killed job, no kill of a finished one).
         self._ending: dict[tuple[str, str], asyncio.Lock] = {}
+        self._unreported: set[tuple[str, str]] = set()
+        """Jobs with results whose figures are not written yet."""
 
     async def run(self, stop: asyncio.Event) -> None:
         timeouts = JobTimeouts(committer=self)
         await asyncio.gather(
-            self._results_loop(stop), self._advisory_loop(stop), timeouts.run(stop)
+            self._results_loop(stop),
+            self._advisory_loop(stop),
+            timeouts.run(stop),
+            self._report_loop(stop),
         )
 
     def _lock(self, pipeline: str, job: str) -> asyncio.Lock:
@@ -125,12 +143,12 @@ class Committer:
     # -- results -----------------------------------------------------------------------------
 
     async def _results_loop(self, stop: asyncio.Event) -> None:
-        sub = Subscription(
+        sub = Puller(
             self.broker, stream=subjects.RESULTS_STREAM, durable=subjects.COMMITTER_CONSUMER
         )
         try:
             while not stop.is_set():
-                msgs = await sub.fetch(batch=512, wait=1.0)
+                msgs = await sub.fetch(batch=512, wait=1.0, linger=LINGER)
                 if msgs:
                     await self._batch(msgs)
         finally:
@@ -153,7 +171,10 @@ class Committer:
                 touched.add(key)
                 usable.append(msg)
             for key in touched:
-                await self._progress(*key)
+                if self.tallies[key].complete:
+                    await self._progress(*key)
+                else:
+                    self._unreported.add(key)
         except (*TRANSIENT, BrokerError) as exc:
             # Nothing is acked: the batch comes back and is counted again, harmlessly.
             log.warning("committer: %s; the batch will be redelivered", exc)
@@ -178,10 +199,25 @@ class Committer:
             self.tallies[key] = tally
         return tally
 
+    async def _report_loop(self, stop: asyncio.Event) -> None:
+        """Every PROGRESS_EVERY seconds, the figures of the jobs that had results since."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=PROGRESS_EVERY)
+            for key in list(self._unreported):
+                self._unreported.discard(key)
+                try:
+                    await self._progress(*key)
+                except (*TRANSIENT, BrokerError) as exc:
+                    log.warning("committer: reporting %s@%s: %s", *key, exc)
+                    self._unreported.add(key)
+                except Exception:
+                    log.exception("committer: reporting %s@%s", *key)
+
     async def _progress(self, pipeline: str, job: str) -> None:
-        tally = self.tallies[(pipeline, job)]
-        if tally.done:
-            return
+        tally = self.tallies.get((pipeline, job))
+        if tally is None or tally.done:
+            return  # forgotten after a broker error: its results come back and report it
         key = job_key(pipeline, job)
         if await self.pipelines.jobs.find(key) is None:
             return  # the planner has not written the record yet; its results wait in the tally

@@ -1,7 +1,9 @@
-"""Fetching datum sets from a durable pull consumer with plain pull requests on a private inbox.
+"""Fetching batches (a worker's datum sets, the committer's results) from a durable pull consumer
+with plain pull requests on a private inbox.
 
 nats-py's `PullSubscription.fetch` starts a task and a timer for every message it returns; for a
-set of hundreds of tiny datums that is most of the worker's time. Here a fetch is one request and
+set of hundreds of tiny datums that is most of the worker's time, and for a committer taking
+results by the hundred, a good part of its own. Here a fetch is one request and
 one drain of the inbox:
 
 1. `{"batch": n, "no_wait": true}`: whatever is there now, up to n, closed by a 404 status;
@@ -47,7 +49,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Puller:
-    """Datum sets from one durable consumer."""
+    """Batches of messages from one durable consumer."""
 
     def __init__(self, broker: Broker, *, stream: str, durable: str) -> None:
         self.broker = broker
