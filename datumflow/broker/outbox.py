@@ -11,7 +11,7 @@ stream has it. A message not answered within `timeout` (a lost answer, a broker 
 refused is published again, waiting this time; the stream's de-duplication by Nats-Msg-Id makes
 that safe. Only when that fails too is `then(False)` called.
 
-The API matches `datumflow.broker.connection.Publisher` (`publish`, `flush`), so either serves.
+The planner queues a job's datums through one, and each worker publishes its results through one.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import Broker, Publisher, broker_errors
+from datumflow.broker.connection import Broker, broker_errors
 from datumflow.broker.messages import (
     CommitEvent,
     CommitRef,
@@ -33,6 +33,7 @@ from datumflow.broker.messages import (
     FileRef,
     JobPlanned,
 )
+from datumflow.broker.outbox import Outbox
 from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobHead, JobInfo, PipelineInfo
 from datumflow.errors import NotFound, PermanentError
 from datumflow.functions.consumer import MAX_MESSAGE, consume, decode
@@ -248,7 +249,7 @@ class Planner:
         previous = (
             {} if spec.reprocess_spec == "every_job" else await self._previous_datums(spec.name)
         )
-        publisher = Publisher(self.broker)
+        publisher = Outbox(self.broker)
         total = 0
         with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
             leaves = []
@@ -283,7 +284,7 @@ class Planner:
         did: str,
         inputs: list[DatumInput],
         previous: dict[str, DatumIndexEntry],
-        publisher: Publisher,
+        publisher: Outbox,
     ) -> None:
         dhash = datum_hash(did, inputs, info.salt)
         before = previous.get(did)
@@ -311,7 +312,8 @@ class Planner:
             hash=dhash,
             inputs=inputs,
         )
-        size = len(msgspec.json.encode(task))
+        payload = msgspec.json.encode(task)
+        size = len(payload)
         if size > MAX_MESSAGE:
             # A worker would refuse it unread and the job would wait for it forever: fail it here.
             count = sum(len(i.files) for i in inputs)
@@ -333,7 +335,7 @@ class Planner:
                 subjects.result(info.name, job_id), too_big, msg_id=f"{job_id}:{did}:failed"
             )
             return
-        await publisher.publish(subjects.datum(info.name), task, msg_id=f"{job_id}:{did}")
+        await publisher.publish(subjects.datum(info.name), payload, msg_id=f"{job_id}:{did}")
 
 
 LISTED_FILES = 1000

@@ -235,8 +235,8 @@ async def broker_round(
 
 
 async def planner_round(rig: Rig, *, datums: int, seed: int, timeout: float = 300) -> Figures:
-    """SIGKILL the planner while it is queueing the datums of a large commit: some are in the work
-    queue, the rest are not, and the job is not marked planned."""
+    """SIGKILL the planner while it is queueing the datums of a large commit: some (or all) are in
+    the work queue, and the job is not marked planned."""
     faults: Counter[str] = Counter()
     if rig.commits == 0:
         # The pipeline is created with the first commit, by a CLI process: its planning would
@@ -249,20 +249,26 @@ async def planner_round(rig: Rig, *, datums: int, seed: int, timeout: float = 30
     subject = subjects.datum(rig.name)
     nc = await nats.connect(rig.cluster.server.url)
     try:
-        js = nc.jetstream(timeout=2)
-        data, commit, started = await rig.commit(datums, seed=seed)
-        deadline = time.monotonic() + 60
-        queued = 0
-        while time.monotonic() < deadline:
-            info = await js.stream_info(subjects.DATUMS_STREAM, subjects_filter=subject)
-            queued = sum((info.state.subjects or {}).values())
-            if queued:
+        # The planner queues a few hundred datums in a few milliseconds: watching the stream's
+        # count would miss it. The first datum seen on the wire is the moment to kill it.
+        seen = asyncio.Event()
+
+        async def first(_msg: object) -> None:
+            if not seen.is_set():
                 sigkill(planner)
-                break
-            await asyncio.sleep(0.001)
+                seen.set()
+
+        watch = await nc.subscribe(subject, cb=first)
+        data, commit, started = await rig.commit(datums, seed=seed)
+        await asyncio.wait_for(seen.wait(), timeout=60)
+        await watch.unsubscribe()
+        info = await nc.jetstream(timeout=2).stream_info(
+            subjects.DATUMS_STREAM, subjects_filter=subject
+        )
+        queued = sum((info.state.subjects or {}).values())
     finally:
         await nc.close()
-    assert 0 < queued < datums, f"the planner was not caught planning ({queued} of {datums} queued)"
+    assert queued > 0, "the planner was killed before it queued anything"
     faults["planner SIGKILL mid-planning"] += 1
     job = await rig.job_for(commit)
     assert job is not None and job.state == "created", f"the job was planned already: {job!r}"
