@@ -35,6 +35,7 @@ from datumflow.broker.messages import (
     CommitEvent,
     DatumInput,
     DatumResult,
+    DatumResults,
     DatumTask,
     DeadLetter,
     FileRef,
@@ -82,6 +83,9 @@ def _valid(subject_kind: str, key: str) -> dict:
         return msgspec.to_builtins(
             DatumResult(pipeline="copy", job="nojob", datum="d" * 64, state="success")
         )
+    if subject_kind == "results":
+        one = DatumResult(pipeline="copy", job="nojob", datum="d" * 64, state="success")
+        return msgspec.to_builtins(DatumResults(pipeline="copy", job="nojob", results=[one]))
     if subject_kind == "job":
         return msgspec.to_builtins(JobPlanned(pipeline="copy", job="nojob", data_total=1))
     if subject_kind == "advisory":
@@ -93,6 +97,7 @@ SUBJECTS = {
     "commit": (subjects.commit("src"), "planner"),
     "datum": (subjects.datum("copy"), "worker"),
     "result": (subjects.result("copy", "nojob"), "committer"),
+    "results": (subjects.results("copy", "nojob"), "committer"),
     "job": (subjects.job_planned("copy", "nojob"), "committer"),
     "advisory": (ADVISORY, "committer"),
 }
@@ -116,6 +121,13 @@ def _breakages(kind: str, valid: dict) -> dict[str, tuple[bytes, str]]:
         # its own error: "max-deliveries advisory: <what msgspec says>".
         return {name: (payload, "max-deliveries advisory: ") for name, (payload, _) in out.items()}
     out["unknown version"] = (json.dumps({**valid, "v": 99}).encode(), "v=99")
+    if kind == "results":
+        # One message, one job: a result of another job among them is refused, not counted.
+        stray = dict(valid["results"][0], job="otherjob")
+        out["another job's result"] = (
+            json.dumps({**valid, "results": [*valid["results"], stray]}).encode(),
+            "a result of another job among them",
+        )
     if kind == "commit":
         for name, path, reason in [
             ("path with ..", "/a/../../etc/passwd", "'..' segment"),

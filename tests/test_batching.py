@@ -246,3 +246,51 @@ async def test_outbox_stores_each_message_once_and_says_what_it_could_not(broker
     await outbox.publish("no.stream.listens.here", b"x", msg_id="lost-again")
     with pytest.raises(BrokerError, match="1 messages could not be stored"):
         await outbox.flush()
+
+
+# ------------------------------------------------------------------------------- the reporter
+
+
+@pytest.mark.asyncio
+async def test_results_handed_over_together_travel_together_and_ack_their_datums(broker) -> None:  # type: ignore[no-untyped-def]
+    from datumflow.broker.topology import ensure_pipeline_consumers
+    from datumflow.functions import results
+    from datumflow.functions.batch import Heartbeat
+    from datumflow.functions.pull import Puller
+    from datumflow.functions.reporter import Reporter
+    from datumflow.spec import load_spec
+
+    spec = load_spec(
+        '{"pipeline": {"name": "rep"}, "input": {"pfs": {"repo": "in", "glob": "/*"}},'
+        ' "transform": {"cmd": ["true"]}}'
+    )
+    await ensure_pipeline_consumers(broker, spec, ack_wait=30)
+    for i in range(5):
+        await broker.js.publish(subjects.datum("rep"), b"{}", headers={"Nats-Msg-Id": f"t{i}"})
+    puller = Puller(broker, stream=subjects.DATUMS_STREAM, durable=subjects.worker_consumer("rep"))
+    msgs = await puller.fetch(batch=5, wait=5)
+    assert len(msgs) == 5
+
+    heartbeat = Heartbeat(every=10)
+    heartbeat.hold(msgs)
+    reporter = Reporter(broker, heartbeat)
+    jobs = ["job-a", "job-a", "job-a", "job-b", "job-a"]
+    for i, (msg, job) in enumerate(zip(msgs, jobs, strict=True)):
+        # One step of the loop: nothing awaited between the hand-overs.
+        reporter.report(msg, DatumResult(pipeline="rep", job=job, datum=f"d{i}", state="success"))
+    await reporter.close()
+    await heartbeat.close()
+    await puller.close()
+
+    # Three messages: job-a's first three together, job-b's one alone, job-a's last alone.
+    info = await broker.js.stream_info(subjects.RESULTS_STREAM)
+    assert info.state.messages == 3
+    a = results.first_results(await results.replay(broker, "rep", "job-a"))
+    b = results.first_results(await results.replay(broker, "rep", "job-b"))
+    assert sorted(a) == ["d0", "d1", "d2", "d4"] and sorted(b) == ["d3"]
+    # Every datum acked once its result was stored: the work queue is empty, nothing in hand.
+    consumer = await broker.js.consumer_info(
+        subjects.DATUMS_STREAM, subjects.worker_consumer("rep")
+    )
+    assert (consumer.num_pending, consumer.num_ack_pending) == (0, 0)
+    assert len(heartbeat) == 0

@@ -124,6 +124,28 @@ class DatumResult(_Wire, kw_only=True):
     attempts: int = 1
 
 
+LISTED_FILES = 1000
+"""Input files a result lists (`DatumResult.files`); past that none (`list datum` enumerates them
+anyway), so that a result always fits in a message."""
+
+
+def listed(files: list[FileRef]) -> list[FileRef]:
+    return files if len(files) <= LISTED_FILES else []
+
+
+class DatumResults(_Wire, kw_only=True):
+    """Several results of one job in one message, published on `df.result.<pipeline>.<job>.set`
+    with Nats-Msg-Id = job:set:<digest of its datums and states>.
+
+    A worker reports the datums it finished since its last report together: for tiny datums one
+    message per datum would cost the broker and the committer more than the datums themselves."""
+
+    v: int = VERSION
+    pipeline: str
+    job: str
+    results: list[DatumResult]
+
+
 class JobPlanned(_Wire, kw_only=True):
     """Published on `df.job.<pipeline>.<job>` once every datum of the job is queued."""
 

@@ -33,6 +33,11 @@ def result(pipeline: str, job: str) -> str:
     return f"df.result.{pipeline}.{job}"
 
 
+def results(pipeline: str, job: str) -> str:
+    """Where several results of a job travel in one message (messages.DatumResults)."""
+    return f"df.result.{pipeline}.{job}.set"
+
+
 def job_planned(pipeline: str, job: str) -> str:
     return f"df.job.{pipeline}.{job}"
 

@@ -9,8 +9,8 @@ them without a round trip per datum.
   sets are single datums unless the spec asks otherwise.
 - `Heartbeat`: one task that sends `in_progress()` for every datum message in hand, well inside
   `ack_wait`, so the datums waiting in a set are not redelivered while their worker is alive.
-- `Settler`: publishes each result without waiting and acks its datum once the stream has stored
-  the result (invariant 4), in publication order, with a bounded window of results in flight.
+
+Results are reported, and their datums acked, by datumflow.functions.reporter.
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ import contextlib
 import logging
 import math
 
-import msgspec
 from nats.aio.msg import Msg
 
-from datumflow.broker.connection import TRANSIENT, Broker
-from datumflow.broker.outbox import Outbox
 from datumflow.spec import DatumSetSpec
 
 log = logging.getLogger(__name__)
@@ -118,35 +115,3 @@ class Heartbeat:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-
-class Settler:
-    """Publishes results in a window (datumflow.broker.outbox) and acks each datum once its result
-    is stored, in publication order; a datum whose result could not be stored is nak'ed, to be
-    done again (its result id dedupes)."""
-
-    def __init__(
-        self, broker: Broker, heartbeat: Heartbeat, *, window: int = 512, timeout: float = 10.0
-    ) -> None:
-        self.outbox = Outbox(broker, window=window, timeout=timeout)
-        self.heartbeat = heartbeat
-
-    async def publish(
-        self, msg: Msg, subject: str, message: msgspec.Struct, *, msg_id: str
-    ) -> None:
-        """Send the result of `msg`'s datum; returns before the stream has answered."""
-
-        async def then(stored: bool) -> None:
-            try:
-                with contextlib.suppress(*TRANSIENT):
-                    if stored:
-                        await msg.ack()
-                    else:
-                        await msg.nak(delay=1)
-            finally:
-                self.heartbeat.release(msg)
-
-        await self.outbox.publish(subject, message, msg_id=msg_id, then=then)
-
-    async def close(self) -> None:
-        await self.outbox.close()

@@ -160,15 +160,16 @@ class Committer:
         try:
             for msg in msgs:
                 try:
-                    message = results.decode_event(msg)
+                    events = results.decode_events(msg)
                 except Unusable as exc:
                     await dead_letter(self.broker, function="committer", msg=msg, reason=str(exc))
                     await msg.term()
                     continue
-                key = (message.pipeline, message.job)
-                tally = await self._tally(*key)
-                tally.add(message)
-                touched.add(key)
+                for event in events:
+                    key = (event.pipeline, event.job)
+                    tally = await self._tally(*key)
+                    tally.add(event)
+                    touched.add(key)
                 usable.append(msg)
             for key in touched:
                 if self.tallies[key].complete:

@@ -32,6 +32,7 @@ from datumflow.broker.messages import (
     DatumTask,
     FileRef,
     JobPlanned,
+    listed,
 )
 from datumflow.broker.outbox import Outbox
 from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobHead, JobInfo, PipelineInfo
@@ -338,14 +339,8 @@ class Planner:
         await publisher.publish(subjects.datum(info.name), payload, msg_id=f"{job_id}:{did}")
 
 
-LISTED_FILES = 1000
-"""Input files a planner-made result lists; past that none (`list datum` enumerates them anyway),
-so that a result always fits in a message."""
-
-
 def _listed(inputs: list[DatumInput]) -> list[FileRef]:
-    files = [f for i in inputs for f in i.files]
-    return files if len(files) <= LISTED_FILES else []
+    return listed([f for i in inputs for f in i.files])
 
 
 def job_datums(inp: Input, leaves: Sequence[Leaf]) -> Iterator[tuple[str, list[DatumInput]]]:

@@ -1,4 +1,5 @@
-"""Reading a job's events back from the results stream: its datum results and its "planned" event.
+"""Reading a job's events back from the results stream: its datum results (one per message, or a
+worker's several in one) and its "planned" event.
 
 The results stream is the record of truth for a job in flight. The committer replays it when it
 (re)starts counting a job, and `datumflow list datum` / `logs` read it to show the datums of any job
@@ -15,18 +16,24 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, broker_errors
-from datumflow.broker.messages import DatumResult, JobPlanned
+from datumflow.broker.messages import DatumResult, DatumResults, JobPlanned
 from datumflow.functions.consumer import Unusable, decode
 
 JobEvent = DatumResult | JobPlanned
 FETCH = 1024
 
 
-def decode_event(msg: Msg) -> JobEvent:
-    """A message of the results stream as what it is; Unusable if it is not one of ours."""
+def decode_events(msg: Msg) -> list[JobEvent]:
+    """The events a message of the results stream holds: one, or a worker's several results;
+    Unusable if it is not one of ours."""
     if msg.subject.startswith("df.job."):
-        return decode(msg.data, JobPlanned, what="job event")  # type: ignore[return-value]
-    return decode(msg.data, DatumResult, what="datum result")  # type: ignore[return-value]
+        return [decode(msg.data, JobPlanned, what="job event")]  # type: ignore[list-item]
+    if msg.subject.endswith(".set"):
+        many: DatumResults = decode(msg.data, DatumResults, what="datum results")  # type: ignore[assignment]
+        if any(r.pipeline != many.pipeline or r.job != many.job for r in many.results):
+            raise Unusable(f"datum results on {msg.subject}: a result of another job among them")
+        return list(many.results)
+    return [decode(msg.data, DatumResult, what="datum result")]  # type: ignore[list-item]
 
 
 async def replay(broker: Broker, pipeline: str, job: str) -> list[JobEvent]:
@@ -37,7 +44,11 @@ async def replay(broker: Broker, pipeline: str, job: str) -> list[JobEvent]:
     Messages that do not decode are left out: they were dead-lettered when they first came through.
     """
     config = ConsumerConfig(
-        filter_subjects=[subjects.result(pipeline, job), subjects.job_planned(pipeline, job)],
+        filter_subjects=[
+            subjects.result(pipeline, job),
+            subjects.results(pipeline, job),
+            subjects.job_planned(pipeline, job),
+        ],
         ack_policy=AckPolicy.NONE,
         deliver_policy=DeliverPolicy.ALL,
         inactive_threshold=60,
@@ -58,7 +69,7 @@ async def replay(broker: Broker, pipeline: str, job: str) -> list[JobEvent]:
                     remaining -= len(msgs)
                     for msg in msgs:
                         try:
-                            out.append(decode_event(msg))
+                            out.extend(decode_events(msg))
                         except Unusable:
                             pass
             finally:

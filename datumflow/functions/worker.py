@@ -32,15 +32,16 @@ from nats.aio.msg import Msg
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker
-from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRef
+from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRef, listed
 from datumflow.broker.records import PipelineInfo
 from datumflow.errors import BrokerError, NotFound, PermanentError
 from datumflow.functions import inprocess, sandbox
-from datumflow.functions.batch import BatchSizer, Heartbeat, Settler
+from datumflow.functions.batch import BatchSizer, Heartbeat
 from datumflow.functions.consumer import dead_letter, decode
 from datumflow.functions.layout import Layouts
 from datumflow.functions.outputs import collect_outputs
 from datumflow.functions.pull import Puller
+from datumflow.functions.reporter import Reporter
 from datumflow.functions.userthread import DatumTimeout, Run, UserThread
 from datumflow.pfs import manifest
 from datumflow.pfs.paths import BadPath, check_name, clean_path
@@ -83,7 +84,7 @@ class _Set:
         self.msgs = msgs
         self.number = number
         self.settled: set[int] = set()
-        """ids of messages acked, nak'ed, terminated, or handed to the settler."""
+        """ids of messages acked, nak'ed, terminated, or handed to the reporter."""
         self.done = 0
         self.input_bytes = 0
 
@@ -117,7 +118,7 @@ class Worker:
         self.marker = marker or _NotInAPod()
         self.pipelines = Pipelines(broker=broker, repos=Repos(broker=broker, store=store))
         self.heartbeat = Heartbeat(every=max(min(ack_wait / 3, 10.0), 0.2))
-        self.settler = Settler(broker, self.heartbeat)
+        self.reporter = Reporter(broker, self.heartbeat)
         self.sizer = BatchSizer(None, parallelism=1, adaptive=False)
         self.thread = UserThread()
         self._info: PipelineInfo | None = None
@@ -144,7 +145,7 @@ class Worker:
                 if msgs:
                     await self._set(msgs, stop)
         finally:
-            await self.settler.close()
+            await self.reporter.close()
             await self.heartbeat.close()
             await sub.close()
             self.thread.close()
@@ -314,7 +315,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1)
             return
-        await self._publish(batch, msg, task, result)
+        await self._report(batch, msg, task, result)
 
     async def _retry(
         self, batch: _Set, msg: Msg, task: DatumTask, attempt: int, error: str
@@ -327,16 +328,10 @@ class Worker:
         with contextlib.suppress(Exception):
             await msg.nak(delay=min(0.5 * 2 ** (attempt - 1), 10))
 
-    async def _publish(self, batch: _Set, msg: Msg, task: DatumTask, result: DatumResult) -> None:
-        # Counted before the publish: once with the settler, the message is no longer ours.
+    async def _report(self, batch: _Set, msg: Msg, task: DatumTask, result: DatumResult) -> None:
         batch.done += 1
-        batch.input_bytes += sum(f.size for f in result.files)
-        await self.settler.publish(
-            msg,
-            subjects.result(task.pipeline, task.job),
-            result,
-            msg_id=f"{task.job}:{task.datum}:{result.state}",
-        )
+        batch.input_bytes += sum(f.size for i in task.inputs for f in i.files)
+        self.reporter.report(msg, result)  # the message is the reporter's now
         batch.settle(msg)
 
     async def process(
@@ -360,7 +355,7 @@ class Worker:
         except inprocess.FunctionError as exc:
             for msg, task in items:
                 make = _result_maker(task, msg.metadata.num_delivered)
-                await self._publish(batch, msg, task, make("failed", error=str(exc)))
+                await self._report(batch, msg, task, make("failed", error=str(exc)))
             return
         store = self.store
         assert isinstance(store, FileStore)
@@ -393,7 +388,7 @@ class Worker:
                     except Retry as exc:
                         await self._retry(batch, msg, task, attempts[index], str(exc))
                         continue
-                    await self._publish(batch, msg, task, result)
+                    await self._report(batch, msg, task, result)
         finally:
             self._run = None
 
@@ -609,7 +604,7 @@ def _check_paths(task: DatumTask) -> None:
 
 
 def _result_maker(task: DatumTask, attempt: int) -> MakeResult:
-    files = [f for i in task.inputs for f in i.files]
+    files = listed([f for i in task.inputs for f in i.files])
 
     def make(state: str, **fields: Any) -> DatumResult:
         return DatumResult(
