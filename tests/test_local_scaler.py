@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,15 @@ def test_pipeline_view_reads_fresh_status(tmp_path: Path) -> None:
     assert _status(str(tmp_path)) == {}
     fixed = _pipeline_view(make_info(), {}, None)
     assert fixed["state"] == "running"
+
+
+def test_the_embedded_broker_leaves_cores_to_the_workers(nats_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from datumflow.runtime.embedded import server_environment
+
+    assert nats_server.process is not None
+    environ = Path(f"/proc/{nats_server.process.pid}/environ").read_bytes().split(b"\0")
+    expected = os.environ.get("GOMAXPROCS") or str(max((os.cpu_count() or 1) // 2, 1))
+    assert f"GOMAXPROCS={expected}".encode() in environ
+    assert server_environment({}, 2)["GOMAXPROCS"] == "1"
+    assert server_environment({}, 16)["GOMAXPROCS"] == "8"
+    assert server_environment({"GOMAXPROCS": "3"}, 16)["GOMAXPROCS"] == "3"  # the user's word
