@@ -129,7 +129,9 @@ async def wait_job(
         # Two key reads, not a listing of every job: the broker serves the bench's polling on
         # the cores the measured work runs on.
         head = await api.pipelines.heads.find(pipeline)
-        job = await api.pipelines.jobs.find(job_key(pipeline, head.last_job)) if head else None
+        job = None
+        if head is not None and head.last_job:
+            job = await api.pipelines.jobs.find(job_key(pipeline, head.last_job))
         if job is not None and (job.done or (planned_only and job.state != "created")):
             return job
         # The figures come from the job record's times, not from when we notice: poll gently.
