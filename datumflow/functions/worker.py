@@ -8,53 +8,47 @@ terminal result of each datum. While the worker holds datums, fetched together a
 inside `ack_wait`, so a long datum, or one waiting its turn in a set, is never taken from a live
 worker.
 
-User code is either a command (`transform.cmd`, a process per datum, datumflow.functions.sandbox)
-or a Python function (`transform.function`, called in this process, datumflow.functions.inprocess).
+User code is either a command (`transform.cmd`, a process per datum: datumflow.functions.commands)
+or a Python function (`transform.function`, called in this process: datumflow.functions.calls).
 The hot path has no round trip per datum: a set is one fetch; an in-process set is handed to the
-user-code thread in one go, which reports each datum as it finishes; results are published in a
-window, and acks do not wait.
+user-code thread in one go, which reports each datum as it finishes; the results finished together
+go out in one message (datumflow.functions.reporter), and acks do not wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from nats.aio.msg import Msg
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker
-from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRef, listed
+from datumflow.broker.messages import DatumResult, DatumTask
 from datumflow.broker.records import PipelineInfo
 from datumflow.errors import BrokerError, NotFound, PermanentError
 from datumflow.functions import inprocess, sandbox
+from datumflow.functions.attempt import Retry, result_maker
 from datumflow.functions.batch import BatchSizer, Heartbeat
+from datumflow.functions.calls import Functions, local_objects
+from datumflow.functions.commands import Commands
 from datumflow.functions.consumer import dead_letter, decode
-from datumflow.functions.layout import Layouts
-from datumflow.functions.outputs import collect_outputs
 from datumflow.functions.pull import Puller
 from datumflow.functions.reporter import Reporter
-from datumflow.functions.userthread import DatumTimeout, Run, UserThread
-from datumflow.pfs import manifest
 from datumflow.pfs.paths import BadPath, check_name, clean_path
 from datumflow.pfs.pipelines import Pipelines
 from datumflow.pfs.repos import Repos
-from datumflow.spec import parse_duration
 from datumflow.storage.base import ObjectStore
-from datumflow.storage.file import FileStore
 
 log = logging.getLogger(__name__)
 
 Item = tuple[Msg, DatumTask]
-MakeResult = Callable[..., DatumResult]
 
 
 class Busy(Protocol):
@@ -71,10 +65,6 @@ class _NotInAPod:
 
     async def idle(self) -> None:
         return None
-
-
-class Retry(Exception):
-    """This attempt failed and the datum has tries left: hand it back."""
 
 
 class _Set:
@@ -115,16 +105,14 @@ class Worker:
         self.ack_wait = ack_wait
         self.grace = grace
         self.mode = sandbox.choose_mode(pfs_mode)
+        self.commands = Commands(broker=broker, store=store, scratch=scratch, mode=self.mode)
+        self.functions = Functions(store=store, commands=self.commands, scratch=scratch)
         self.marker = marker or _NotInAPod()
         self.pipelines = Pipelines(broker=broker, repos=Repos(broker=broker, store=store))
         self.heartbeat = Heartbeat(every=max(min(ack_wait / 3, 10.0), 0.2))
         self.reporter = Reporter(broker, self.heartbeat)
         self.sizer = BatchSizer(None, parallelism=1, adaptive=False)
-        self.thread = UserThread()
         self._info: PipelineInfo | None = None
-        self._functions: dict[str, inprocess.UserFunction | inprocess.FunctionError] = {}
-        self._layout_dirs: Layouts | None = None
-        self._run: Run | None = None
         self._sets = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -148,9 +136,7 @@ class Worker:
             await self.reporter.close()
             await self.heartbeat.close()
             await sub.close()
-            self.thread.close()
-            if self._layout_dirs is not None:
-                await asyncio.to_thread(self._layout_dirs.close)
+            await self.functions.close()
             await asyncio.to_thread(shutil.rmtree, self.scratch, True)
 
     async def _warm_up(self) -> None:
@@ -163,7 +149,7 @@ class Worker:
         self._adopt(info)
         if info.spec.transform.function:
             with contextlib.suppress(inprocess.FunctionError):
-                self._function(info.spec.transform.function)
+                self.functions.resolve(info.spec.transform.function)
 
     def _adopt(self, info: PipelineInfo) -> None:
         spec = info.spec
@@ -185,24 +171,6 @@ class Worker:
             self._adopt(await self.pipelines.get(self.pipeline))
         assert self._info is not None
         return self._info
-
-    def _layouts(self) -> Layouts:
-        if self._layout_dirs is None:
-            self._layout_dirs = Layouts(scratch=self.scratch, direct=self.mode == "direct")
-        return self._layout_dirs
-
-    def _function(self, ref: str) -> inprocess.UserFunction:
-        found = self._functions.get(ref)
-        if found is None:
-            try:
-                found = inprocess.resolve(ref)
-            except inprocess.FunctionError as exc:
-                log.error("%s", exc)
-                found = exc
-            self._functions[ref] = found
-        if isinstance(found, inprocess.FunctionError):
-            raise found
-        return found
 
     async def _set_size(self) -> int:
         if not self.sizer.needs_pending:
@@ -231,8 +199,7 @@ class Worker:
                 stopping.cancel()
             if not work.done():
                 # Stopping: finish the datum in hand (within the grace period), start no other.
-                if self._run is not None:
-                    self._run.halt()
+                self.functions.halt()
                 await asyncio.wait({work}, timeout=self.grace)
             if not work.done():
                 log.info("stopping: handing back the datum in hand (%s)", msgs[0].subject)
@@ -298,7 +265,7 @@ class Worker:
         transform = info.spec.transform
         if not transform.function or transform.err_cmd:
             return False
-        return all(_local_objects(self.store, task) is not None for _, task in items)
+        return all(local_objects(self.store, task) is not None for _, task in items)
 
     async def _one(self, batch: _Set, msg: Msg, task: DatumTask, info: PipelineInfo) -> None:
         """One datum, start to end, before the next one starts."""
@@ -339,256 +306,24 @@ class Worker:
     ) -> DatumResult:
         """Download, run, upload one datum. Raises Retry when the attempt failed and tries
         remain."""
-        make = _result_maker(task, attempt)
+        make = result_maker(task, attempt)
         if info.spec.transform.function:
-            return await self._call_function(task, info, attempt, number, make)
-        return await self._run_command(task, info, attempt, make)
-
-    # -- in-process functions ----------------------------------------------------------------
+            return await self.functions.one(task, info, attempt, number, make)
+        return await self.commands.run(task, info, attempt, make)
 
     async def _function_set(self, batch: _Set, items: list[Item], info: PipelineInfo) -> None:
-        """The whole set on the user-code thread; each result is published as it comes, while
+        """The whole set on the user-code thread; each result is reported as it comes, while
         the thread goes on with the next datum."""
-        spec = info.spec
-        try:
-            function = self._function(spec.transform.function)
-        except inprocess.FunctionError as exc:
-            for msg, task in items:
-                make = _result_maker(task, msg.metadata.num_delivered)
-                await self._report(batch, msg, task, make("failed", error=str(exc)))
-            return
-        store = self.store
-        assert isinstance(store, FileStore)
-        layouts = self._layouts()
-        env = dict(spec.transform.env)
         attempts = [msg.metadata.num_delivered for msg, _ in items]
-        jobs = [
-            functools.partial(
-                inprocess.run_datum,
-                function=function,
-                task=task,
-                layouts=layouts,
-                objects=store.path,
-                attempt=attempt,
-                batch=batch.number,
-                env=env,
-            )
-            for (_, task), attempt in zip(items, attempts, strict=True)
-        ]
-        timeout = parse_duration(spec.datum_timeout, field="datum_timeout")
-        self._run = self.thread.each(jobs, timeout=timeout)
-        try:
-            # Closed on the way out, whatever happens: the thread stops with the set.
-            async with contextlib.aclosing(aiter(self._run)) as results:
-                async for index, outcome in results:
-                    msg, task = items[index]
-                    make = _result_maker(task, attempts[index])
-                    try:
-                        result = await self._called(info, task, outcome, make, attempts[index])
-                    except Retry as exc:
-                        await self._retry(batch, msg, task, attempts[index], str(exc))
-                        continue
-                    await self._report(batch, msg, task, result)
-        finally:
-            self._run = None
-
-    async def _call_function(
-        self, task: DatumTask, info: PipelineInfo, attempt: int, number: int, make: MakeResult
-    ) -> DatumResult:
-        """One datum through an in-process function, whatever the store; the layout stays as
-        the datum left it until its result is made (err_cmd runs in it)."""
-        spec = info.spec
-        try:
-            function = self._function(spec.transform.function)
-        except inprocess.FunctionError as exc:
-            return make("failed", error=str(exc))
-        layouts = self._layouts()
-        local = _local_objects(self.store, task)
-        prepared = None
-        download = DatumStats()
-        if local is None:
-            # Remote objects: lay out on this thread's layout, download with the store's async
-            # client, then call.
-            t0 = time.monotonic()
-            prepared = layouts.pick(self.thread.generation, input_bytes=0, local=False)
-            await self.thread.run(lambda _: layouts.prepare(prepared, task, None))
-            try:
-                download.download_bytes = await self._download(task, prepared.root)
-            except PermanentError as exc:
-                return make("failed", error=f"downloading the datum's inputs: {exc}")
-            download.download_time = time.monotonic() - t0
-        job = functools.partial(
-            inprocess.run_datum,
-            function=function,
-            task=task,
-            layouts=layouts,
-            objects=local,
-            attempt=attempt,
-            batch=number,
-            env=dict(spec.transform.env),
-            prepared=prepared,
-        )
-        timeout = parse_duration(spec.datum_timeout, field="datum_timeout")
-        async with contextlib.aclosing(aiter(self.thread.each([job], timeout=timeout))) as results:
-            async for _, outcome in results:
-                if isinstance(outcome, inprocess.Called) and prepared is not None:
-                    outcome.download_time = download.download_time
-                    outcome.download_bytes = download.download_bytes
-                return await self._called(info, task, outcome, make, attempt)
-        raise Retry("stopped before the datum ran")
-
-    async def _called(
-        self, info: PipelineInfo, task: DatumTask, outcome: Any, make: MakeResult, attempt: int
-    ) -> DatumResult:
-        """The result of one call of an in-process function (or why it did not happen)."""
-        spec = info.spec
-        if isinstance(outcome, DatumTimeout):
-            timeout = parse_duration(spec.datum_timeout, field="datum_timeout") or 0.0
-            outcome = inprocess.Called(
-                error=f"the datum ran longer than datum_timeout ({spec.datum_timeout}) and was"
-                " stopped",
-                elapsed=timeout,
-            )
-        elif isinstance(outcome, FileNotFoundError) and outcome.filename:
-            return make("failed", error=f"an input is missing from the store: {outcome.filename}")
-        elif isinstance(outcome, BaseException):
-            # Laying out the datum failed (a full disk, say): an attempt that may pass.
-            outcome = inprocess.Called(error=f"laying out the datum: {outcome}", elapsed=0.0)
-        assert isinstance(outcome, inprocess.Called)
-        stats = DatumStats(
-            download_time=outcome.download_time,
-            download_bytes=outcome.download_bytes,
-            process_time=outcome.elapsed,
-        )
-        if outcome.error:
-            logs = (await self.store.put_bytes(outcome.log))[0] if outcome.log else ""
-            if spec.transform.err_cmd and outcome.root is not None:
-                # The layout is as the datum left it: only one datum at a time runs with err_cmd.
-                recovered = await self._run_user_code(
-                    task, info, outcome.root, spec.transform.err_cmd, spec.transform.err_stdin
-                )
-                if recovered.returncode == 0:
-                    return make("recovered", error=outcome.error, logs=logs, stats=stats)
-            if attempt < spec.datum_tries:
-                raise Retry(outcome.error)
-            return make("failed", error=outcome.error, logs=logs, stats=stats)
-        if outcome.outputs is None:
-            return make("success", stats=stats)
-        try:
-            return await self._upload(outcome.outputs, stats, make)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, outcome.outputs, True)
-
-    # -- commands ----------------------------------------------------------------------------
-
-    async def _run_command(
-        self, task: DatumTask, info: PipelineInfo, attempt: int, make: MakeResult
-    ) -> DatumResult:
-        spec = info.spec
-        stats = DatumStats()
-        workdir = self.scratch / f"{task.job[:12]}-{task.datum[:16]}-{attempt}"
-        layout = Path("/pfs") if self.mode == "direct" else workdir / "pfs"
-        try:
-            _reset(layout)
-            t0 = time.monotonic()
-            try:
-                stats.download_bytes = await self._download(task, layout)
-            except PermanentError as exc:
-                return make("failed", error=f"downloading the datum's inputs: {exc}", stats=stats)
-            stats.download_time = time.monotonic() - t0
-
-            outcome = await self._run_user_code(
-                task, info, layout, spec.transform.cmd, spec.transform.stdin
-            )
-            stats.process_time = outcome.elapsed
-            logs, _ = await self.store.put_bytes(outcome.log) if outcome.log else ("", 0)
-            accepted = (
-                outcome.returncode == 0 or outcome.returncode in spec.transform.accept_return_code
-            )
-            if not accepted:
-                error = _failure(outcome, spec.datum_timeout)
-                if spec.transform.err_cmd:
-                    recovered = await self._run_user_code(
-                        task, info, layout, spec.transform.err_cmd, spec.transform.err_stdin
-                    )
-                    if recovered.returncode == 0:
-                        return make("recovered", error=error, logs=logs, stats=stats)
-                if attempt < spec.datum_tries:
-                    raise Retry(error)
-                return make("failed", error=error, logs=logs, stats=stats)
-            return await self._upload(layout / "out", stats, make, logs=logs)
-        finally:
-            await asyncio.to_thread(_clear, layout, workdir)
-
-    async def _upload(
-        self, out: Path, stats: DatumStats, make: MakeResult, *, logs: str = ""
-    ) -> DatumResult:
-        t0 = time.monotonic()
-        try:
-            outputs = await collect_outputs(self.store, out)
-        except PermanentError as exc:
-            return make("failed", error=str(exc), logs=logs, stats=stats)
-        stats.upload_time = time.monotonic() - t0
-        stats.upload_bytes = sum(f.size for f in outputs)
-        output = await manifest.write(self.store, outputs)
-        return make("success", output=output, logs=logs, stats=stats)
-
-    async def _download(self, task: DatumTask, layout: Path) -> int:
-        total = 0
-        for inp in task.inputs:
-            base = layout / inp.name
-            base.mkdir(parents=True, exist_ok=True)
-            for ref in inp.files:
-                dest = base / ref.path.lstrip("/")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                total += await self._fetch(ref, dest)
-        (layout / "out").mkdir(parents=True, exist_ok=True)
-        return total
-
-    async def _fetch(self, ref: FileRef, dest: Path) -> int:
-        if ref.source is not None:
-            get_source = getattr(self.store, "get_source", None)
-            if get_source is None:
-                raise PermanentError(
-                    f"{ref.path} lives in a bucket ({ref.source.url}), but this datumflow stores"
-                    " objects on the local disk; run it with --storage s3://..."
-                )
-            return await get_source(ref.source, dest)
-        return await self.store.get_file(ref.hash, dest)
-
-    async def _run_user_code(
-        self, task: DatumTask, info: PipelineInfo, layout: Path, cmd: list[str], stdin: list[str]
-    ) -> sandbox.Outcome:
-        spec = info.spec
-        root = "/pfs" if self.mode in ("namespace", "direct") else str(layout)
-        extra = dict(spec.transform.env)
-        for inp in task.inputs:
-            extra[inp.name] = f"{root}/{inp.name}{inp.root.rstrip('/') or ''}"
-        extra.update(
-            PFS=root,
-            PACH_JOB_ID=task.job,
-            PACH_DATUM_ID=task.datum,
-            PACH_PIPELINE_NAME=task.pipeline,
-            PACH_OUTPUT_DIR=f"{root}/out",
-        )
-        text = ("\n".join(stdin) + "\n").encode() if stdin else b""
-        live = subjects.logs(task.pipeline, task.job, task.datum)
-
-        async def stream(chunk: bytes) -> None:
-            # Core NATS, not JetStream: live lines for `datumflow logs -f`, lost if no one
-            # listens. The whole log is kept as an object with the datum's result.
-            with contextlib.suppress(Exception):
-                await self.broker.nc.publish(live, chunk)
-
-        return await sandbox.run(
-            cmd,
-            stdin=text,
-            env=sandbox.user_environment(extra),
-            layout=layout,
-            mode=self.mode,
-            timeout=parse_duration(spec.datum_timeout, field="datum_timeout"),
-            on_output=stream,
-        )
+        tasks = [(task, attempt) for (_, task), attempt in zip(items, attempts, strict=True)]
+        # Closed on the way out, whatever happens: the thread stops with the set.
+        async with contextlib.aclosing(self.functions.each(tasks, info, batch.number)) as results:
+            async for index, outcome in results:
+                msg, task = items[index]
+                if isinstance(outcome, Retry):
+                    await self._retry(batch, msg, task, attempts[index], str(outcome))
+                else:
+                    await self._report(batch, msg, task, outcome)
 
 
 def _check_paths(task: DatumTask) -> None:
@@ -601,58 +336,6 @@ def _check_paths(task: DatumTask) -> None:
         for path in (inp.root, *(f.path for f in inp.files)):
             if clean_path(path) != path.rstrip("/") and path != "/":
                 raise BadPath(f"input {inp.name}: path {path!r} is not a clean absolute path")
-
-
-def _result_maker(task: DatumTask, attempt: int) -> MakeResult:
-    files = listed([f for i in task.inputs for f in i.files])
-
-    def make(state: str, **fields: Any) -> DatumResult:
-        return DatumResult(
-            pipeline=task.pipeline,
-            job=task.job,
-            datum=task.datum,
-            hash=task.hash,
-            state=state,  # type: ignore[arg-type]
-            files=files,
-            attempts=attempt,
-            **fields,
-        )
-
-    return make
-
-
-def _local_objects(store: ObjectStore, task: DatumTask) -> Callable[[str], Path] | None:
-    """Where a local store keeps an object, so the user-code thread can copy inputs itself;
-    None when any input must be downloaded (another store, or a file referenced in a bucket)."""
-    if not isinstance(store, FileStore):
-        return None
-    if any(f.source is not None for i in task.inputs for f in i.files):
-        return None
-    return store.path
-
-
-def _failure(outcome: sandbox.Outcome, timeout: str) -> str:
-    if outcome.returncode is None:
-        return f"the datum ran longer than datum_timeout ({timeout}) and was killed"
-    tail = outcome.log[-400:].decode(errors="replace").strip()
-    return f"the user code exited with code {outcome.returncode}" + (f": {tail}" if tail else "")
-
-
-def _reset(layout: Path) -> None:
-    if layout.exists():
-        _clear(layout, layout)
-    layout.mkdir(parents=True, exist_ok=True)
-
-
-def _clear(layout: Path, workdir: Path) -> None:
-    if layout == Path("/pfs"):
-        for child in layout.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-        return
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def default_scratch(home: Path) -> Path:

@@ -1,0 +1,157 @@
+"""A datum through a command (`transform.cmd`): its inputs downloaded into a /pfs layout, the
+command run in the sandbox (datumflow.functions.sandbox), what it wrote under /pfs/out stored.
+
+The worker calls `Commands.run` for each datum of a command pipeline, and `Commands.user_code` for
+the err_cmd of either kind of pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from pathlib import Path
+
+from datumflow.broker import subjects
+from datumflow.broker.connection import Broker
+from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRef
+from datumflow.broker.records import PipelineInfo
+from datumflow.errors import PermanentError
+from datumflow.functions import sandbox
+from datumflow.functions.attempt import MakeResult, Retry, upload
+from datumflow.spec import parse_duration
+from datumflow.storage.base import ObjectStore
+
+
+class Commands:
+    def __init__(self, *, broker: Broker, store: ObjectStore, scratch: Path, mode: str) -> None:
+        self.broker = broker
+        self.store = store
+        self.scratch = scratch
+        self.mode = mode
+        """The sandbox's pfs mode (sandbox.choose_mode): where the layout is."""
+
+    async def run(
+        self, task: DatumTask, info: PipelineInfo, attempt: int, make: MakeResult
+    ) -> DatumResult:
+        """Download, run, upload one datum; raises Retry when the attempt failed and tries
+        remain."""
+        spec = info.spec
+        stats = DatumStats()
+        workdir = self.scratch / f"{task.job[:12]}-{task.datum[:16]}-{attempt}"
+        layout = Path("/pfs") if self.mode == "direct" else workdir / "pfs"
+        try:
+            _reset(layout)
+            t0 = time.monotonic()
+            try:
+                stats.download_bytes = await self.download(task, layout)
+            except PermanentError as exc:
+                return make("failed", error=f"downloading the datum's inputs: {exc}", stats=stats)
+            stats.download_time = time.monotonic() - t0
+
+            outcome = await self.user_code(
+                task, info, layout, spec.transform.cmd, spec.transform.stdin
+            )
+            stats.process_time = outcome.elapsed
+            logs, _ = await self.store.put_bytes(outcome.log) if outcome.log else ("", 0)
+            accepted = (
+                outcome.returncode == 0 or outcome.returncode in spec.transform.accept_return_code
+            )
+            if not accepted:
+                error = _failure(outcome, spec.datum_timeout)
+                if spec.transform.err_cmd:
+                    recovered = await self.user_code(
+                        task, info, layout, spec.transform.err_cmd, spec.transform.err_stdin
+                    )
+                    if recovered.returncode == 0:
+                        return make("recovered", error=error, logs=logs, stats=stats)
+                if attempt < spec.datum_tries:
+                    raise Retry(error)
+                return make("failed", error=error, logs=logs, stats=stats)
+            return await upload(self.store, layout / "out", stats, make, logs=logs)
+        finally:
+            await asyncio.to_thread(_clear, layout, workdir)
+
+    async def download(self, task: DatumTask, layout: Path) -> int:
+        """Every input file of the datum under `layout`, and an empty `out`; the bytes read."""
+        total = 0
+        for inp in task.inputs:
+            base = layout / inp.name
+            base.mkdir(parents=True, exist_ok=True)
+            for ref in inp.files:
+                dest = base / ref.path.lstrip("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                total += await self._fetch(ref, dest)
+        (layout / "out").mkdir(parents=True, exist_ok=True)
+        return total
+
+    async def _fetch(self, ref: FileRef, dest: Path) -> int:
+        if ref.source is not None:
+            get_source = getattr(self.store, "get_source", None)
+            if get_source is None:
+                raise PermanentError(
+                    f"{ref.path} lives in a bucket ({ref.source.url}), but this datumflow stores"
+                    " objects on the local disk; run it with --storage s3://..."
+                )
+            return await get_source(ref.source, dest)
+        return await self.store.get_file(ref.hash, dest)
+
+    async def user_code(
+        self, task: DatumTask, info: PipelineInfo, layout: Path, cmd: list[str], stdin: list[str]
+    ) -> sandbox.Outcome:
+        """`cmd` in the sandbox on the datum's layout, its output streamed live as it comes."""
+        spec = info.spec
+        root = "/pfs" if self.mode in ("namespace", "direct") else str(layout)
+        extra = dict(spec.transform.env)
+        for inp in task.inputs:
+            extra[inp.name] = f"{root}/{inp.name}{inp.root.rstrip('/') or ''}"
+        extra.update(
+            PFS=root,
+            PACH_JOB_ID=task.job,
+            PACH_DATUM_ID=task.datum,
+            PACH_PIPELINE_NAME=task.pipeline,
+            PACH_OUTPUT_DIR=f"{root}/out",
+        )
+        text = ("\n".join(stdin) + "\n").encode() if stdin else b""
+        live = subjects.logs(task.pipeline, task.job, task.datum)
+
+        async def stream(chunk: bytes) -> None:
+            # Core NATS, not JetStream: live lines for `datumflow logs -f`, lost if no one
+            # listens. The whole log is kept as an object with the datum's result.
+            with contextlib.suppress(Exception):
+                await self.broker.nc.publish(live, chunk)
+
+        return await sandbox.run(
+            cmd,
+            stdin=text,
+            env=sandbox.user_environment(extra),
+            layout=layout,
+            mode=self.mode,
+            timeout=parse_duration(spec.datum_timeout, field="datum_timeout"),
+            on_output=stream,
+        )
+
+
+def _failure(outcome: sandbox.Outcome, timeout: str) -> str:
+    if outcome.returncode is None:
+        return f"the datum ran longer than datum_timeout ({timeout}) and was killed"
+    tail = outcome.log[-400:].decode(errors="replace").strip()
+    return f"the user code exited with code {outcome.returncode}" + (f": {tail}" if tail else "")
+
+
+def _reset(layout: Path) -> None:
+    if layout.exists():
+        _clear(layout, layout)
+    layout.mkdir(parents=True, exist_ok=True)
+
+
+def _clear(layout: Path, workdir: Path) -> None:
+    if layout == Path("/pfs"):
+        for child in layout.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
