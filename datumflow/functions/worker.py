@@ -108,6 +108,7 @@ class Worker:
         self.commands = Commands(broker=broker, store=store, scratch=scratch, mode=self.mode)
         self.functions = Functions(store=store, commands=self.commands, scratch=scratch)
         self.marker = marker or _NotInAPod()
+        self._busy: bool | None = None  # unknown: the first mark is always made
         self.pipelines = Pipelines(broker=broker, repos=Repos(broker=broker, store=store))
         self.heartbeat = Heartbeat(every=max(min(ack_wait / 3, 10.0), 0.2))
         self.reporter = Reporter(broker, self.heartbeat)
@@ -132,6 +133,8 @@ class Worker:
                 msgs = await sub.fetch(batch=size, wait=1.0)
                 if msgs:
                     await self._set(msgs, stop)
+                else:
+                    await self._mark(busy=False)
         finally:
             await self.reporter.close()
             await self.heartbeat.close()
@@ -189,7 +192,7 @@ class Worker:
         self._sets += 1
         batch = _Set(msgs, self._sets)
         self.heartbeat.hold(msgs)
-        await self.marker.busy()
+        await self._mark(busy=True)
         started = time.monotonic()
         work = asyncio.create_task(self._work(batch, stop))
         try:
@@ -213,7 +216,14 @@ class Worker:
                 seconds=time.monotonic() - started,
                 input_bytes=batch.input_bytes,
             )
-            await self.marker.idle()
+
+    async def _mark(self, *, busy: bool) -> None:
+        """Busy from the first datum, idle once a fetch finds none: a worker going from one set
+        to the next stays busy, rather than mark (a file, a pod annotation) twice a set."""
+        if busy == self._busy:
+            return
+        self._busy = busy
+        await (self.marker.busy() if busy else self.marker.idle())
 
     async def _work(self, batch: _Set, stop: asyncio.Event) -> None:
         try:
