@@ -26,7 +26,7 @@ from datumflow.spec import DatumSetSpec
 
 log = logging.getLogger(__name__)
 
-TARGET = 0.1
+TARGET = 0.2
 """Seconds of work an adaptive datum set aims at: long enough to make the per-fetch cost vanish
 for tiny datums, short enough that the last sets of a job spread over every worker."""
 MAX_SET = 1024

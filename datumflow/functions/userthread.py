@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-REPORT = 0.05
+REPORT = 0.1
 """Seconds between two reports of finished jobs to the loop, at most one per job."""
 
 Job = Callable[[int], Any]
