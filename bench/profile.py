@@ -1,0 +1,167 @@
+"""`python -m bench.profile`: where one datumflow scenario spends its CPU, to explain the figures.
+
+python -m bench.profile noop                # CPU seconds per process, broker messages per datum
+python -m bench.profile cpu --scale 0.5     # the same for half the 10 ms scenario
+python -m bench.profile noop --spy          # and each function's hottest code (py-spy)
+
+One fresh `datumflow up`, one scenario as `python -m bench` runs it. Between the commit and the
+job's end it reads every process's CPU time from /proc, the broker's message counts from its
+monitoring endpoint, and with --spy samples the planner, the committer and the workers with
+py-spy (installed into this environment when missing) and prints their top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from bench import datumflow_runner
+from bench.cluster import Cluster
+from bench.scenarios import scenarios
+
+TICKS = os.sysconf("SC_CLK_TCK")
+SAMPLED = ("planner", "committer", "worker")
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def _processes(cluster: Cluster) -> dict[int, str]:
+    """The cluster's processes: `up`, nats-server and the functions, by a short name."""
+    found = {}
+    for pid in cluster.pids():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if "nats-server" in argv[0]:
+            found[pid] = "nats-server"
+        elif "datumflow.cli.main" in argv:
+            # "up", "planner", "worker --pipeline noop", ...: the words after the module
+            words = argv[argv.index("datumflow.cli.main") + 1 :]
+            found[pid] = " ".join(w for w in words if w and w != "--home" and "/" not in w)
+    return found
+
+
+def _broker_counts(cluster: Cluster) -> dict[str, int]:
+    from datumflow.runtime.embedded import read_instance
+
+    instance = read_instance(cluster.home)
+    assert instance is not None
+    host = instance.monitor_url.split("://")[-1].rstrip("/")
+    with urllib.request.urlopen(f"http://{host}/varz", timeout=5) as reply:
+        varz = json.load(reply)
+    return {k: varz[k] for k in ("in_msgs", "out_msgs")}
+
+
+def _ensure_py_spy() -> str:
+    binary = Path(sys.executable).with_name("py-spy")
+    if not binary.exists():
+        print("bench: installing py-spy ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    return str(binary)
+
+
+def top_functions(raw: Path, count: int = 12) -> list[tuple[float, str]]:
+    """The functions a py-spy raw profile spent most samples in (self time), as shares."""
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        frame = stack.rsplit(";", 1)[-1]
+        match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+        if match:
+            name, where = match.groups()
+            frame = f"{name} ({where.split('site-packages/')[-1].split('/')[-1]})"
+        own[frame] += int(n)
+        total += int(n)
+    return [(n / total, frame) for frame, n in own.most_common(count)] if total else []
+
+
+def _spy_on(binary: str, pid: int, raw: Path) -> subprocess.Popen[bytes]:
+    argv = [binary, "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(raw)]
+    return subprocess.Popen([*argv, "--nonblocking"], stderr=subprocess.DEVNULL)
+
+
+async def _profile(cluster: Cluster, key: str, scale: float, spy: str, out: Path) -> None:
+    [scenario] = [s for s in scenarios(scale) if s.key == key]
+    before: dict[int, tuple[str, float]] = {}
+    counts: dict[str, int] = {}
+    spies: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+    commit, wait_job = datumflow_runner._commit, datumflow_runner.wait_job
+
+    async def measured_commit(c: Cluster, repo: str, files: int) -> float:
+        before.update({pid: (name, _cpu(pid)) for pid, name in _processes(c).items()})
+        counts.update(_broker_counts(c))
+        if spy:
+            for pid, (name, _) in before.items():
+                if name.split(" ")[0] in SAMPLED:
+                    raw = out / f"{name.replace(' ', '-')}-{pid}.txt"
+                    spies.append((name, raw, _spy_on(spy, pid, raw)))
+            await asyncio.sleep(1.0)  # py-spy attaches
+        return await commit(c, repo, files)
+
+    async def measured_wait(api, pipeline: str, **kw):  # type: ignore[no-untyped-def]
+        job = await wait_job(api, pipeline, **kw)
+        spent = {pid: (name, _cpu(pid) - cpu) for pid, (name, cpu) in before.items()}
+        after = _broker_counts(cluster)
+        total = sum(cpu for _, cpu in spent.values())
+        print(f"\n{scenario.title}: {scenario.datums:,} datums, {scenario.workers} workers")
+        print(f"job {job.finished - job.created:.2f} s; CPU between commit and job end:")
+        for _, (name, cpu) in sorted(spent.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {cpu:7.2f} s  {cpu / scenario.datums * 1e6:8.0f} us/datum  {name}")
+        print(f"  {total:7.2f} s  {total / scenario.datums * 1e6:8.0f} us/datum  in all")
+        for k, v in after.items():
+            print(f"broker {k}: {(v - counts[k]) / scenario.datums:.2f} per datum")
+        for _, _, process in spies:
+            process.send_signal(2)  # SIGINT: py-spy writes its profile and exits
+        for name, raw, process in spies:
+            await asyncio.to_thread(process.wait, 60)
+            if raw.exists():
+                print(f"\n{name}: where its samples were (own time)")
+                for share, frame in top_functions(raw):
+                    print(f"  {share:6.1%}  {frame}")
+        return job
+
+    datumflow_runner._commit, datumflow_runner.wait_job = measured_commit, measured_wait
+    try:
+        await datumflow_runner.run_scenario(cluster, scenario)
+    finally:
+        datumflow_runner._commit, datumflow_runner.wait_job = commit, wait_job
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.profile", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("scenario", choices=[s.key for s in scenarios()])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the datum count")
+    parser.add_argument("--spy", action="store_true", help="sample the functions with py-spy")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="datumflow-profile-"))
+    cluster = Cluster(work / "datumflow")
+    cluster.start()
+    try:
+        spy = _ensure_py_spy() if args.spy else ""
+        asyncio.run(_profile(cluster, args.scenario, args.scale, spy, work))
+    finally:
+        cluster.stop()
+    print(f"\nbench: profiles and logs in {work}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
