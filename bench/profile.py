@@ -94,7 +94,8 @@ def top_functions(raw: Path, count: int = 12) -> list[tuple[float, str]]:
 
 def _spy_on(binary: str, pid: int, raw: Path) -> subprocess.Popen[bytes]:
     argv = [binary, "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(raw)]
-    return subprocess.Popen([*argv, "--nonblocking"], stderr=subprocess.DEVNULL)
+    quiet = subprocess.DEVNULL
+    return subprocess.Popen([*argv, "--nonblocking"], stdout=quiet, stderr=quiet)
 
 
 async def _profile(cluster: Cluster, key: str, scale: float, spy: str, out: Path) -> None:

@@ -20,6 +20,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,8 @@ SMALL = 1 << 20
 MEMORY = Path("/dev/shm")
 MIN_FREE = 64 << 20
 """Memory is used only while the memory filesystem has this much room."""
+ROOM_CHECK = 1.0
+"""Seconds an answer to "has the memory filesystem room?" is trusted."""
 COPY_WHOLE = 1 << 20
 """Files up to this size are copied in one read and one write; larger ones in chunks."""
 
@@ -53,6 +56,8 @@ class Layouts:
         self._made: set[Path] = set()
         self._picked: dict[tuple[int, bool], Layout] = {}
         self._parked = 0
+        self._room_seen = (-1.0, False)
+        """(when, whether) the memory filesystem last had room."""
         if memory is not None and not direct and _usable(memory):
             _remove_stale(memory)
             # A directory of our own (mode 0700, a name nobody could have prepared for us): the
@@ -61,9 +66,7 @@ class Layouts:
 
     def pick(self, lane: int, *, input_bytes: int, local: bool) -> Layout:
         """The layout for a datum run on user-code thread number `lane`."""
-        memory = (
-            local and input_bytes <= SMALL and self.memory is not None and _has_room(self.memory)
-        )
+        memory = local and input_bytes <= SMALL and self.memory is not None and self._room()
         found = self._picked.get((lane, memory))
         if found is None:
             if self.direct:
@@ -74,6 +77,17 @@ class Layouts:
                 found = Layout(root=root, out=disk / "out")
             self._picked[(lane, memory)] = found
         return found
+
+    def _room(self) -> bool:
+        # A statvfs per tiny datum is a good part of its cost; a second-old answer will do, as
+        # a datum in memory takes at most SMALL bytes and MIN_FREE leaves room for many.
+        now = time.monotonic()
+        when, room = self._room_seen
+        if now - when > ROOM_CHECK:
+            assert self.memory is not None
+            room = _has_room(self.memory)
+            self._room_seen = (now, room)
+        return room
 
     def prepare(
         self, layout: Layout, task: DatumTask, objects: Callable[[str], str | Path] | None
