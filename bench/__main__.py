@@ -5,6 +5,7 @@ python -m bench --scale 0.1          # a tenth of the datums, for a quick look
 python -m bench --only noop,cpu      # some scenarios: noop, cpu, sleep, ceiling, planning
 python -m bench --systems datumflow  # some systems: datumflow, celery, pool
 python -m bench --json out.json      # the measures as JSON too
+python -m bench --repeat 3           # each scenario three times, the median reported
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the datum counts")
     parser.add_argument("--no-million", action="store_true", help="skip the 1,000,000 plan")
     parser.add_argument("--json", type=Path, help="also write the measures here")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run each scenario this many times; report medians"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--wait-quiet",
@@ -111,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         # Scenario by scenario, the systems one after another: a change in the machine's load
         # over the run then weighs on every system alike. Each datumflow run gets a fresh
         # `datumflow up`, as nothing of it should idle beside the others' runs.
-        for s in chosen:
+        runs = [(s, run) for s in chosen for run in range(max(args.repeat, 1))]
+        for s, run in runs:
             if "datumflow" in systems:
-                cluster = Cluster(work / f"datumflow-{s.key}")
+                cluster = Cluster(work / f"datumflow-{s.key}-{run}")
                 instance = cluster.start()
                 try:
                     keep(asyncio.run(datumflow_runner.run_scenario(cluster, s)))
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                     keep(asyncio.run(datumflow_runner.run_planning(cluster, files, name="plan")))
                 finally:
                     cluster.stop()
-        print(report.tables(measures, chosen, _versions(redis_binary)))
+        print(report.tables(measures, chosen, _versions(redis_binary), args.repeat))
         if args.json:
             args.json.write_bytes(msgspec.json.encode(measures))
     finally:
