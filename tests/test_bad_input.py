@@ -217,6 +217,10 @@ async def test_bad_messages_on_every_subject_are_dead_lettered_and_nothing_else_
             "cannot read its own output",
         ),
         "again.json": ({**BASE, "pipeline": {"name": "copy"}}, "already exists"),
+        "scaling.json": (
+            {**BASE, "pipeline": {"name": "p4"}, "scaling": {"lag_threshold": 0}},
+            "scaling.lag_threshold: must be >= 1",
+        ),
         "repo-taken.json": (
             {**BASE, "pipeline": {"name": "src"}, "input": {"pfs": {"repo": "copy", "glob": "/*"}}},
             "repo src already exists",

@@ -12,6 +12,7 @@ from datumflow.broker.records import JobHead, JobInfo, PipelineInfo
 from datumflow.broker.topology import delete_pipeline_consumers, ensure_pipeline_consumers
 from datumflow.errors import Conflict, NotFound, SpecError
 from datumflow.pfs.repos import Repos
+from datumflow.scaling import ScalingError, params_for
 from datumflow.spec import PipelineSpec, input_leaves
 
 
@@ -37,6 +38,13 @@ class Pipelines:
         return await self.records.all()
 
     async def _check_inputs(self, spec: PipelineSpec) -> None:
+        """What a spec alone cannot say: its repos exist, its scaling overrides are in range."""
+        for place in ("local", "kubernetes"):
+            try:
+                params_for(spec, nodes=1, place=place)
+            except ScalingError as exc:
+                # Refused here, not found later by a scaler that cannot size the workers.
+                raise SpecError(str(exc)) from None
         for leaf in input_leaves(spec.input):
             if leaf.repo == spec.name:
                 raise SpecError(f"input: pipeline {spec.name} cannot read its own output repo")
