@@ -41,14 +41,17 @@ async def test_up_with_s3_storage_runs_everything_on_the_bucket(
     bucket = make_bucket(s3_endpoint)
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
-    # The endpoint is not in the instance file: every command needs it, as it needs AWS_*.
     env.update(DATUMFLOW_HOME=str(home), DATUMFLOW_S3_ENDPOINT=s3_endpoint, DATUMFLOW_GRACE="5")
     # Cluster wants a server; this one's broker is `up`'s own, found in <home>/instance.json.
     cluster = Cluster(home=home, server=SimpleNamespace(url="", monitor=""), env=env)  # type: ignore[arg-type]
     cluster.cli("up", "--detach", "--storage", f"s3://{bucket}/df")
+    # Only `up` was told the endpoint: the other commands find it in the instance file, and
+    # take only the credentials (AWS_*) from their environment.
+    del cluster.env["DATUMFLOW_S3_ENDPOINT"]
     try:
         instance = read_instance(home)
         assert instance is not None and instance.storage == f"s3://{bucket}/df"
+        assert instance.s3_endpoint == s3_endpoint
         cluster.settings = Settings(
             home=str(home),
             nats_url=instance.nats_url,

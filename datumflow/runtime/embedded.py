@@ -40,6 +40,10 @@ class Instance(msgspec.Struct, kw_only=True):
     pid: int
     home: str
     secure: bool = False
+    s3_endpoint: str = ""
+    """The S3 endpoint and region `up` was given for `storage` (credentials are not recorded:
+    each command takes them from its own environment, as the AWS tools do)."""
+    s3_region: str = ""
 
 
 def instance_path(home: Path) -> Path:

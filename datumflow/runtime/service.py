@@ -43,6 +43,8 @@ def resolve(settings: Settings) -> Settings:
         nats_url=instance.nats_url,
         monitor_url=settings.monitor_url or instance.monitor_url,
         storage=settings.storage or instance.storage,
+        s3_endpoint=settings.s3_endpoint or instance.s3_endpoint,
+        s3_region=settings.s3_region or instance.s3_region,
     )
     made = secure.load(home)
     return secure.apply(settings, made) if made is not None else settings

@@ -302,6 +302,8 @@ class Supervisor:
             storage=self.settings.storage,
             pid=os.getpid(),
             home=str(self.home),
+            s3_endpoint=self.settings.s3_endpoint,
+            s3_region=self.settings.s3_region,
         )
         instance_path(self.home).write_bytes(msgspec.json.encode(instance))
         self.broker = await connect_patiently(settings=self.settings, name="datumflow-supervisor")
