@@ -1,6 +1,6 @@
 """`python -m bench`: every scenario through every system, in one run, then the tables.
 
-python -m bench                      # everything (about ten minutes on 2 CPUs)
+python -m bench                      # everything (about 3 minutes on 2 CPUs)
 python -m bench --scale 0.1          # a tenth of the datums, for a quick look
 python -m bench --only noop,cpu      # some scenarios: noop, cpu, sleep, ceiling, planning
 python -m bench --systems datumflow  # some systems: datumflow, celery, pool
