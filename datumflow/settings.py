@@ -40,6 +40,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     "direct" (the worker owns /pfs, as in a pod), "env" (a directory named in $PFS), or "auto"."""
     grace: float = 20.0
     """Seconds a worker told to stop may spend finishing its datum before handing it back."""
+    user_code_user: str = ""
+    """A user (name or uid) to run `transform.cmd` as when the worker runs as root, so that user
+    code cannot read the worker's credentials from /proc. `up --secure` sets "nobody" unless
+    this is given. Empty: user code runs as the worker's own user."""
     s3_endpoint: str = ""
     s3_region: str = ""
     storage_faults: str = ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import signal
 import stat
 import subprocess
@@ -36,7 +37,11 @@ ENV_DUMP = {
     "pipeline": {"name": "envdump"},
     "input": {"pfs": {"repo": "src", "name": "in", "glob": "/*"}},
     "transform": {
-        "cmd": ["sh", "-c", 'env | sort > "/pfs/out/env-$(basename /pfs/in/*)"'],
+        "cmd": [
+            "sh",
+            "-c",
+            '{ env; echo "RUNNING_AS=$(id -u)"; } | sort > "/pfs/out/env-$(basename /pfs/in/*)"',
+        ],
         "env": {"SHOWN": "user-set-variable"},
     },
 }
@@ -185,6 +190,10 @@ def test_up_secure_runs_a_pipeline_and_keeps_every_secret(
     dumps = run_pipeline(secure_up.cli, tmp_path)
     secrets = [made.password, *PLANTED.values()]
     assert_clean_environment(dumps, secrets)
+    if os.geteuid() == 0:
+        # A secured datumflow run as root runs user code as nobody.
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert all(f"RUNNING_AS={nobody}\n" in dump for dump in dumps.values()), dumps
 
     printed = cli_outputs(secure_up.cli)
     assert "envdump" in printed
@@ -447,18 +456,14 @@ def test_secure_home_record_is_plain_json() -> None:
     assert fields == {"user", "password", "ca", "cert", "key", "config"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "user code runs as the worker's own user (root): its environment is clean, but it can read"
-        " the worker's, and so the broker credentials, from /proc/<worker pid>/environ"
-    ),
-)
 @pytest.mark.asyncio
 async def test_user_code_cannot_read_the_workers_credentials(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        pytest.skip("run as root: only then is there another user to run user code as")
     token = "planted-token-" + os.urandom(8).hex()
-    # A broker without authorization ignores the token; the worker still holds it.
-    cluster = make_cluster(DATUMFLOW_NATS_TOKEN=token)
+    # A broker without authorization ignores the token; the worker still holds it. User code
+    # runs as nobody (`up --secure` chooses that by itself).
+    cluster = make_cluster(DATUMFLOW_NATS_TOKEN=token, DATUMFLOW_USER_CODE_USER="nobody")
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.txt").write_text("a\n")
@@ -482,3 +487,17 @@ async def test_user_code_cannot_read_the_workers_credentials(make_cluster, tmp_p
     cluster.cli("wait", "commit", "src@master", "--timeout", "60")
     readable = int(cluster.cli("get", "file", "snoop@master:/readable").stdout.strip())
     assert readable == 0, f"user code read the broker token from {readable} processes"
+
+
+def test_the_user_code_identity_is_checked_when_the_worker_starts() -> None:
+    from datumflow.functions.sandbox import user_code_identity
+
+    assert user_code_identity("") is None
+    if os.geteuid() != 0:
+        assert user_code_identity("nobody") is None  # not root: nothing to switch from
+        return
+    nobody = pwd.getpwnam("nobody")
+    assert user_code_identity("nobody") == (nobody.pw_uid, nobody.pw_gid)
+    assert user_code_identity("54321") == (54321, 54321)  # a uid without an entry, as in images
+    with pytest.raises(ValueError, match="no user 'no-such-user'"):
+        user_code_identity("no-such-user")

@@ -62,6 +62,9 @@ def up(
     if not settings.nats_url and (secure_ or secure.load(home) is not None):
         # Made once, then kept: a secured state directory stays secured.
         settings = secure.apply(settings, secure.ensure(home))
+        if not settings.user_code_user:
+            # User code then cannot read the password from the functions' environments.
+            settings = msgspec.structs.replace(settings, user_code_user="nobody")
     if detach:
         home.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "datumflow.cli.main", "--home", str(home), "up"]
@@ -173,6 +176,7 @@ def worker(ctx: typer.Context, pipeline: str = typer.Option(..., "--pipeline", "
             pfs_mode=settings.pfs_mode,
             grace=settings.grace,
             marker=marker,
+            user_code_user=settings.user_code_user,
         )
         with contextlib.suppress(asyncio.CancelledError):
             await w.run(stop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,12 +26,22 @@ from datumflow.storage.base import ObjectStore
 
 
 class Commands:
-    def __init__(self, *, broker: Broker, store: ObjectStore, scratch: Path, mode: str) -> None:
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        store: ObjectStore,
+        scratch: Path,
+        mode: str,
+        run_as: sandbox.RunAs | None = None,
+    ) -> None:
         self.broker = broker
         self.store = store
         self.scratch = scratch
         self.mode = mode
         """The sandbox's pfs mode (sandbox.choose_mode): where the layout is."""
+        self.run_as = run_as
+        """(uid, gid) the commands run as; None: as the worker."""
 
     async def run(
         self, task: DatumTask, info: PipelineInfo, attempt: int, make: MakeResult
@@ -113,6 +124,9 @@ class Commands:
             PACH_PIPELINE_NAME=task.pipeline,
             PACH_OUTPUT_DIR=f"{root}/out",
         )
+        if self.run_as is not None:
+            # The datum's inputs are readable by anyone; its output directory is the user's.
+            os.chown(layout / "out", *self.run_as)
         text = ("\n".join(stdin) + "\n").encode() if stdin else b""
         live = subjects.logs(task.pipeline, task.job, task.datum)
 
@@ -130,6 +144,7 @@ class Commands:
             mode=self.mode,
             timeout=parse_duration(spec.datum_timeout, field="datum_timeout"),
             on_output=stream,
+            run_as=self.run_as,
         )
 
 

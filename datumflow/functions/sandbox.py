@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -43,7 +44,11 @@ class Outcome(msgspec.Struct, kw_only=True):
     elapsed: float
 
 
-def _bind_pfs(source: bytes) -> Callable[[], None]:
+RunAs = tuple[int, int]
+"""(uid, gid) user code runs as."""
+
+
+def _bind_pfs(source: bytes, run_as: RunAs | None = None) -> Callable[[], None]:
     libc = ctypes.CDLL(None, use_errno=True)
 
     def enter() -> None:
@@ -55,8 +60,36 @@ def _bind_pfs(source: bytes) -> Callable[[], None]:
             raise OSError(ctypes.get_errno(), "making / private")
         if libc.mount(source, b"/pfs", None, _MS_BIND | _MS_REC, None) != 0:
             raise OSError(ctypes.get_errno(), "bind-mounting the datum at /pfs")
+        if run_as is not None:
+            os.chdir("/pfs")  # the worker's own directory may be closed to that user
+            _become(run_as)
 
     return enter
+
+
+def _become(run_as: RunAs) -> None:
+    # Last, after the mounts, which need root: the groups, then the group, then the user.
+    uid, gid = run_as
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def user_code_identity(user: str) -> RunAs | None:
+    """The (uid, gid) `user_code_user` names, or None to run user code as ourselves: when it is
+    empty, or when we are not root (we could not switch, and are no one special anyway)."""
+    if not user or os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        if user.isdigit():
+            return int(user), int(user)  # a uid without a passwd entry, as in many images
+        raise ValueError(
+            f"user_code_user: there is no user {user!r} on this machine; name an existing user"
+            " or a numeric uid (DATUMFLOW_USER_CODE_USER)"
+        ) from None
+    return entry.pw_uid, entry.pw_gid
 
 
 def _die_with_parent(libc: ctypes.CDLL) -> None:
@@ -65,8 +98,13 @@ def _die_with_parent(libc: ctypes.CDLL) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _orphan_guard() -> None:
-    _die_with_parent(ctypes.CDLL(None, use_errno=True))
+def _orphan_guard(run_as: RunAs | None = None) -> Callable[[], None]:
+    def enter() -> None:
+        _die_with_parent(ctypes.CDLL(None, use_errno=True))
+        if run_as is not None:
+            _become(run_as)
+
+    return enter
 
 
 def choose_mode(wanted: str) -> str:
@@ -101,9 +139,13 @@ async def run(
     mode: str,
     timeout: float | None,
     on_output: Callable[[bytes], Awaitable[None]] | None = None,
+    run_as: RunAs | None = None,
 ) -> Outcome:
-    """Run `cmd` with the datum's layout; kill it and all its children at `timeout`."""
-    preexec = _bind_pfs(str(layout).encode()) if mode == "namespace" else _orphan_guard
+    """Run `cmd` with the datum's layout, as `run_as` if given (the layout's `out` must be
+    theirs); kill it and all its children at `timeout`."""
+    preexec = (
+        _bind_pfs(str(layout).encode(), run_as) if mode == "namespace" else _orphan_guard(run_as)
+    )
     cwd = "/pfs" if mode in ("namespace", "direct") else str(layout)
     started = time.monotonic()
     loop = asyncio.get_running_loop()

@@ -97,6 +97,7 @@ class Worker:
         pfs_mode: str = "auto",
         grace: float = 20.0,
         marker: Busy | None = None,
+        user_code_user: str = "",
     ) -> None:
         self.broker = broker
         self.store = store
@@ -105,7 +106,17 @@ class Worker:
         self.ack_wait = ack_wait
         self.grace = grace
         self.mode = sandbox.choose_mode(pfs_mode)
-        self.commands = Commands(broker=broker, store=store, scratch=scratch, mode=self.mode)
+        run_as = sandbox.user_code_identity(user_code_user)
+        if run_as is not None and self.mode == "env":
+            # The layout is under the state directory, which that user may not be able to reach.
+            log.warning(
+                "user_code_user=%s needs pfs_mode namespace or direct; user code runs as root",
+                user_code_user,
+            )
+            run_as = None
+        self.commands = Commands(
+            broker=broker, store=store, scratch=scratch, mode=self.mode, run_as=run_as
+        )
         self.functions = Functions(store=store, commands=self.commands, scratch=scratch)
         self.marker = marker or _NotInAPod()
         self._busy: bool | None = None  # unknown: the first mark is always made
