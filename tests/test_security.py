@@ -501,3 +501,20 @@ def test_the_user_code_identity_is_checked_when_the_worker_starts() -> None:
     assert user_code_identity("54321") == (54321, 54321)  # a uid without an entry, as in images
     with pytest.raises(ValueError, match="no user 'no-such-user'"):
         user_code_identity("no-such-user")
+
+
+def test_up_refuses_an_unknown_user_code_user(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("run as root: only then is the user looked up")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
+    env["DATUMFLOW_USER_CODE_USER"] = "no-such-user"
+    result = subprocess.run(
+        [sys.executable, "-m", "datumflow.cli.main", "--home", str(tmp_path / "h"), "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no user 'no-such-user'" in result.stderr and "DATUMFLOW_USER_CODE_USER" in result.stderr
+    assert not (tmp_path / "h" / "instance.json").exists()  # nothing started

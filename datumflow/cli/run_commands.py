@@ -19,6 +19,7 @@ from datumflow.broker.messages import commit_event_schema
 from datumflow.cli.context import emit_json, fail, settings_of
 from datumflow.functions.committer import Committer
 from datumflow.functions.planner import Planner
+from datumflow.functions.sandbox import user_code_identity
 from datumflow.functions.worker import Worker, default_scratch
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance
@@ -65,6 +66,10 @@ def up(
         if not settings.user_code_user:
             # User code then cannot read the password from the functions' environments.
             settings = msgspec.structs.replace(settings, user_code_user="nobody")
+    try:
+        user_code_identity(settings.user_code_user)  # refused here, not by every worker
+    except ValueError as exc:
+        fail(str(exc))
     if detach:
         home.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "datumflow.cli.main", "--home", str(home), "up"]
