@@ -104,8 +104,9 @@ class Reporter:
     async def close(self) -> None:
         """Send what was handed over, settle what can be, and let go of the outbox."""
         if self._sending is not None:
+            # Bounded: with the broker gone, what is not sent comes back to other workers anyway.
             with contextlib.suppress(Exception):
-                await self._sending
+                await asyncio.wait_for(self._sending, self.outbox.timeout * 2)
         await self.outbox.close()
 
 
