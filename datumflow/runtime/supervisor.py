@@ -1,9 +1,8 @@
 """`datumflow up`: the broker, the functions and the workers of every pipeline, on one machine.
 
-Each function is a child process running the same entry point a container runs (`datumflow
-planner`, `committer`, `ingest`, `worker --pipeline NAME`). A child that dies is started again, with a
-backoff. Worker counts follow KEDA's rule (datumflow.scaling) from the lag of each pipeline's
-consumer, read from the monitoring endpoint as KEDA reads it.
+The supervisor starts the embedded broker (unless another is named), records the instance, runs the
+functions as child processes (datumflow.runtime.child) and, every tick, sizes each pipeline's workers
+(datumflow.runtime.pipeline_workers) from the lag of its consumer (datumflow.runtime.lag).
 """
 
 from __future__ import annotations
@@ -13,235 +12,33 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import msgspec
 
 from datumflow.broker import subjects
 from datumflow.broker.kv import Records
 from datumflow.broker.records import PipelineInfo
-from datumflow.errors import SpecError
-from datumflow.runtime.embedded import EmbeddedServer, Instance, instance_path, stop_with_parent
+from datumflow.runtime.child import Child
+from datumflow.runtime.embedded import EmbeddedServer, Instance, instance_path
+from datumflow.runtime.lag import read_jsz
+from datumflow.runtime.pipeline_workers import PipelineWorkers, choose_to_stop, kill_deadline
 from datumflow.runtime.service import connect_patiently
-from datumflow.scaling import (
-    Scaler,
-    ScalingError,
-    ScalingParams,
-    drain_seconds,
-    lag_from_jsz,
-    params_for,
-    termination_grace_seconds,
-)
+from datumflow.scaling import lag_from_jsz, termination_grace_seconds
 from datumflow.settings import Settings
-from datumflow.spec import PipelineSpec, parse_duration
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # How often the supervisor looks at its children and the pipelines. Each pipeline's lag is read
 # at its own polling interval (datumflow.scaling), on the first tick after it is due.
 TICK_SECONDS = 0.25
 
 
-class Child:
-    """One supervised process: restarted when it dies, stopped with SIGTERM."""
-
-    healthy_after = 30.0
-    """A child that ran this long before dying was not crash-looping: it comes back at once."""
-
-    def __init__(self, name: str, argv: list[str], *, env: dict[str, str], log_file: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.log_file = log_file
-        self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-        self.started_at = 0.0
-        self.next_start = 0.0
-        self.stopping = False
-        self.stop_timeout = 10.0
-        """Seconds between SIGTERM and SIGKILL at shutdown."""
-        self.kill_at: float | None = None
-        """When a child told to stop on its own (a scale-down) is killed if still alive."""
-        self.index = 0
-        self.busy_file: Path | None = None
-        """Where a worker says it holds a datum (the file exists) or not."""
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    async def start(self) -> None:
-        if self.busy_file is not None:
-            # Left by a predecessor that died holding a datum.
-            self.busy_file.unlink(missing_ok=True)
-        with open(self.log_file, "ab") as out:  # noqa: ASYNC230 - a local append-open
-            self.process = await asyncio.create_subprocess_exec(
-                *self.argv,
-                env=self.env,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                stdin=asyncio.subprocess.DEVNULL,
-                # If `datumflow up` is SIGKILLed, its functions and workers stop too instead of
-                # running on unsupervised.
-                preexec_fn=stop_with_parent,
-            )
-        self.started_at = time.monotonic()
-        log.info("started %s (pid %d)", self.name, self.process.pid)
-
-    async def keep_alive(self) -> None:
-        if self.stopping or self.alive or time.monotonic() < self.next_start:
-            return
-        if self.process is not None:
-            if time.monotonic() - self.started_at >= self.healthy_after:
-                self.restarts = 0
-            self.restarts += 1
-            log.warning(
-                "%s exited with code %s; restarting (restart %d)",
-                self.name,
-                self.process.returncode,
-                self.restarts,
-            )
-            # Back off from a crash loop, but come back fast from a one-off death.
-            self.next_start = time.monotonic() + min(0.2 * 2 ** min(self.restarts, 6), 10)
-            self.process = None
-            return
-        await self.start()
-
-    def terminate(self, *, kill_at: float | None = None) -> None:
-        if self.alive and not self.stopping:
-            assert self.process is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-        self.stopping = True
-        self.kill_at = kill_at
-
-    def reap(self) -> bool:
-        """For a child told to stop: True while it is alive; killed once past its deadline."""
-        if not self.alive:
-            if self.busy_file is not None:
-                self.busy_file.unlink(missing_ok=True)
-            return False
-        if self.kill_at is not None and time.monotonic() > self.kill_at:
-            assert self.process is not None
-            log.warning("%s did not stop in time; killing it", self.name)
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-        return True
-
-    async def wait(self, timeout: float) -> None:
-        if self.process is None:
-            return
-        try:
-            await asyncio.wait_for(self.process.wait(), timeout=timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
-
-
-# A worker told to stop (scale-down, pipeline deleted) that is still alive this long after its
-# SIGTERM is killed, as the kubelet does after terminationGracePeriodSeconds.
-def _kill_deadline(grace: float) -> float:
-    return time.monotonic() + termination_grace_seconds(grace)
-
-
-def worker_grace(spec: PipelineSpec, *, cap: float) -> float:
-    """Seconds a terminating worker of `spec` may keep working on its datum before handing it back.
-
-    `scaling.drain_seconds` (the datum_timeout, which bounds a datum anyway) as in a pod, capped by
-    the local `grace` setting: on a laptop a scale-down or a Ctrl-C should not wait 30 s.
-    """
-    try:
-        timeout = parse_duration(spec.datum_timeout, field="datum_timeout")
-    except SpecError:
-        timeout = None
-    return min(cap, drain_seconds(timeout))
-
-
-def choose_to_stop(workers: Sequence[T], count: int, *, busy: Callable[[T], bool]) -> list[T]:
-    """The `count` workers to stop on a scale-down: idle ones first, then the newest.
-
-    Stopping an idle worker costs nothing; stopping a busy one costs its datum's work so far, or the
-    grace period it takes to finish. The local form of the pod-deletion-cost annotation.
-    """
-    newest_first = list(reversed(workers))
-    # A stable sort keeps newest-first among equals.
-    return sorted(newest_first, key=busy)[: max(count, 0)]
-
-
-class PipelineWorkers:
-    """The worker processes of one pipeline and the scaler that sizes them."""
-
-    def __init__(self, info: PipelineInfo, *, grace_cap: float, previous: PipelineWorkers | None):
-        self.info = info
-        self.error = ""
-        self.params: ScalingParams | None = None
-        self.scaler: Scaler | None = None
-        try:
-            self.params = params_for(info.spec, nodes=1, place="local")
-        except ScalingError as exc:
-            self.error = str(exc)
-        self.grace = worker_grace(info.spec, cap=grace_cap)
-        self.workers: list[Child] = []
-        self.draining: list[Child] = []
-        self.desired = 0
-        self.lag: int | None = None
-        self.next_poll = 0.0
-        if previous is not None:
-            # A new version of the pipeline: the running workers read the new spec with their
-            # next datum, so they stay; so does the scaler's memory (cooldown, recent counts)
-            # unless the scaling numbers themselves changed.
-            self.workers, self.draining = previous.workers, previous.draining
-            self.desired, self.lag = previous.desired, previous.lag
-            if previous.params == self.params:
-                self.scaler = previous.scaler
-        if self.scaler is None and self.params is not None:
-            self.scaler = Scaler(self.params)
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def running(self) -> int:
-        return sum(1 for w in self.workers if w.alive)
-
-    @property
-    def state(self) -> str:
-        if self.error:
-            return "failure"
-        autoscaled = self.params is not None and self.params.autoscaled
-        if autoscaled and self.desired == 0 and self.running == 0:
-            return "standby"
-        return "running"
-
-    def free_index(self) -> int:
-        # The lowest number no live worker of this pipeline uses: log files stay few and stable.
-        used = {w.index for w in self.workers + self.draining}
-        return next(i for i in range(len(used) + 1) if i not in used)
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "workers": self.running,
-            "desired": self.desired,
-            "lag": self.lag,
-            "draining": sum(1 for w in self.draining if w.alive),
-            "max_workers": self.params.max_replicas if self.params else None,
-            "autoscaling": self.params.autoscaled if self.params else self.info.spec.autoscaled,
-            "reason": self.error,
-            "updated": time.time(),
-        }
-
-
 class Supervisor:
+    """Runs `datumflow up` until told to stop: the broker, the functions, every pipeline's workers."""
+
     def __init__(self, *, settings: Settings, embedded: bool) -> None:
         self.settings = settings
         self.home = Path(settings.home).resolve()
@@ -357,7 +154,7 @@ class Supervisor:
             if now >= pw.next_poll:
                 pw.next_poll = now + pw.params.polling_interval
                 if not jsz_read:
-                    jsz, jsz_read = await self._jsz(), True
+                    jsz, jsz_read = await read_jsz(self.settings.monitor_url), True
                 if jsz is not None:
                     # A consumer missing from /jsz (created a moment ago, or deleted) has
                     # nothing for workers to do: lag 0, never "the whole stream".
@@ -389,14 +186,6 @@ class Supervisor:
             return known
         return infos
 
-    async def _jsz(self) -> dict | None:
-        url = f"http://{self.settings.monitor_url}/jsz?acc=$G&config=true&consumers=true"
-        try:
-            return await asyncio.to_thread(_get_json, url)
-        except (OSError, ValueError) as exc:
-            log.warning("reading lag from %s: %s", url, exc)
-            return None
-
     def _busy(self, child: Child) -> bool:
         """Whether a worker holds a datum now: its busy file exists (functions.pod_cost.BusyFile,
         named in DATUMFLOW_BUSY_FILE). A worker that writes none counts as idle, and the newest
@@ -413,7 +202,7 @@ class Supervisor:
             for child in choose_to_stop(pw.workers, len(pw.workers) - desired, busy=self._busy):
                 pw.workers.remove(child)
                 # It stops fetching, and finishes or hands back the datum in hand (worker grace).
-                child.terminate(kill_at=_kill_deadline(pw.grace))
+                child.terminate(kill_at=kill_deadline(pw.grace))
                 pw.draining.append(child)
         for child in pw.workers:
             await child.keep_alive()
@@ -439,8 +228,3 @@ class Supervisor:
             instance_path(self.home).unlink()
         with contextlib.suppress(FileNotFoundError):
             (self.home / "status.json").unlink()
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        return json.loads(resp.read())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from datumflow.runtime.supervisor import Child
+from datumflow.runtime.child import Child
 
 pytestmark = pytest.mark.asyncio
 
