@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -14,7 +14,7 @@ from datumflow.errors import Conflict, NotFound
 R = TypeVar("R", bound=msgspec.Struct)
 
 
-class Records:
+class Records(Generic[R]):
     """One bucket holding one record type."""
 
     def __init__(self, broker: Broker, *, bucket: str, type: type[R]) -> None:
@@ -103,7 +103,7 @@ class Records:
         return sorted(keys)
 
     async def all(self, prefix: str = "") -> list[R]:
-        out = []
+        out: list[R] = []
         for key in await self.keys(prefix):
             record = await self.find(key)
             if record is not None:

@@ -7,7 +7,7 @@ a version it does not know with an error that says so.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -167,6 +167,6 @@ class DeadLetter(_Wire, kw_only=True):
     headers: dict[str, str] = {}
 
 
-def commit_event_schema() -> dict:
+def commit_event_schema() -> dict[str, Any]:
     """JSON Schema of the commit event, for producers outside datumflow."""
     return msgspec.json.schema(CommitEvent)

@@ -43,7 +43,7 @@ class _Answer(msgspec.Struct):
     stream: str = ""
     seq: int = 0
     duplicate: bool = False
-    error: dict | None = None
+    error: dict[str, object] | None = None
 
 
 _answer = msgspec.json.Decoder(_Answer)

@@ -7,6 +7,7 @@ sure no prefix feeds two repos.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
 
@@ -84,7 +85,7 @@ class BucketSources:
         self._records = Records(broker, bucket=MAPPINGS_BUCKET, type=BucketMapping)
         self._ready = False
 
-    async def _ensure(self) -> Records:
+    async def _ensure(self) -> Records[BucketMapping]:
         if not self._ready:
             async with broker_errors(f"declaring KV bucket {MAPPINGS_BUCKET}"):
                 await self.broker.js.create_key_value(
@@ -126,7 +127,8 @@ class BucketSources:
     async def list(self) -> list[BucketMapping]:
         return await (await self._ensure()).all()
 
-    async def for_repo(self, repo: str) -> list[BucketMapping]:
+    # `builtins.list`: in this class `list` names the method above.
+    async def for_repo(self, repo: str) -> builtins.list[BucketMapping]:
         return [m for m in await self.list() if m.repo == repo]
 
     async def remove_repo(self, repo: str) -> int:

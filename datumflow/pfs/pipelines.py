@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import time
 
@@ -123,6 +124,7 @@ class Pipelines:
             raise NotFound(f"job {pipeline}@{job} does not exist")
         return info
 
-    async def list_jobs(self, pipeline: str = "") -> list[JobInfo]:
+    # `builtins.list`: in this class `list` names the method above.
+    async def list_jobs(self, pipeline: str = "") -> builtins.list[JobInfo]:
         jobs = await self.jobs.all(f"{pipeline}." if pipeline else "")
         return sorted(jobs, key=lambda j: (j.created, j.seq), reverse=True)
