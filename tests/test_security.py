@@ -209,6 +209,7 @@ async def test_up_secure_rejects_clients_without_the_password_or_tls(secure_up: 
     made = secure.load(secure_up.home)
     instance = read_instance(secure_up.home)
     assert made is not None and instance is not None
+    assert instance.secure, "instance.json must say the broker it names is secured"
     url = instance.nats_url
 
     # A plain client: the server wants TLS and a password.

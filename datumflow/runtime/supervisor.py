@@ -99,6 +99,9 @@ class Supervisor:
             storage=self.settings.storage,
             pid=os.getpid(),
             home=str(self.home),
+            # Whether the embedded broker wants TLS and the password; an external broker's own
+            # security is its operator's, not recorded here.
+            secure=self.server is not None and self.server.secured,
             s3_endpoint=self.settings.s3_endpoint,
             s3_region=self.settings.s3_region,
         )
