@@ -104,8 +104,24 @@ async def with_api(settings: Settings, body: Callable[[Api], Awaitable[T]]) -> T
         return await body(api)
 
 
+def to_plain(value: Any) -> Any:
+    """`value` as JSON-ready builtins with every field of every Struct, also those at their
+    defaults: records omit defaults on the wire, but a script filtering `--json` output on
+    `.origin == "user"` or `.data_failed == 0` must find the field there."""
+    if isinstance(value, msgspec.Struct):
+        return {
+            f.encode_name: to_plain(getattr(value, f.name)) for f in msgspec.structs.fields(value)
+        }
+    if isinstance(value, dict):
+        return {msgspec.to_builtins(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_plain(v) for v in value]
+    return msgspec.to_builtins(value)
+
+
 def emit_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(msgspec.to_builtins(value), indent=2, sort_keys=False) + "\n")
+    """Print `value` as JSON with every field, whatever its value (see `to_plain`)."""
+    sys.stdout.write(json.dumps(to_plain(value), indent=2, sort_keys=False) + "\n")
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -127,11 +143,56 @@ def ago(timestamp: float) -> str:
     return f"{int(seconds)}s ago"
 
 
+def when(timestamp: float) -> str:
+    """A Unix time as local date and time, with how long ago: `2026-12-07 01:52:10 (3m ago)`."""
+    if not timestamp:
+        return "-"
+    local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    return f"{local} ({ago(timestamp)})"
+
+
+def seconds_text(seconds: float) -> str:
+    """A duration in the unit a person reads it in: `40 µs`, `152 ms`, `2.4 s`, `3m 5s`, `2h 10m`."""
+    if seconds <= 0:
+        return "0 s"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60}s"
+    return f"{whole // 3600}h {whole % 3600 // 60}m"
+
+
 def duration(start: float, end: float) -> str:
     if not start:
         return "-"
-    seconds = (end or time.time()) - start
-    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+    return seconds_text((end or time.time()) - start)
+
+
+TIME_FIELDS = frozenset({"created", "updated", "started", "finished"})
+"""Fields of records and views that hold a Unix time."""
+
+
+def readable(value: Any, key: str = "") -> Any:
+    """A record or view (as builtins) for people: Unix times as local times, durations (`time`,
+    `*_time`) in their unit, `*_bytes` as sizes. `--json` shows the numbers as they are."""
+    if isinstance(value, dict):
+        return {k: readable(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [readable(v, key) for v in value]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    if key in TIME_FIELDS:
+        return when(value)
+    if key == "time" or key.endswith("_time"):
+        return seconds_text(value)
+    if key.endswith("_bytes"):
+        return human_size(int(value))
+    return value
 
 
 def human_size(n: int) -> str:

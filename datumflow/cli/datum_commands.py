@@ -9,10 +9,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import msgspec
 import typer
 
-from datumflow.cli.context import Api, emit_json, fail, run, settings_of, with_api
+from datumflow.cli.context import (
+    Api,
+    emit_json,
+    fail,
+    readable,
+    run,
+    seconds_text,
+    settings_of,
+    to_plain,
+    with_api,
+)
 from datumflow.cli.job_view import (
     DatumFile,
     JobDatum,
@@ -79,7 +88,7 @@ def list_datum(
         _table(
             ["ID", "FILES", "STATUS", "TIME"],
             [
-                (d.id, _files_text(d.files), d.state, f"{d.time:.2f}s" if d.time else "-")
+                (d.id, _files_text(d.files), d.state, seconds_text(d.time) if d.time else "-")
                 for d in datums
             ],
         )
@@ -135,7 +144,7 @@ def inspect_datum(
             "state": view.state(did),
             "hash": result.hash if result else (view.index[did].hash if did in view.index else ""),
             "time": datum_seconds(view.counted(did)),
-            "files": msgspec.to_builtins(view.files(did)),
+            "files": to_plain(view.files(did)),
             "inputs": [
                 {
                     "input": i.name,
@@ -155,7 +164,7 @@ def inspect_datum(
                 "counted": view.counted(did) is not None,
                 "attempts": result.attempts,
                 "error": result.error,
-                "stats": msgspec.to_builtins(result.stats),
+                "stats": to_plain(result.stats),
                 "logs": result.logs,
                 "output": result.output,
                 "output_files": [f.path for f in output],
@@ -168,7 +177,7 @@ def inspect_datum(
     else:
         import yaml
 
-        typer.echo(yaml.safe_dump(detail, sort_keys=False).rstrip())
+        typer.echo(yaml.safe_dump(readable(detail), sort_keys=False, allow_unicode=True).rstrip())
 
 
 def logs(

@@ -19,9 +19,11 @@ from datumflow.cli.context import (
     emit_json,
     fail,
     human_size,
+    readable,
     run,
     settings_of,
     table,
+    to_plain,
     with_api,
 )
 from datumflow.errors import DatumflowError
@@ -130,9 +132,9 @@ def _pipeline_view(info: PipelineInfo, status: dict, last: JobInfo | None) -> di
         "last_job": last.id if last else "",
         "last_job_state": last.state if last else "",
         "created": info.created,
+        # Why the pipeline gets no workers; "" when it does.
+        "reason": s.get("reason", ""),
     }
-    if s.get("reason"):
-        view["reason"] = s["reason"]
     return view
 
 
@@ -177,8 +179,11 @@ def inspect_pipeline(
         info = await api.pipelines.get(name)
         jobs = await api.pipelines.list_jobs(name)
         view = _pipeline_view(info, _status(api.settings.home), jobs[0] if jobs else None)
-        view["spec"] = msgspec.to_builtins(info.spec)
-        emit_json(view) if as_json else typer.echo(_yamlish(view))
+        if as_json:
+            emit_json({**view, "spec": info.spec})
+        else:
+            # The spec as it was written: fields left at their defaults stay out.
+            typer.echo(_yamlish({**readable(view), "spec": msgspec.to_builtins(info.spec)}))
 
     run(with_api(settings_of(ctx), body))
 
@@ -186,7 +191,7 @@ def inspect_pipeline(
 def _yamlish(view: dict) -> str:
     import yaml
 
-    return yaml.safe_dump(view, sort_keys=False).rstrip()
+    return yaml.safe_dump(view, sort_keys=False, allow_unicode=True).rstrip()
 
 
 def _job_row(j: JobInfo) -> tuple:
@@ -247,7 +252,7 @@ def inspect_job(
 
     async def body(api: Api) -> None:
         info = await api.pipelines.get_job(pipeline, job)
-        emit_json(info) if as_json else typer.echo(_yamlish(msgspec.to_builtins(info)))
+        emit_json(info) if as_json else typer.echo(_yamlish(readable(to_plain(info))))
 
     run(with_api(settings_of(ctx), body))
 
