@@ -1,0 +1,120 @@
+"""Killing a process tree: the user process and everything it started, however it tried to leave.
+
+Owns finding a user process's descendants through /proc (its process group, its session, its
+parent links), stopping them so that none can fork while they are found, killing them, and finding
+the processes that still hold a pipe open.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def pipe_holders(inode: int) -> set[int]:
+    """Processes other than this one with the pipe `inode` open."""
+    if not inode:
+        return set()
+    target = f"pipe:[{inode}]"
+    holders = set()
+    me = os.getpid()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return holders
+    for name in entries:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
+                    holders.add(int(name))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def kill_tree(leader: int, *, running: bool) -> None:
+    """SIGKILL the user process `leader` and every process it started.
+
+    The user process leads its own session and process group (start_new_session). Its descendants
+    are found three ways, since each alone can be escaped: its process group (`killpg`); its session
+    (a child that moved to a group of its own with `setpgid`, as shells with job control do); and,
+    while the leader is `running` (not yet reaped, so its pid is still its own), its tree of parent
+    links (a child that left with `setsid`). They are stopped first, so that none can fork while
+    the tree is walked, then killed.
+    """
+    _signal_group(leader, signal.SIGSTOP)
+    stopped: set[int] = set()
+    for _ in range(8):
+        found = _tree(leader, running=running) - stopped - {os.getpid()}
+        if not found:
+            break
+        for pid in found:
+            signal_quietly(pid, signal.SIGSTOP)
+        stopped |= found
+    _signal_group(leader, signal.SIGKILL)
+    for pid in stopped:
+        signal_quietly(pid, signal.SIGKILL)
+
+
+def _tree(leader: int, *, running: bool) -> set[int]:
+    """The members of the leader's session, and their descendants by parent link; with the leader
+    `running`, the leader and its descendants too."""
+    children: dict[int, list[int]] = {}
+    members: set[int] = set()
+    for ppid, pid, session in _processes():
+        children.setdefault(ppid, []).append(pid)
+        if session == leader:
+            members.add(pid)
+    found = {leader} if running else set()
+    todo = [*found, *members]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found | members
+
+
+def _processes() -> list[tuple[int, int, int]]:
+    """(parent pid, pid, session id) of every live process; [] where there is no /proc."""
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone already
+        # pid (comm) state ppid pgrp session ...: comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 4 or fields[0] in (b"Z", b"X"):
+            continue
+        out.append((int(fields[1]), int(name), int(fields[3])))
+    return out
+
+
+def signal_quietly(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
