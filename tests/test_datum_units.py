@@ -24,8 +24,7 @@ from datumflow.broker.messages import (
 from datumflow.broker.records import JobInfo
 from datumflow.functions import results, sandbox
 from datumflow.functions.committer import Committer, JobTimeouts, Tally, failure_reason
-from datumflow.functions.planner import job_datums
-from datumflow.pfs.datums import Leaf
+from datumflow.pfs.datums import Leaf, job_datums
 from datumflow.pfs.pipelines import job_key
 from datumflow.spec import Input, load_spec
 from datumflow.storage import open_store

@@ -18,8 +18,7 @@ from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobInfo, Pipel
 from datumflow.cli.context import Api
 from datumflow.errors import DatumflowError, NotFound
 from datumflow.functions import results
-from datumflow.functions.planner import job_datums
-from datumflow.pfs.datums import Leaf
+from datumflow.pfs.datums import Leaf, job_datums
 from datumflow.spec import PipelineSpec, input_leaves, input_name
 
 

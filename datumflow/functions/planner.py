@@ -16,7 +16,7 @@ import hashlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -39,10 +39,10 @@ from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobHead, JobIn
 from datumflow.errors import NotFound, PermanentError
 from datumflow.functions.consumer import MAX_MESSAGE, consume, decode
 from datumflow.pfs import manifest
-from datumflow.pfs.datums import Leaf, datum_hash, datum_id, enumerate_datums
+from datumflow.pfs.datums import Leaf, datum_hash, job_datums
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
-from datumflow.spec import Input, input_leaves, input_name
+from datumflow.spec import input_leaves, input_name
 from datumflow.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -341,28 +341,3 @@ class Planner:
 
 def _listed(inputs: list[DatumInput]) -> list[FileRef]:
     return listed([f for i in inputs for f in i.files])
-
-
-def job_datums(inp: Input, leaves: Sequence[Leaf]) -> Iterator[tuple[str, list[DatumInput]]]:
-    """The datums a job of `inp` runs on `leaves`, with their ids, each id once.
-
-    Only a union can give one datum twice (the same input under two of its branches); it is one
-    piece of work, queued and counted once. Other inputs need no memory of the ids seen.
-    `datumflow list datum -f` shows exactly this.
-    """
-    seen: set[bytes] | None = set() if _has_union(inp) else None
-    for inputs in enumerate_datums(inp, leaves):
-        did = datum_id(inputs)
-        if seen is not None:
-            digest = bytes.fromhex(did[:32])
-            if digest in seen:
-                continue
-            seen.add(digest)
-        yield did, inputs
-
-
-def _has_union(inp: Input) -> bool:
-    if inp.union is not None:
-        return True
-    children = inp.cross or inp.join or inp.group or []
-    return any(_has_union(child) for child in children)

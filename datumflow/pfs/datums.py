@@ -297,3 +297,28 @@ def datum_hash(datum_id: str, inputs: Sequence[DatumInput], salt: str) -> str:
             where = [source.url, source.etag, source.version_id] if source is not None else []
             files.append([inp.name, ref.path, ref.hash, *where])
     return _sha256([datum_id, files, salt])
+
+
+def job_datums(inp: Input, leaves: Sequence[Leaf]) -> Iterator[tuple[str, list[DatumInput]]]:
+    """The datums a job of `inp` runs on `leaves`, with their ids, each id once.
+
+    Only a union can give one datum twice (the same input under two of its branches); it is one
+    piece of work, queued and counted once. Other inputs need no memory of the ids seen.
+    The planner queues exactly these, and `datumflow list datum -f` shows them.
+    """
+    seen: set[bytes] | None = set() if _has_union(inp) else None
+    for inputs in enumerate_datums(inp, leaves):
+        did = datum_id(inputs)
+        if seen is not None:
+            digest = bytes.fromhex(did[:32])
+            if digest in seen:
+                continue
+            seen.add(digest)
+        yield did, inputs
+
+
+def _has_union(inp: Input) -> bool:
+    if inp.union is not None:
+        return True
+    children = inp.cross or inp.join or inp.group or []
+    return any(_has_union(child) for child in children)
