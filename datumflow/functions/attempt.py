@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, listed
+from datumflow.broker.messages import DatumResult, DatumState, DatumStats, DatumTask, listed
 from datumflow.errors import PermanentError
 from datumflow.functions.outputs import collect_outputs
 from datumflow.pfs import manifest
@@ -29,13 +29,13 @@ def result_maker(task: DatumTask, attempt: int) -> MakeResult:
     """`make(state, **fields)`: the result of this attempt at `task`."""
     files = listed([f for i in task.inputs for f in i.files])
 
-    def make(state: str, **fields: Any) -> DatumResult:
+    def make(state: DatumState, **fields: Any) -> DatumResult:
         return DatumResult(
             pipeline=task.pipeline,
             job=task.job,
             datum=task.datum,
             hash=task.hash,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             files=files,
             attempts=attempt,
             **fields,

@@ -14,7 +14,7 @@ import functools
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ class Functions:
 
     async def each(
         self, tasks: list[tuple[DatumTask, int]], info: PipelineInfo, number: int
-    ) -> AsyncIterator[tuple[int, DatumResult | Retry]]:
+    ) -> AsyncGenerator[tuple[int, DatumResult | Retry], None]:
         """A datum set (each task with its attempt number) on the user-code thread: yields each
         datum's index and result (or Retry) as it finishes, while the thread goes on with the
         next one. Every input must be in the local store (`local_objects`)."""

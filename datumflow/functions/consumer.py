@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 import nats.errors
@@ -31,7 +32,10 @@ class Unusable(PermanentError):
     """A message that does not decode, has an unknown version, or is too large."""
 
 
-def decode(data: bytes, kind: type[msgspec.Struct], *, what: str) -> msgspec.Struct:
+W = TypeVar("W", bound=msgspec.Struct)
+
+
+def decode(data: bytes, kind: type[W], *, what: str) -> W:
     """Decode a wire message, refusing oversized, malformed and unknown-version ones clearly."""
     if len(data) > MAX_MESSAGE:
         raise Unusable(f"{what}: {len(data)} bytes is over the {MAX_MESSAGE} byte limit")
@@ -46,8 +50,9 @@ def decode(data: bytes, kind: type[msgspec.Struct], *, what: str) -> msgspec.Str
         raise Unusable(f"{what}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise Unusable(f"{what}: not valid JSON ({exc})") from None
-    if getattr(message, "v", VERSION) != VERSION:
-        raise Unusable(f"{what}: schema version v={message.v} is not one this datumflow reads")
+    version = getattr(message, "v", VERSION)
+    if version != VERSION:
+        raise Unusable(f"{what}: schema version v={version} is not one this datumflow reads")
     return message
 
 

@@ -22,7 +22,7 @@ import inspect
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ def resolve(ref: str) -> UserFunction:
             raise FunctionError(f"transform.function: {module_name!r} has no {attr!r}") from None
     if not callable(target):
         raise FunctionError(f"transform.function: {ref!r} is not callable")
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):

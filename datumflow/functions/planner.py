@@ -82,19 +82,17 @@ class Planner:
         adopter = asyncio.create_task(self._adopt_loop(stop))
         try:
             while not stop.is_set():
+                current: dict[str, PipelineInfo | None]
                 try:
                     current = {p.name: p for p in await self.pipelines.list()}
                 except Exception as exc:
                     log.warning("planner: listing pipelines failed: %s", exc)
                     current = {name: None for name in loops}  # keep what runs
                 for name in list(loops):
-                    info = current.get(name, "gone")
+                    gone = name not in current
+                    info = current.get(name)
                     version, task, halt = loops[name]
-                    if (
-                        info == "gone"
-                        or (info is not None and info.version != version)
-                        or task.done()
-                    ):
+                    if gone or (info is not None and info.version != version) or task.done():
                         halt.set()
                         await task
                         del loops[name]
@@ -260,7 +258,7 @@ class Planner:
                     if commit
                     else None
                 )
-                files: Iterator = manifest.iter_lines(local) if local else iter(())
+                files: Iterator[FileRef] = manifest.iter_lines(local) if local else iter(())
                 leaves.append(
                     Leaf(
                         name=input_name(leaf),

@@ -27,13 +27,13 @@ def decode_events(msg: Msg) -> list[JobEvent]:
     """The events a message of the results stream holds: one, or a worker's several results;
     Unusable if it is not one of ours."""
     if msg.subject.startswith("df.job."):
-        return [decode(msg.data, JobPlanned, what="job event")]  # type: ignore[list-item]
+        return [decode(msg.data, JobPlanned, what="job event")]
     if msg.subject.endswith(".set"):
-        many: DatumResults = decode(msg.data, DatumResults, what="datum results")  # type: ignore[assignment]
+        many = decode(msg.data, DatumResults, what="datum results")
         if any(r.pipeline != many.pipeline or r.job != many.job for r in many.results):
             raise Unusable(f"datum results on {msg.subject}: a result of another job among them")
         return list(many.results)
-    return [decode(msg.data, DatumResult, what="datum result")]  # type: ignore[list-item]
+    return [decode(msg.data, DatumResult, what="datum result")]
 
 
 async def replay(broker: Broker, pipeline: str, job: str) -> list[JobEvent]:
@@ -63,7 +63,7 @@ async def replay(broker: Broker, pipeline: str, job: str) -> list[JobEvent]:
             )
             try:
                 # Only what was there when we started: a live job's later results are not waited for.
-                remaining = info.num_pending
+                remaining = info.num_pending or 0
                 while remaining > 0:
                     msgs = await sub.fetch(batch=min(remaining, FETCH), timeout=5)
                     remaining -= len(msgs)

@@ -17,7 +17,7 @@ import contextlib
 import ctypes
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
@@ -54,7 +54,7 @@ class _Lane(threading.Thread):
 class _Chunk:
     """Jobs run in order on one lane; shared with the loop, which reads what is done."""
 
-    def __init__(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, jobs: Sequence[Job], loop: asyncio.AbstractEventLoop) -> None:
         self.jobs = jobs
         self.loop = loop
         self.wake = asyncio.Event()
@@ -100,7 +100,7 @@ class _Chunk:
 class Run:
     """One datum set on the user-code thread: iterate for (index, result) as jobs finish."""
 
-    def __init__(self, thread: UserThread, jobs: list[Job], *, timeout: float | None) -> None:
+    def __init__(self, thread: UserThread, jobs: Sequence[Job], *, timeout: float | None) -> None:
         self.thread = thread
         self.jobs = jobs
         self.timeout = timeout
@@ -113,10 +113,10 @@ class Run:
         if self._chunk is not None:
             self._chunk.halt = True
 
-    def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
+    def __aiter__(self) -> AsyncGenerator[tuple[int, Any], None]:
         return self._results()
 
-    async def _results(self) -> AsyncIterator[tuple[int, Any]]:
+    async def _results(self) -> AsyncGenerator[tuple[int, Any], None]:
         loop = asyncio.get_running_loop()
         offset = 0
         while offset < len(self.jobs) and not self._halted:
@@ -195,7 +195,7 @@ class UserThread:
             self._lane.start()
         return self._lane
 
-    def each(self, jobs: list[Job], *, timeout: float | None = None) -> Run:
+    def each(self, jobs: Sequence[Job], *, timeout: float | None = None) -> Run:
         """Run `jobs` in order; each one past `timeout` seconds yields DatumTimeout."""
         return Run(self, jobs, timeout=timeout)
 

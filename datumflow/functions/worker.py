@@ -258,18 +258,18 @@ class Worker:
         await self._hand_back(batch, delay=0)
 
     async def _decode(self, batch: _Set) -> list[Item]:
-        items = []
+        items: list[Item] = []
         for msg in batch.msgs:
             try:
                 task = decode(msg.data, DatumTask, what="datum task")
-                _check_paths(task)  # type: ignore[arg-type]
+                _check_paths(task)
             except PermanentError as exc:
                 batch.settle(msg)
                 self.heartbeat.release(msg)
                 await dead_letter(self.broker, function="worker", msg=msg, reason=str(exc))
                 await msg.term()
                 continue
-            items.append((msg, task))  # type: ignore[arg-type]
+            items.append((msg, task))
         return items
 
     async def _hand_back(self, batch: _Set, *, delay: float) -> None:
