@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -230,7 +230,7 @@ class S3Store:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _stream(self, key: str) -> AsyncIterator[bytes]:
+    def _stream(self, key: str) -> AsyncGenerator[bytes, None]:
         return stream_object(
             s3=self._s3,
             bucket=self.bucket,

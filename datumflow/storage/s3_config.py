@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
@@ -17,6 +17,10 @@ from botocore.exceptions import PartialCredentialsError, ProfileNotFound
 
 from datumflow.errors import DatumflowError, PermanentError
 from datumflow.storage.s3_errors import translate, translated
+
+if TYPE_CHECKING:
+    # The stubs are a test-time dependency only: the type is never needed at run time.
+    from types_aiobotocore_s3.client import S3Client as S3Api
 
 MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB
@@ -46,7 +50,12 @@ class S3Client:
     """An open aiobotocore S3 client and the policy shared by every request made through it."""
 
     def __init__(
-        self, *, client: Any, stack: contextlib.AsyncExitStack, concurrency: int, max_attempts: int
+        self,
+        *,
+        client: S3Api,
+        stack: contextlib.AsyncExitStack,
+        concurrency: int,
+        max_attempts: int,
     ) -> None:
         self.api = client
         self._stack = stack
@@ -119,13 +128,6 @@ async def connect(
     )
     if bool(access_key) != bool(secret_key):
         raise ValueError("give both access_key and secret_key, or neither")
-    credentials = {}
-    if access_key:
-        credentials = {
-            "aws_access_key_id": access_key,
-            "aws_secret_access_key": secret_key,
-            "aws_session_token": session_token or None,
-        }
     stack = contextlib.AsyncExitStack()
     try:
         session = AioSession(profile=profile or None)
@@ -135,7 +137,10 @@ async def connect(
                 region_name=region or None,
                 endpoint_url=endpoint or None,
                 config=config,
-                **credentials,
+                # None leaves the credentials to botocore's chain (environment, profile, role).
+                aws_access_key_id=access_key or None,
+                aws_secret_access_key=secret_key or None,
+                aws_session_token=(session_token or None) if access_key else None,
             )
         )
     except (ProfileNotFound, PartialCredentialsError) as exc:

@@ -7,7 +7,7 @@ ETag, and version when set): a changed or vanished object fails with a message t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import NamedTuple, Protocol
 
 from datumflow.errors import NotFound, PermanentError
@@ -35,7 +35,7 @@ class SourceInfo(NamedTuple):
     version_id: str
 
 
-def source_stream(*, s3: S3Client, source: SourceRef) -> AsyncIterator[bytes]:
+def source_stream(*, s3: S3Client, source: SourceRef) -> AsyncGenerator[bytes, None]:
     """The bytes of the committed object `source`; PermanentError if it changed or vanished."""
     bucket, s3_key = parse_s3_url(source.url)
     if not s3_key:

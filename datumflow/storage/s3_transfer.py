@@ -16,9 +16,9 @@ import io
 import os
 import random
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
@@ -27,6 +27,9 @@ from datumflow.errors import PermanentError, StorageError
 from datumflow.storage.base import CHUNK
 from datumflow.storage.s3_config import MAX_PARTS, MiB, S3Client
 from datumflow.storage.s3_errors import STREAM_ERRORS, error_code
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
 
 def b64(digest: bytes) -> str:
@@ -132,6 +135,12 @@ class _FileWindow(io.RawIOBase):
         super().close()
 
 
+def _body(window: _FileWindow) -> IO[bytes]:
+    # The S3 stubs type a request body as typing.IO; botocore reads any seekable file-like
+    # object, and a RawIOBase is one without being a typing.IO.
+    return cast(IO[bytes], window)
+
+
 async def put_object_file(
     *, s3: S3Client, bucket: str, s3_key: str, path: Path, size: int, sha256: bytes
 ) -> None:
@@ -142,7 +151,7 @@ async def put_object_file(
             await s3.api.put_object(
                 Bucket=bucket,
                 Key=s3_key,
-                Body=body,
+                Body=_body(body),
                 ContentLength=size,
                 ChecksumSHA256=b64(sha256),
             )
@@ -168,7 +177,7 @@ async def put_multipart(
     upload_id = created["UploadId"]
     limit = asyncio.Semaphore(s3.concurrency)
 
-    async def upload(number: int) -> dict[str, Any]:
+    async def upload(number: int) -> CompletedPartTypeDef:
         offset = (number - 1) * part_size
         length = min(part_size, size - offset)
         checksum = b64(part_digests[number - 1])
@@ -181,7 +190,7 @@ async def put_multipart(
                         Key=s3_key,
                         UploadId=upload_id,
                         PartNumber=number,
-                        Body=body,
+                        Body=_body(body),
                         ContentLength=length,
                         ChecksumSHA256=checksum,
                     )
@@ -219,7 +228,7 @@ async def stream_object(
     sha256: str = "",
     missing: str,
     changed: str = "",
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the object's bytes; resume where a broken body stopped, from the same version.
 
     `etag` (and `version_id`) pin the object: if it is not that one any more, raise
@@ -287,7 +296,7 @@ async def stream_object(
         )
 
 
-async def download(stream: AsyncIterator[bytes], dest: Path) -> int:
+async def download(stream: AsyncGenerator[bytes, None], dest: Path) -> int:
     """Write a stream to `dest` through a temporary file, so `dest` is never half-written."""
     fd, tmp = await asyncio.to_thread(
         tempfile.mkstemp, dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"
