@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -15,6 +14,7 @@ from datumflow.functions.ingest_stream import DEFAULT_SUBJECT, ensure_ingest_str
 from datumflow.pfs.bucket_sources import BucketSources, parse_bucket_url, source_url
 from datumflow.pfs.notifications import BucketMapping
 from datumflow.storage import ObjectStore
+from datumflow.storage.base import InPlaceReader, reads_in_place
 
 
 async def create_fed_repo(
@@ -49,9 +49,9 @@ async def create_fed_repo(
     )
 
 
-def in_place(store: ObjectStore, ref: FileRef) -> Any:
+def in_place(store: ObjectStore, ref: FileRef) -> InPlaceReader:
     """The store, if it can read objects in place (S3); otherwise exit with the reason."""
-    if getattr(store, "read_source", None) is None:
+    if not reads_in_place(store):
         assert ref.source is not None
         fail(
             f"{ref.path} is the object {ref.source.url}, read in place, but this datumflow"

@@ -22,7 +22,7 @@ from datumflow.errors import PermanentError
 from datumflow.functions import sandbox
 from datumflow.functions.attempt import MakeResult, Retry, upload
 from datumflow.spec import parse_duration
-from datumflow.storage.base import ObjectStore
+from datumflow.storage.base import ObjectStore, reads_in_place
 
 
 class Commands:
@@ -99,13 +99,12 @@ class Commands:
 
     async def _fetch(self, ref: FileRef, dest: Path) -> int:
         if ref.source is not None:
-            get_source = getattr(self.store, "get_source", None)
-            if get_source is None:
+            if not reads_in_place(self.store):
                 raise PermanentError(
                     f"{ref.path} lives in a bucket ({ref.source.url}), but this datumflow stores"
                     " objects on the local disk; run it with --storage s3://..."
                 )
-            return await get_source(ref.source, dest)
+            return await self.store.get_source(ref.source, dest)
         return await self.store.get_file(ref.hash, dest)
 
     async def user_code(

@@ -20,7 +20,7 @@ from datumflow.broker.records import BranchInfo, CommitInfo, RepoInfo
 from datumflow.errors import Conflict, NotFound, PermanentError
 from datumflow.pfs import manifest
 from datumflow.pfs.paths import check_name, clean_path
-from datumflow.storage.base import ObjectStore
+from datumflow.storage.base import ObjectStore, reads_in_place
 
 COMMIT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -260,7 +260,7 @@ class Repos:
             raise PermanentError(
                 f"{what}: {path} has source {source.url!r}; give s3://bucket/key of an object"
             )
-        if getattr(self.store, "get_source", None) is None:
+        if not reads_in_place(self.store):
             raise PermanentError(
                 f"{what}: {path} is read in place from {source.url}, but this datumflow stores"
                 f" its objects at {self.store.url}, so its workers cannot read buckets; run it"

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeGuard
+
+if TYPE_CHECKING:
+    from datumflow.storage.s3_sources import SourceRef
 
 CHUNK = 1 << 20
 
@@ -42,3 +45,24 @@ class ObjectStore(Protocol):
     async def delete(self, key: str) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class InPlaceReader(Protocol):
+    """What a store that reads objects in place, from their own bucket, adds (S3 does)."""
+
+    async def get_source(self, source: SourceRef, dest: Path) -> int:
+        """Download the committed object `source` to `dest`; return its size."""
+        ...
+
+    def read_source(self, source: SourceRef) -> AsyncIterator[bytes]:
+        """Stream the committed object `source` in chunks."""
+        ...
+
+
+def reads_in_place(store: object) -> TypeGuard[InPlaceReader]:
+    """Whether `store` can read objects in place. By attribute, not by class: the wrappers
+    (RetryingStore, FaultyStore) pass the backend's extras through."""
+    return (
+        getattr(store, "get_source", None) is not None
+        and getattr(store, "read_source", None) is not None
+    )
