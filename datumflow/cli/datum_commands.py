@@ -38,13 +38,6 @@ from datumflow.pfs.paths import parse_job
 from datumflow.spec import PipelineSpec, load_spec
 
 
-def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    """Add this module's commands to the app and to the groups (create, list, inspect, ...)."""
-    groups["list"].command("datum")(list_datum)
-    groups["inspect"].command("datum")(inspect_datum)
-    app.command("logs")(logs)
-
-
 def _files_text(files: list[DatumFile]) -> str:
     return ", ".join(f"{f.repo}:{f.path}" for f in files)
 

@@ -26,14 +26,6 @@ if TYPE_CHECKING:
 DEFAULT_NAMESPACE = "datumflow"
 
 
-def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    """Add this module's commands to the app and to the groups (create, list, inspect, ...)."""
-    render = typer.Typer(help="Print Kubernetes objects for kubectl.", no_args_is_help=True)
-    render.command("pipeline")(render_pipeline_command)
-    app.add_typer(render, name="render")
-    app.command("controller")(controller_command)
-
-
 def _monitor_endpoint(settings: Settings, explicit: str) -> str:
     # The endpoint KEDA reaches from inside the cluster. Only an explicit one counts: the monitor
     # address of a local `datumflow up` (127.0.0.1:port) means nothing to KEDA.

@@ -57,8 +57,3 @@ def ingest(
         await Ingest(broker=broker, store=store, options=options).run(stop)
 
     asyncio.run(serve(settings=settings, name="datumflow-ingest", body=body))
-
-
-def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    """Add this module's commands to the app and to the groups (create, list, inspect, ...)."""
-    app.command()(ingest)
