@@ -12,7 +12,6 @@ import re
 from typing import Any, Literal
 
 import msgspec
-import yaml
 
 from datumflow.errors import SpecError
 
@@ -156,6 +155,8 @@ def _decode_document(data: bytes | str, *, source: str) -> Any:
         return json.loads(text)
     except ValueError:
         pass
+    import yaml  # only for a YAML document: PyYAML takes ~20 ms to import, JSON needs none of it
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -15,8 +15,9 @@ import pytest
 
 from datumflow.cli.main import COMMANDS
 
-HEAVY = ("nats", "aiohttp", "aiobotocore", "botocore", "kubernetes", "pydantic")
-"""pydantic: some typer releases check option values with it (see cli.main.plain_strings)."""
+HEAVY = ("nats", "aiohttp", "aiobotocore", "botocore", "kubernetes", "pydantic", "rich", "yaml")
+"""pydantic: some typer releases check option values with it (see cli.main.plain_strings); rich
+and yaml: for help, tables and specs that a listing does not need."""
 
 
 def loaded_after(code: str) -> set[str]:

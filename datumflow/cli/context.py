@@ -12,8 +12,6 @@ from typing import Any, NoReturn, TypeVar
 
 import msgspec
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from datumflow.broker.connection import Broker, connect
 from datumflow.broker.topology import ensure_topology
@@ -26,8 +24,6 @@ from datumflow.settings import Settings
 from datumflow.storage import ObjectStore, open_store
 
 T = TypeVar("T")
-out = Console()
-err = Console(stderr=True)
 
 
 class Api(msgspec.Struct, kw_only=True):
@@ -54,7 +50,8 @@ def address_of(text: str, *, need_path: bool = False) -> FileAddress:
 
 
 def fail(message: str, *, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    typer.secho("error:", fg="red", bold=True, err=True, nl=False)
+    typer.echo(f" {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -125,12 +122,12 @@ def emit_json(value: Any) -> None:
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    t = Table(box=None, header_style="bold", pad_edge=False)
-    for c in columns:
-        t.add_column(c)
-    for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
-    out.print(t)
+    """Aligned columns that are never cut: ids are copied from here into other commands, and a
+    terminal-width table would shorten them."""
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    for row in [list(columns), *cells]:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def ago(timestamp: float) -> str:

@@ -19,6 +19,7 @@ from datumflow.cli.context import (
     run,
     seconds_text,
     settings_of,
+    table,
     to_plain,
     with_api,
 )
@@ -66,7 +67,7 @@ def list_datum(
         if as_json:
             emit_json(datums)
         else:
-            _table(["ID", "FILES"], [(d.id, _files_text(d.files)) for d in datums])
+            table(["ID", "FILES"], [(d.id, _files_text(d.files)) for d in datums])
         return
     pipeline, job = _job_address(target)
 
@@ -78,22 +79,13 @@ def list_datum(
     if as_json:
         emit_json(datums)
     else:
-        _table(
+        table(
             ["ID", "FILES", "STATUS", "TIME"],
             [
                 (d.id, _files_text(d.files), d.state, seconds_text(d.time) if d.time else "-")
                 for d in datums
             ],
         )
-
-
-def _table(columns: list[str], rows: list[tuple[str, ...]]) -> None:
-    """Aligned columns that are never cut: a datum id is copied from here into other commands,
-    and a terminal-width table would shorten it."""
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
-    for row in [tuple(columns), *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
-        typer.echo("  ".join(cells).rstrip())
 
 
 def _read_spec(file: str) -> PipelineSpec:
