@@ -16,7 +16,7 @@ def pipe_holders(inode: int) -> set[int]:
     if not inode:
         return set()
     target = f"pipe:[{inode}]"
-    holders = set()
+    holders: set[int] = set()
     me = os.getpid()
     try:
         entries = os.listdir("/proc")
@@ -85,7 +85,7 @@ def _tree(leader: int, *, running: bool) -> set[int]:
 
 def _processes() -> list[tuple[int, int, int]]:
     """(parent pid, pid, session id) of every live process; [] where there is no /proc."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     try:
         entries = os.listdir("/proc")
     except OSError:

@@ -238,7 +238,7 @@ def _pipe_inode(transport: asyncio.SubprocessTransport) -> int:
 
 
 async def _drain(
-    readers: asyncio.Future[object], transport: asyncio.SubprocessTransport, inode: int
+    readers: asyncio.Future[tuple[None, None]], transport: asyncio.SubprocessTransport, inode: int
 ) -> None:
     """Read the output to its end. A process still holding the output pipe once the tree is
     killed inherited it from the user code and left its session (a daemon that did not close its

@@ -29,8 +29,8 @@ import re
 import msgspec
 
 from datumflow.errors import SpecError
-from datumflow.pfs.glob_compile import END, meaning_seq, needs_program, to_regex
-from datumflow.pfs.glob_program import assemble, run
+from datumflow.pfs.glob_compile import END, IR, meaning_seq, needs_program, to_regex
+from datumflow.pfs.glob_program import Program, assemble, run
 from datumflow.pfs.glob_syntax import Parser
 from datumflow.pfs.glob_templates import check_template, expand_template
 
@@ -45,7 +45,7 @@ class Glob(msgspec.Struct, frozen=True, kw_only=True):
     groups: int
     """Number of capture groups, i.e. the highest `$n` a template may name."""
     regex: re.Pattern[str]
-    program: tuple[tuple, ...] | None
+    program: Program | None
     """The fallback matcher's program, for globs `re` could take too long on; else None."""
     captured: tuple[bool, ...]
     """Per group number (1-based, index 0 unused): whether the regex has it. Groups inside `!(…)`
@@ -101,7 +101,7 @@ def _build(pattern: str, *, always_program: bool) -> Glob:
     parser = Parser(cleaned)
     nodes = parser.parse()
     captured = [False] * (parser.groups + 1)
-    ir = ("cat", (meaning_seq(nodes, rest=END, capture=True, captured=captured), END))
+    ir: IR = ("cat", (meaning_seq(nodes, rest=END, capture=True, captured=captured), END))
     try:
         regex = re.compile(to_regex(ir), re.DOTALL)
     except re.error as exc:  # pragma: no cover - the parser should have refused it first

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal, TypeAlias
 
 from datumflow.pfs.glob_syntax import Alt, Class, Lit, Node, One, Star
 
@@ -17,7 +18,20 @@ from datumflow.pfs.glob_syntax import Alt, Class, Lit, Node, One, Star
 #   ("lit", text)  ("seg",) a run without "/"  ("any",) any run  ("one",) one char but "/"
 #   ("class", regex)  ("cat", items)  ("alt", items)  ("rep", item, least)  ("opt", item)
 #   ("group", number, item)  ("notahead", item)  ("end",) the end of the path
-IR = tuple
+IR: TypeAlias = (
+    tuple[Literal["lit"], str]
+    | tuple[Literal["seg"]]
+    | tuple[Literal["any"]]
+    | tuple[Literal["one"]]
+    | tuple[Literal["class"], str]
+    | tuple[Literal["cat"], tuple["IR", ...]]
+    | tuple[Literal["alt"], tuple["IR", ...]]
+    | tuple[Literal["rep"], "IR", int]
+    | tuple[Literal["opt"], "IR"]
+    | tuple[Literal["group"], int, "IR"]
+    | tuple[Literal["notahead"], "IR"]
+    | tuple[Literal["end"]]
+)
 END: IR = ("end",)
 
 
@@ -32,7 +46,7 @@ def meaning_seq(
 ) -> IR:
     """IR for `nodes`, where `rest` is whatever must follow them up to the end of the path: a
     `!(…)` needs it to know what it must not be followed by."""
-    out = []
+    out: list[IR] = []
     for i, node in enumerate(nodes):
         after = rest
         if _has_negation(node):
@@ -60,8 +74,8 @@ def _meaning(node: Node, *, rest: IR, capture: bool, captured: list[bool] | None
     elif kind in "*+":
         # Inside a repetition, what follows one round may be more rounds; those are read without
         # their negations (as `*`) to keep the meaning finite.
-        loose = ("alt", tuple(_loose(b) for b in node.branches))
-        after = ("cat", (("rep", loose, 0), rest))
+        loose: IR = ("alt", tuple(_loose(b) for b in node.branches))
+        after: IR = ("cat", (("rep", loose, 0), rest))
         body = _alternation(node.branches, rest=after, capture=capture, captured=captured)
         inner = ("rep", body, 1 if kind == "+" else 0)
     else:
@@ -92,7 +106,7 @@ def _loose(nodes: Sequence[Node]) -> IR:
         elif node.kind == "!":
             out.append(("seg",))
         else:
-            body = ("alt", tuple(_loose(b) for b in node.branches))
+            body: IR = ("alt", tuple(_loose(b) for b in node.branches))
             if node.kind in "*+":
                 body = ("rep", body, 1 if node.kind == "+" else 0)
             elif node.kind == "?":
@@ -102,24 +116,25 @@ def _loose(nodes: Sequence[Node]) -> IR:
 
 
 def to_regex(ir: IR) -> str:
-    tag = ir[0]
-    if tag == "lit":
+    # `ir[0] == ...` rather than a `tag` variable: that is what lets the type checker narrow
+    # `ir` to the one tuple shape of that tag.
+    if ir[0] == "lit":
         return re.escape(ir[1])
-    if tag in _FIXED_REGEX:
-        return _FIXED_REGEX[tag]
-    if tag == "class":
+    if ir[0] in _FIXED_REGEX:
+        return _FIXED_REGEX[ir[0]]
+    if ir[0] == "class":
         return ir[1]
-    if tag == "cat":
+    if ir[0] == "cat":
         return "".join(to_regex(x) for x in ir[1])
-    if tag == "alt":
+    if ir[0] == "alt":
         return "(?:" + "|".join(to_regex(x) for x in ir[1]) + ")"
-    if tag == "rep":
+    if ir[0] == "rep":
         return f"(?:{to_regex(ir[1])})" + ("+" if ir[2] else "*")
-    if tag == "opt":
+    if ir[0] == "opt":
         return f"(?:{to_regex(ir[1])})?"
-    if tag == "group":
+    if ir[0] == "group":
         return f"(?P<g{ir[1]}>{to_regex(ir[2])})"
-    assert tag == "notahead", tag
+    assert ir[0] == "notahead", ir[0]
     return f"(?!{to_regex(ir[1])})"
 
 
@@ -137,16 +152,15 @@ def needs_program(ir: IR) -> bool:
     stack = [ir]
     while stack:
         node = stack.pop()
-        tag = node[0]
-        if tag == "rep":
+        if node[0] == "rep":
             return True
-        if tag in ("seg", "any"):
+        if node[0] in ("seg", "any"):
             runs += 1
-        elif tag in ("cat", "alt"):
+        elif node[0] == "cat" or node[0] == "alt":
             stack.extend(node[1])
-        elif tag in ("opt", "notahead"):
+        elif node[0] == "opt" or node[0] == "notahead":
             stack.append(node[1])
-        elif tag == "group":
+        elif node[0] == "group":
             stack.append(node[2])
     return runs > _MAX_RE_RUNS
 

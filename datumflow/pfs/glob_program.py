@@ -8,6 +8,7 @@ exponential time.
 from __future__ import annotations
 
 import re
+from typing import Literal, TypeAlias
 
 from datumflow.pfs.glob_compile import IR
 
@@ -17,61 +18,76 @@ from datumflow.pfs.glob_compile import IR
 # tried once and the work is bounded by len(program) * len(path).
 #   ("lit", text)  ("one",)  ("class", pattern)  ("run", crosses)  ("split", first, second)
 #   ("jmp", to)  ("save", slot)  ("notahead", start)  ("end",)
+Op: TypeAlias = (
+    tuple[Literal["lit"], str]
+    | tuple[Literal["one"]]
+    | tuple[Literal["class"], re.Pattern[str]]
+    | tuple[Literal["run"], bool]
+    | tuple[Literal["split"], int, int]
+    | tuple[Literal["jmp"], int]
+    | tuple[Literal["save"], int]
+    | tuple[Literal["notahead"], int]
+    | tuple[Literal["end"]]
+)
+Program: TypeAlias = tuple[Op, ...]
+_HOLE: Op = ("jmp", -1)
+"""A place kept for a split, jump or lookahead whose target is not known yet; always filled."""
 
 
-def assemble(ir: IR) -> tuple[tuple, ...]:
-    ops: list = []
+def assemble(ir: IR) -> Program:
+    ops: list[Op] = []
     lookaheads: list[tuple[int, IR]] = []
 
+    # `node[0] == ...` rather than a `tag` variable: that is what lets the type checker narrow
+    # `node` to the one tuple shape of that tag.
     def emit(node: IR) -> None:
-        tag = node[0]
-        if tag == "lit":
+        if node[0] == "lit":
             ops.append(("lit", node[1]))
-        elif tag in ("seg", "any"):
-            ops.append(("run", tag == "any"))
-        elif tag == "one":
+        elif node[0] in ("seg", "any"):
+            ops.append(("run", node[0] == "any"))
+        elif node[0] == "one":
             ops.append(("one",))
-        elif tag == "class":
+        elif node[0] == "class":
             ops.append(("class", re.compile(node[1])))
-        elif tag == "cat":
+        elif node[0] == "cat":
             for item in node[1]:
                 emit(item)
-        elif tag == "alt":
+        elif node[0] == "alt":
             jumps = []
             items = node[1]
             for item in items[:-1]:
                 split = len(ops)
-                ops.append(None)
+                ops.append(_HOLE)
                 emit(item)
                 jumps.append(len(ops))
-                ops.append(None)
+                ops.append(_HOLE)
                 ops[split] = ("split", split + 1, len(ops))
             if items:
                 emit(items[-1])
             for jump in jumps:
                 ops[jump] = ("jmp", len(ops))
-        elif tag == "rep":
+        elif node[0] == "rep":
             top = len(ops)
             if node[2]:
                 emit(node[1])
                 ops.append(("split", top, len(ops) + 1))
             else:
-                ops.append(None)
+                ops.append(_HOLE)
                 emit(node[1])
                 ops.append(("jmp", top))
                 ops[top] = ("split", top + 1, len(ops))
-        elif tag == "opt":
+        elif node[0] == "opt":
             split = len(ops)
-            ops.append(None)
+            ops.append(_HOLE)
             emit(node[1])
             ops[split] = ("split", split + 1, len(ops))
-        elif tag == "group":
+        elif node[0] == "group":
             ops.append(("save", 2 * node[1]))
             emit(node[2])
             ops.append(("save", 2 * node[1] + 1))
-        elif tag == "notahead":
+        elif node[0] == "notahead":
             lookaheads.append((len(ops), node[1]))
-            ops.append(None)
+            ops.append(_HOLE)
         else:
             ops.append(("end",))
 
@@ -85,7 +101,12 @@ def assemble(ir: IR) -> tuple[tuple, ...]:
 
 
 def run(
-    ops: tuple[tuple, ...], text: str, pc: int, pos: int, slots: int, seen_ahead: dict
+    ops: Program,
+    text: str,
+    pc: int,
+    pos: int,
+    slots: int,
+    seen_ahead: dict[tuple[int, int], bool],
 ) -> tuple[int, ...] | None:
     """Slots (start and end of each group, -1 when unset) of the first match from (pc, pos)."""
     tried: set[tuple[int, int]] = set()
@@ -96,35 +117,34 @@ def run(
         while (pc, pos) not in tried:
             tried.add((pc, pos))
             op = ops[pc]
-            tag = op[0]
-            if tag == "lit":
+            if op[0] == "lit":
                 if not text.startswith(op[1], pos):
                     break
                 pos += len(op[1])
-            elif tag == "one":
+            elif op[0] == "one":
                 if pos >= end or text[pos] == "/":
                     break
                 pos += 1
-            elif tag == "class":
+            elif op[0] == "class":
                 if op[1].match(text, pos) is None:
                     break
                 pos += 1
-            elif tag == "run":
+            elif op[0] == "run":
                 stop = end if op[1] else text.find("/", pos)
                 stop = end if stop < 0 else stop
                 # Greedy: go on with the longest run; the shorter ones wait, shortest last.
                 stack.extend((pc + 1, p, caps) for p in range(pos, stop))
                 pos = stop
-            elif tag == "split":
+            elif op[0] == "split":
                 stack.append((op[2], pos, caps))
                 pc = op[1]
                 continue
-            elif tag == "jmp":
+            elif op[0] == "jmp":
                 pc = op[1]
                 continue
-            elif tag == "save":
+            elif op[0] == "save":
                 caps = (*caps[: op[1]], pos, *caps[op[1] + 1 :])
-            elif tag == "notahead":
+            elif op[0] == "notahead":
                 key = (op[1], pos)
                 if key not in seen_ahead:
                     seen_ahead[key] = run(ops, text, op[1], pos, 0, seen_ahead) is not None
