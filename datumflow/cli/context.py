@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
@@ -55,10 +55,10 @@ def fail(message: str, *, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def run(coro: Awaitable[T]) -> T:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning datumflow's errors into a message and exit code 1."""
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
     except DatumflowError as exc:
         fail(str(exc))
     except ValueError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -63,11 +64,11 @@ def list_datum(
         async def dry(api: Api) -> list[PlannedDatum]:
             return await planned_datums(api, spec)
 
-        datums = run(with_api(settings, dry))
+        planned = run(with_api(settings, dry))
         if as_json:
-            emit_json(datums)
+            emit_json(planned)
         else:
-            table(["ID", "FILES"], [(d.id, _files_text(d.files)) for d in datums])
+            table(["ID", "FILES"], [(d.id, _files_text(d.files)) for d in planned])
         return
     pipeline, job = _job_address(target)
 
@@ -117,12 +118,12 @@ def inspect_datum(
     """Show one datum of a job: state, files, error, attempts, stats, logs and output."""
     pipeline, job = _job_address(target)
 
-    async def body(api: Api) -> dict:
+    async def body(api: Api) -> dict[str, Any]:
         view = await JobView.load(api, pipeline, job)
         did = view.find(datum)
         result = view.first.get(did)
         inputs = view.inputs(did) or []
-        detail: dict = {
+        detail: dict[str, Any] = {
             "id": did,
             "pipeline": pipeline,
             "job": job,

@@ -11,6 +11,7 @@ import contextlib
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from rich.console import Console
@@ -32,7 +33,8 @@ TEXTS = [
     "commits are events and pipelines chain into a graph",
 ]
 
-COUNT = {
+# Pipeline specs as a user writes them (JSON documents), loaded with load_spec.
+COUNT: dict[str, Any] = {
     "pipeline": {"name": "count"},
     "description": "Words per file: one datum per file.",
     "input": {"pfs": {"repo": "texts", "glob": "/*"}},
@@ -46,7 +48,7 @@ COUNT = {
     "parallelism_spec": {"constant": 2},
 }
 
-TOTAL = {
+TOTAL: dict[str, Any] = {
     "pipeline": {"name": "total"},
     "description": "Sum of all word counts: one datum over the whole repo.",
     "input": {"pfs": {"repo": "count", "glob": "/"}},

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from datumflow.broker import subjects
 from datumflow.cli.context import Api
@@ -50,7 +51,7 @@ class LiveLogs:
         self.datum = datum
         self.chunks: asyncio.Queue[Msg] = asyncio.Queue()
         self.stop = asyncio.Event()
-        self.sub = None
+        self.sub: Subscription | None = None
 
     async def start(self) -> None:
         subject = subjects.logs(self.pipeline, self.job or "*", "*")

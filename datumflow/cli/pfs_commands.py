@@ -6,6 +6,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 
 import typer
 
@@ -260,9 +261,15 @@ def list_file(
     run(with_api(settings_of(ctx), body))
 
 
-def _directory(files: list[FileRef], directory: str) -> list[dict] | None:
+class _Entry(TypedDict):
+    path: str
+    type: str
+    size: int
+
+
+def _directory(files: list[FileRef], directory: str) -> list[_Entry] | None:
     prefix = "/" if directory == "/" else directory.rstrip("/") + "/"
-    children: dict[str, dict] = {}
+    children: dict[str, _Entry] = {}
     for f in files:
         if f.path == directory:
             return [{"path": f.path, "type": "file", "size": f.size}]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import typer
@@ -93,7 +94,7 @@ def _input_text(info: PipelineInfo) -> str:
 STATUS_FRESH_SECONDS = 10.0
 
 
-def _status(settings_home: str) -> dict:
+def _status(settings_home: str) -> dict[str, dict[str, Any]]:
     """Per pipeline, what the local supervisor last wrote: state, workers, desired, lag."""
     try:
         status = json.loads((Path(settings_home) / "status.json").read_text())
@@ -109,7 +110,9 @@ def _status(settings_home: str) -> dict:
     }
 
 
-def _pipeline_view(info: PipelineInfo, status: dict, last: JobInfo | None) -> dict:
+def _pipeline_view(
+    info: PipelineInfo, status: dict[str, dict[str, Any]], last: JobInfo | None
+) -> dict[str, Any]:
     s = status.get(info.name, {})
     autoscaled = info.spec.autoscaled
     workers = s.get("workers", 0)
@@ -188,13 +191,13 @@ def inspect_pipeline(
     run(with_api(settings_of(ctx), body))
 
 
-def _yamlish(view: dict) -> str:
+def _yamlish(view: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(view, sort_keys=False, allow_unicode=True).rstrip()
 
 
-def _job_row(j: JobInfo) -> tuple:
+def _job_row(j: JobInfo) -> tuple[str, ...]:
     done = j.data_processed + j.data_skipped
     progress = (
         f"{done} + {j.data_failed} failed / {j.data_total}"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import typer
@@ -25,6 +26,10 @@ from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance
 from datumflow.runtime.service import resolve, serve, stop_on_signals
 from datumflow.runtime.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from datumflow.broker.connection import Broker
+    from datumflow.storage.base import ObjectStore
 
 
 def _logging(verbose: bool = True) -> None:
@@ -138,7 +143,7 @@ def planner(ctx: typer.Context) -> None:
     _logging()
     settings = resolve(settings_of(ctx))
 
-    async def body(broker, store, stop) -> None:  # type: ignore[no-untyped-def]
+    async def body(broker: Broker, store: ObjectStore, stop: asyncio.Event) -> None:
         scratch = Path(settings.home).resolve() / "scratch" / "planner"
         scratch.mkdir(parents=True, exist_ok=True)
         await Planner(broker=broker, store=store, scratch=scratch).run(stop)
@@ -151,7 +156,7 @@ def committer(ctx: typer.Context) -> None:
     _logging()
     settings = resolve(settings_of(ctx))
 
-    async def body(broker, store, stop) -> None:  # type: ignore[no-untyped-def]
+    async def body(broker: Broker, store: ObjectStore, stop: asyncio.Event) -> None:
         await Committer(broker=broker, store=store).run(stop)
 
     asyncio.run(serve(settings=settings, name="datumflow-committer", body=body))
@@ -162,7 +167,7 @@ def worker(ctx: typer.Context, pipeline: str = typer.Option(..., "--pipeline", "
     _logging()
     settings = resolve(settings_of(ctx))
 
-    async def body(broker, store, stop) -> None:  # type: ignore[no-untyped-def]
+    async def body(broker: Broker, store: ObjectStore, stop: asyncio.Event) -> None:
         from datumflow.functions.pod_cost import worker_marker
 
         # Busy or idle, so that a scale-down stops idle workers first: the pod's deletion cost

@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 import msgspec
 
@@ -60,7 +61,7 @@ def read_instance(home: Path) -> Instance | None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])  # (host, port) for AF_INET; typeshed says Any
 
 
 def server_binary(explicit: str = "") -> str:
@@ -148,7 +149,7 @@ class EmbeddedServer:
         """Start the server. It stops when the thread that started it dies (Linux), so call this
         from a thread that lives as long as the server should: the main thread, not a pool's."""
         config = self._config()
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        out: IO[bytes] | int = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [self.binary, "-c", str(config)],
             stdout=out,
@@ -161,7 +162,7 @@ class EmbeddedServer:
             preexec_fn=stop_with_parent,
             env=server_environment(os.environ, os.cpu_count() or 1),
         )
-        if out is not subprocess.DEVNULL:
+        if not isinstance(out, int):
             out.close()
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
@@ -205,7 +206,7 @@ def stop_with_parent() -> None:
 
 def _http_status(url: str) -> int:
     with urllib.request.urlopen(url, timeout=1) as resp:
-        return resp.status
+        return int(resp.status)  # urlopen's response is typed Any
 
 
 def server_environment(environ: Mapping[str, str], cpus: int) -> dict[str, str]:

@@ -6,11 +6,12 @@ import asyncio
 import json
 import logging
 import urllib.request
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-async def read_jsz(monitor_url: str) -> dict | None:
+async def read_jsz(monitor_url: str) -> dict[str, Any] | None:
     """The /jsz document of the broker's monitoring endpoint; None (logged) when it cannot be read."""
     url = f"http://{monitor_url}/jsz?acc=$G&config=true&consumers=true"
     try:
@@ -20,6 +21,9 @@ async def read_jsz(monitor_url: str) -> dict | None:
         return None
 
 
-def _get_json(url: str) -> dict:
+def _get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=2) as resp:
-        return json.loads(resp.read())
+        doc = json.loads(resp.read())
+    if not isinstance(doc, dict):
+        raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
+    return doc

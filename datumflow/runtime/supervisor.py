@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -141,7 +142,7 @@ class Supervisor:
                 await self._scale(gone, 0)
                 self.retired += gone.draining
         self.retired = [c for c in self.retired if c.reap()]
-        jsz: dict | None = None
+        jsz: dict[str, Any] | None = None
         jsz_read = False
         now = time.monotonic()
         for name, info in infos.items():
