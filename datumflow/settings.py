@@ -22,7 +22,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_url: str = ""
     """Broker to use; empty means the embedded one recorded in `home`."""
     monitor_url: str = ""
-    """nats-server HTTP monitoring endpoint (host:port), for lag."""
+    """nats-server HTTP monitoring endpoint (host:port), where `up` reads lag as KEDA does; empty
+    (an external broker without one): `up` reads the same figure from JetStream consumer info."""
     storage: str = ""
     """Object store URL: file:///path or s3://bucket/prefix. Empty means `<home>/objects`."""
     ack_wait: float = 30.0

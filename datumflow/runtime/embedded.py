@@ -104,6 +104,7 @@ class EmbeddedServer:
         self.binary = server_binary(binary)
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
+        """-1: no monitoring endpoint, as on a broker whose operator exposes none."""
         self.log_file = log_file
         self.extra_config = extra_config
         self.process: subprocess.Popen[bytes] | None = None
@@ -114,7 +115,7 @@ class EmbeddedServer:
 
     @property
     def monitor(self) -> str:
-        return f"127.0.0.1:{self.monitor_port}"
+        return f"127.0.0.1:{self.monitor_port}" if self.monitor_port > 0 else ""
 
     def _config(self) -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ class EmbeddedServer:
                 [
                     "host: 127.0.0.1",
                     f"port: {self.port}",
-                    f"http: 127.0.0.1:{self.monitor_port}",
+                    f"http: {self.monitor}" if self.monitor else "",
                     f"max_payload: {MAX_PAYLOAD}",
                     "jetstream {",
                     f"  store_dir: {json.dumps(str(self.store_dir))}",
@@ -166,7 +167,8 @@ class EmbeddedServer:
             out.close()
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the monitoring endpoint says JetStream is healthy."""
+        """Until the monitoring endpoint says JetStream is healthy; without one, until the client
+        port greets with JetStream enabled."""
         deadline = time.monotonic() + timeout
         url = f"http://{self.monitor}/healthz?js-enabled-only=true"
         while time.monotonic() < deadline:
@@ -174,9 +176,11 @@ class EmbeddedServer:
                 raise RuntimeError(
                     f"nats-server exited with code {self.process.returncode}; see {self.log_file}"
                 )
-            with contextlib.suppress(OSError):
-                status = await asyncio.to_thread(_http_status, url)
-                if status == 200:
+            with contextlib.suppress(OSError, ValueError):
+                if self.monitor:
+                    if await asyncio.to_thread(_http_status, url) == 200:
+                        return
+                elif await _greets_with_jetstream(self.port):
                     return
             await asyncio.sleep(0.05)
         raise RuntimeError(f"nats-server did not become ready within {timeout:.0f}s")
@@ -202,6 +206,17 @@ def stop_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+async def _greets_with_jetstream(port: int) -> bool:
+    """Whether the server's first line on its client port (INFO {...}) says JetStream is on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout=1)
+    finally:
+        writer.close()
+    verb, _, info = line.decode().partition(" ")
+    return verb == "INFO" and bool(json.loads(info).get("jetstream"))
 
 
 def _http_status(url: str) -> int:

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -24,10 +23,10 @@ from datumflow.broker.kv import Records
 from datumflow.broker.records import PipelineInfo
 from datumflow.runtime.child import Child
 from datumflow.runtime.embedded import EmbeddedServer, Instance, instance_path
-from datumflow.runtime.lag import read_jsz
+from datumflow.runtime.lag import LagReader
 from datumflow.runtime.pipeline_workers import PipelineWorkers, choose_to_stop, kill_deadline
 from datumflow.runtime.service import connect_patiently
-from datumflow.scaling import lag_from_jsz, termination_grace_seconds
+from datumflow.scaling import termination_grace_seconds
 from datumflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,6 +108,7 @@ class Supervisor:
         instance_path(self.home).write_bytes(msgspec.json.encode(instance))
         self.broker = await connect_patiently(settings=self.settings, name="datumflow-supervisor")
         self.records = Records(self.broker, bucket=subjects.PIPELINES_BUCKET, type=PipelineInfo)
+        self.lags = LagReader(monitor_url=self.settings.monitor_url, broker=self.broker)
         # The ingest function's own options (DATUMFLOW_INGEST_WINDOW, _SUBJECTS) are not settings:
         # passed through as they are.
         ingest_env = {k: v for k, v in os.environ.items() if k.startswith("DATUMFLOW_INGEST_")}
@@ -142,8 +142,7 @@ class Supervisor:
                 await self._scale(gone, 0)
                 self.retired += gone.draining
         self.retired = [c for c in self.retired if c.reap()]
-        jsz: dict[str, Any] | None = None
-        jsz_read = False
+        self.lags.next_tick()
         now = time.monotonic()
         for name, info in infos.items():
             pw = self.pipelines.get(name)
@@ -157,15 +156,10 @@ class Supervisor:
                 continue
             if now >= pw.next_poll:
                 pw.next_poll = now + pw.params.polling_interval
-                if not jsz_read:
-                    jsz, jsz_read = await read_jsz(self.settings.monitor_url), True
-                if jsz is not None:
-                    # A consumer missing from /jsz (created a moment ago, or deleted) has
-                    # nothing for workers to do: lag 0, never "the whole stream".
-                    pw.lag = lag_from_jsz(
-                        jsz, stream=subjects.DATUMS_STREAM, consumer=subjects.worker_consumer(name)
-                    )
-                    pw.desired = pw.scaler.desired(pw.lag or 0, now)
+                lag = await self.lags.lag(name)
+                if lag is not None:
+                    pw.lag = lag
+                    pw.desired = pw.scaler.desired(lag, now)
                 # Else the lag is unknown: keep the workers we have, as KEDA does when its
                 # scaler fails, rather than scale down on a missing number.
             await self._scale(pw, pw.desired)

@@ -1,0 +1,21 @@
+"""A consumer's lag read from JetStream itself: the figure KEDA reads from the monitoring endpoint
+(num_pending + num_ack_pending), for a broker that exposes no monitoring endpoint."""
+
+from __future__ import annotations
+
+import nats.js.errors
+
+from datumflow.broker.connection import Broker, broker_errors
+
+
+async def consumer_lag(broker: Broker, *, stream: str, consumer: str) -> int:
+    """Messages of `stream` not yet acknowledged by the durable `consumer`: those it has not
+    delivered and those delivered but unacknowledged. 0 for a consumer that does not exist (made
+    a moment from now, or deleted): it has nothing for a worker. A broker that does not answer
+    raises BrokerError."""
+    try:
+        async with broker_errors(f"reading consumer {consumer} of stream {stream}"):
+            info = await broker.js.consumer_info(stream, consumer, timeout=2)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
