@@ -32,6 +32,7 @@ import pytest
 
 from datumflow.broker import subjects
 from datumflow.broker.messages import (
+    MAX_MESSAGE,
     CommitEvent,
     DatumInput,
     DatumResult,
@@ -43,7 +44,6 @@ from datumflow.broker.messages import (
 )
 from datumflow.errors import SpecError
 from datumflow.functions import sandbox
-from datumflow.functions.consumer import MAX_MESSAGE
 from datumflow.pfs.datums import check_input
 from datumflow.pfs.paths import BadPath, clean_path
 from datumflow.spec import load_spec

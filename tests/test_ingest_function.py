@@ -17,11 +17,11 @@ from nats.js.api import StreamConfig
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
+from datumflow.broker.ingest_stream import INGEST_DURABLE, INGEST_STREAM, ensure_ingest_stream
 from datumflow.broker.messages import DeadLetter, FileRef, ObjectSource
 from datumflow.broker.records import CommitInfo
 from datumflow.functions.ingest import Ingest, IngestOptions
 from datumflow.functions.ingest_changes import sequencer_key
-from datumflow.functions.ingest_stream import INGEST_DURABLE, INGEST_STREAM, ensure_ingest_stream
 from datumflow.pfs.bucket_sources import BucketSources, check_subject, parse_bucket_url
 from datumflow.pfs.repos import Repos
 from datumflow.storage.s3 import S3Store

@@ -21,6 +21,8 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as Subscription  # core NATS, for the CLI
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -130,6 +132,13 @@ class Broker:
         async with broker_errors(f"publishing to {subject}"):
             ack = await self.js.publish(subject, msgspec.json.encode(message), headers=headers)
         return ack.seq
+
+    async def subscribe(
+        self, subject: str, *, cb: Callable[[Msg], Awaitable[None]]
+    ) -> Subscription:
+        """A core NATS subscription (nothing kept: live output); `cb` gets each message."""
+        async with broker_errors(f"subscribing to {subject}"):
+            return await self.nc.subscribe(subject, cb=cb)
 
     async def retry(self, what: str, call: Callable[[], Awaitable[T]], *, attempts: int = 30) -> T:
         """Call `call`, retrying BrokerError with backoff: rides out a broker restart."""

@@ -1,15 +1,18 @@
-"""Typed access to the KV buckets: create-only writes and compare-and-set updates."""
+"""Typed access to the KV buckets: create-only writes, compare-and-set updates, and watches
+(`watch`) that speak datumflow's errors."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import msgspec
+import nats.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from datumflow.broker.connection import Broker, broker_errors
-from datumflow.errors import Conflict, NotFound
+from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
+from datumflow.errors import BrokerError, Conflict, NotFound
 
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -109,3 +112,51 @@ class Records(Generic[R]):
             if record is not None:
                 out.append(record)
         return out
+
+
+class Change(NamedTuple):
+    """One entry a watch reports."""
+
+    key: str
+    value: bytes
+    """b"" for a delete."""
+    revision: int
+    deleted: bool
+
+
+class Watch:
+    """A watch on a bucket: its current entries, then None (all current ones sent), then each
+    change as it is made. Broker failures come as BrokerError."""
+
+    def __init__(self, watcher: KeyValue.KeyWatcher) -> None:
+        self._watcher = watcher
+
+    async def next(self, *, timeout: float) -> Change | None:
+        """The next entry, or None once the current entries are all sent; TimeoutError if nothing
+        came within `timeout` seconds."""
+        try:
+            entry = await self._watcher.updates(timeout=timeout)
+        except nats.errors.TimeoutError:
+            raise TimeoutError(f"no change within {timeout:.1f}s") from None
+        except (*TRANSIENT, nats.errors.Error) as exc:
+            raise BrokerError(f"watching a bucket: {type(exc).__name__}: {exc}") from exc
+        if entry is None:
+            return None
+        deleted = entry.operation in (KV_DEL, KV_PURGE)
+        return Change(entry.key, entry.value or b"", entry.revision or 0, deleted)
+
+    async def stop(self) -> None:
+        try:
+            await self._watcher.stop()
+        except Exception:
+            pass  # the connection is gone already, and the watch with it
+
+
+async def watch(broker: Broker, bucket: str, keys: str = ">") -> Watch:
+    """Watch the keys of `bucket` matching `keys` (a subject wildcard)."""
+    try:
+        kv = await broker.kv(bucket)
+        async with broker_errors(f"watching {bucket}"):
+            return Watch(await kv.watch(keys))
+    except nats.errors.Error as exc:
+        raise BrokerError(f"watching {bucket}: {type(exc).__name__}: {exc}") from exc

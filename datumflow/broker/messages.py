@@ -12,6 +12,8 @@ from typing import Any, Literal
 import msgspec
 
 VERSION = 1
+MAX_MESSAGE = 1 << 20
+"""Messages larger than this are refused before decoding (the streams allow up to 8 MiB)."""
 
 
 class _Wire(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):

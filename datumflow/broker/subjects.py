@@ -7,6 +7,7 @@ DATUMS_STREAM = "DF_DATUMS"
 RESULTS_STREAM = "DF_RESULTS"
 DEAD_STREAM = "DF_DEAD"
 ADVISORIES_STREAM = "DF_ADVISORIES"
+INGEST_STREAM = "DF_INGEST"
 
 REPOS_BUCKET = "df_repos"
 BRANCHES_BUCKET = "df_branches"
@@ -14,11 +15,41 @@ COMMITS_BUCKET = "df_commits"
 PIPELINES_BUCKET = "df_pipelines"
 JOBS_BUCKET = "df_jobs"
 JOB_HEADS_BUCKET = "df_job_heads"
+MAPPINGS_BUCKET = "df_bucket_mappings"
+"""Buckets feeding repos (datumflow.pfs.bucket_sources)."""
 
 COMMITTER_CONSUMER = "df-committer"
 ADVISORY_CONSUMER = "df-max-deliveries"
 INGEST_CONSUMER = "df-ingest"
 COMMITS_CONSUMER = "df-commits"
+
+
+INGEST_DEFAULT = "df.ingest.>"
+"""Publish bucket notifications here (`df.ingest.<anything>`) when no mapping names a subject."""
+COMMITS_ALL = "df.commit.>"
+DATUMS_ALL = "df.datum.>"
+RESULTS_ALL = "df.result.>"
+JOBS_ALL = "df.job.>"
+DEAD_ALL = "df.dead.>"
+
+
+JS_API = "$JS.API"
+"""Where the JetStream API listens (the requests nats-py does not make for us)."""
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream under a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def kv_keys(bucket: str, prefix: str = "") -> str:
+    """The subjects of a KV bucket's keys under `prefix`, as a wildcard."""
+    return f"{kv_key_prefix(bucket)}{prefix}>"
+
+
+def kv_key_prefix(bucket: str) -> str:
+    """What a KV bucket's subjects start with, before the key."""
+    return f"$KV.{bucket}."
 
 
 def commit(repo: str) -> str:
@@ -40,6 +71,16 @@ def results(pipeline: str, job: str) -> str:
 
 def job_planned(pipeline: str, job: str) -> str:
     return f"df.job.{pipeline}.{job}"
+
+
+def is_job_planned(subject: str) -> bool:
+    """Whether a message of the results stream is a job's "planned" event."""
+    return subject.startswith("df.job.")
+
+
+def is_results(subject: str) -> bool:
+    """Whether a message of the results stream holds several results (`results`)."""
+    return subject.startswith("df.result.") and subject.endswith(".set")
 
 
 def logs(pipeline: str, job: str = "*", datum: str = "*") -> str:

@@ -32,7 +32,7 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 STREAMS = [
     StreamConfig(
         name=subjects.COMMITS_STREAM,
-        subjects=["df.commit.>"],
+        subjects=[subjects.COMMITS_ALL],
         retention=RetentionPolicy.LIMITS,
         max_age=30 * DAY,
         duplicate_window=DUPLICATE_WINDOW,
@@ -40,7 +40,7 @@ STREAMS = [
     ),
     StreamConfig(
         name=subjects.DATUMS_STREAM,
-        subjects=["df.datum.>"],
+        subjects=[subjects.DATUMS_ALL],
         # A work queue: a datum message is gone once a worker acks it.
         retention=RetentionPolicy.WORK_QUEUE,
         duplicate_window=DUPLICATE_WINDOW,
@@ -48,7 +48,7 @@ STREAMS = [
     ),
     StreamConfig(
         name=subjects.RESULTS_STREAM,
-        subjects=["df.result.>", "df.job.>"],
+        subjects=[subjects.RESULTS_ALL, subjects.JOBS_ALL],
         retention=RetentionPolicy.LIMITS,
         # Kept so a restarted committer can replay the results of unfinished jobs.
         max_age=7 * DAY,
@@ -57,7 +57,7 @@ STREAMS = [
     ),
     StreamConfig(
         name=subjects.DEAD_STREAM,
-        subjects=["df.dead.>"],
+        subjects=[subjects.DEAD_ALL],
         retention=RetentionPolicy.LIMITS,
         max_age=30 * DAY,
         storage=StorageType.FILE,
@@ -82,6 +82,9 @@ BUCKETS = [
     KeyValueConfig(bucket=subjects.JOBS_BUCKET, history=1, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.JOB_HEADS_BUCKET, history=1, storage=StorageType.FILE),
 ]
+
+# Declared by whoever records or reads a bucket feed first, not with the rest.
+MAPPINGS = KeyValueConfig(bucket=subjects.MAPPINGS_BUCKET, history=1, storage=StorageType.FILE)
 
 SHARED_CONSUMERS = [
     (
@@ -130,6 +133,12 @@ async def ensure_topology(broker: Broker) -> None:
             await js.create_key_value(bucket)
         for stream, consumer in SHARED_CONSUMERS:
             await js.add_consumer(stream, consumer)
+
+
+async def ensure_mappings_bucket(broker: Broker) -> None:
+    """The bucket of bucket → repo mappings (datumflow.pfs.bucket_sources)."""
+    async with broker_errors(f"declaring KV bucket {MAPPINGS.bucket}"):
+        await broker.js.create_key_value(MAPPINGS)
 
 
 def worker_consumer_config(spec: PipelineSpec, *, ack_wait: float) -> ConsumerConfig:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
+from datumflow.broker.ingest_stream import DEFAULT_SUBJECT, ensure_ingest_stream
 from datumflow.broker.messages import FileRef
 from datumflow.cli.context import Api, fail
 from datumflow.errors import Conflict
-from datumflow.functions.ingest_stream import DEFAULT_SUBJECT, ensure_ingest_stream
 from datumflow.pfs.bucket_sources import BucketSources, parse_bucket_url, source_url
 from datumflow.pfs.notifications import BucketMapping
 from datumflow.storage import ObjectStore

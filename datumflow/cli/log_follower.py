@@ -8,10 +8,9 @@ import contextlib
 import signal
 import sys
 
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-
 from datumflow.broker import subjects
+from datumflow.broker.connection import Subscription
+from datumflow.broker.settle import Msg
 from datumflow.cli.context import Api
 from datumflow.errors import NotFound
 from datumflow.functions import results
@@ -55,7 +54,7 @@ class LiveLogs:
 
     async def start(self) -> None:
         subject = subjects.logs(self.pipeline, self.job or "*", "*")
-        self.sub = await self.api.broker.nc.subscribe(subject, cb=self.chunks.put)
+        self.sub = await self.api.broker.subscribe(subject, cb=self.chunks.put)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)

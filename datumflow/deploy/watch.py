@@ -17,11 +17,10 @@ import time
 from collections.abc import AsyncIterator
 
 import msgspec
-import nats.errors
-from nats.js.kv import KV_DEL, KV_PURGE
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import TRANSIENT, Broker
+from datumflow.broker.connection import Broker
+from datumflow.broker.kv import watch
 from datumflow.broker.records import PipelineInfo
 from datumflow.errors import BrokerError
 from datumflow.spec import PipelineSpec
@@ -51,7 +50,7 @@ async def pipeline_events(
             async for event in _one_watch(broker, reported, stop=stop, seconds=resync_interval):
                 yield event
             backoff = 0.2
-        except (BrokerError, *TRANSIENT, nats.errors.Error) as exc:
+        except BrokerError as exc:
             log.warning("watching pipelines: %s; watching again in %.1fs", exc, backoff)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff)
@@ -62,8 +61,7 @@ async def _one_watch(
     broker: Broker, reported: dict[str, int], *, stop: asyncio.Event, seconds: float
 ) -> AsyncIterator[PipelineEvent]:
     """One watch: the current contents, then the changes, for `seconds` or until `stop`."""
-    kv = await broker.kv(subjects.PIPELINES_BUCKET)
-    watcher = await kv.watch(">")
+    watcher = await watch(broker, subjects.PIPELINES_BUCKET)
     stopping = asyncio.create_task(stop.wait())
     try:
         present: set[str] = set()
@@ -73,16 +71,16 @@ async def _one_watch(
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            update = asyncio.ensure_future(watcher.updates(timeout=left))
+            update = asyncio.ensure_future(watcher.next(timeout=left))
             await asyncio.wait({update, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not update.done():
                 update.cancel()
-                with contextlib.suppress(asyncio.CancelledError, nats.errors.TimeoutError):
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     await update
                 return
             try:
                 entry = update.result()
-            except nats.errors.TimeoutError:
+            except TimeoutError:
                 return
             if entry is None:
                 if snapshot:
@@ -96,14 +94,14 @@ async def _one_watch(
                 continue
             name = entry.key
             present.add(name)
-            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+            if entry.deleted or not entry.value:
                 if reported.get(name) != _DELETED:
                     reported[name] = _DELETED
                     yield name, None
                 continue
             if reported.get(name) == entry.revision:
                 continue
-            reported[name] = entry.revision or 0
+            reported[name] = entry.revision
             try:
                 info = msgspec.json.decode(entry.value, type=PipelineInfo)
             except msgspec.DecodeError as exc:
@@ -114,5 +112,4 @@ async def _one_watch(
             yield name, info.spec
     finally:
         stopping.cancel()
-        with contextlib.suppress(Exception):
-            await watcher.stop()
+        await watcher.stop()

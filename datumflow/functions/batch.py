@@ -20,8 +20,7 @@ import contextlib
 import logging
 import math
 
-from nats.aio.msg import Msg
-
+from datumflow.broker.settle import Msg, keep_alive
 from datumflow.spec import DatumSetSpec
 
 log = logging.getLogger(__name__)
@@ -106,9 +105,7 @@ class Heartbeat:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.every)
-            for msg in list(self._held.values()):
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
+            await keep_alive(list(self._held.values()))
 
     async def close(self) -> None:
         if self._task is not None:

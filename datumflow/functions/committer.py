@@ -17,20 +17,19 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable
 
 import msgspec
-from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
+from datumflow.broker.connection import Broker
+from datumflow.broker.consumer import Unusable, consume, decode
 from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRef, JobPlanned
+from datumflow.broker.pull import Puller
 from datumflow.broker.records import DatumIndexEntry, JobInfo, JobState, PipelineInfo
+from datumflow.broker.settle import Msg, settle
+from datumflow.broker.streams import delete_message, get_message, purge_subject
 from datumflow.errors import BrokerError, NotFound, PermanentError, SpecError
 from datumflow.functions import results
-from datumflow.functions.consumer import Unusable, consume, dead_letter, decode
-from datumflow.functions.pull import Puller
 from datumflow.pfs import manifest
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
@@ -162,8 +161,7 @@ class Committer:
                 try:
                     events = results.decode_events(msg)
                 except Unusable as exc:
-                    await dead_letter(self.broker, function="committer", msg=msg, reason=str(exc))
-                    await msg.term()
+                    await settle(self.broker, function="committer", msgs=msg, outcome=exc)
                     continue
                 for event in events:
                     key = (event.pipeline, event.job)
@@ -176,15 +174,13 @@ class Committer:
                     await self._progress(*key)
                 else:
                     self._unreported.add(key)
-        except (*TRANSIENT, BrokerError) as exc:
+        except BrokerError as exc:
             # Nothing is acked: the batch comes back and is counted again, harmlessly.
             log.warning("committer: %s; the batch will be redelivered", exc)
             self.tallies.clear()
-            for msg in usable:
-                await _quiet(msg.nak(delay=1))
+            await settle(self.broker, function="committer", msgs=usable, outcome=exc)
             return
-        for msg in usable:
-            await _quiet(msg.ack())
+        await settle(self.broker, function="committer", msgs=usable)
 
     async def _tally(self, pipeline: str, job: str) -> Tally:
         key = (pipeline, job)
@@ -209,7 +205,7 @@ class Committer:
                 self._unreported.discard(key)
                 try:
                     await self._progress(*key)
-                except (*TRANSIENT, BrokerError) as exc:
+                except BrokerError as exc:
                     log.warning("committer: reporting %s@%s: %s", *key, exc)
                     self._unreported.add(key)
                 except Exception:
@@ -326,10 +322,12 @@ class Committer:
             # Purge before the record says killed: the planner plans the pipeline's next job only
             # once this one has ended, and that job's datums must not go with these. One job runs
             # at a time per pipeline, so everything under the subject is this job's.
-            async with broker_errors(f"removing the queued datums of {pipeline}@{job}"):
-                await self.broker.js.purge_stream(
-                    subjects.DATUMS_STREAM, subject=subjects.datum(pipeline)
-                )
+            await purge_subject(
+                self.broker,
+                stream=subjects.DATUMS_STREAM,
+                subject=subjects.datum(pipeline),
+                what=f"removing the queued datums of {pipeline}@{job}",
+            )
             won = await self._end(job_key(pipeline, job), tally, state="killed", reason=reason)
             tally.done = True
             tally.results = {}
@@ -385,13 +383,16 @@ class Committer:
             raise Unusable(f"max-deliveries advisory: {exc}") from None
         if advisory.stream != subjects.DATUMS_STREAM:
             return
-        async with broker_errors("reading a datum that ran out of deliveries"):
-            try:
-                raw = await self.broker.js.get_msg(subjects.DATUMS_STREAM, advisory.stream_seq)
-            except NotFoundError:
-                return  # a late worker finished it after all, or its job was killed
+        data = await get_message(
+            self.broker,
+            stream=subjects.DATUMS_STREAM,
+            seq=advisory.stream_seq,
+            what="reading a datum that ran out of deliveries",
+        )
+        if data is None:
+            return  # a late worker finished it after all, or its job was killed
         try:
-            task = decode(raw.data or b"", DatumTask, what="datum task")
+            task = decode(data, DatumTask, what="datum task")
         except PermanentError:
             await self._forget_datum(advisory.stream_seq)
             return
@@ -417,11 +418,12 @@ class Committer:
         await self._forget_datum(advisory.stream_seq)
 
     async def _forget_datum(self, seq: int) -> None:
-        async with broker_errors("removing a datum that ran out of deliveries"):
-            try:
-                await self.broker.js.delete_msg(subjects.DATUMS_STREAM, seq)
-            except NotFoundError:
-                pass
+        await delete_message(
+            self.broker,
+            stream=subjects.DATUMS_STREAM,
+            seq=seq,
+            what="removing a datum that ran out of deliveries",
+        )
 
 
 class JobTimeouts:
@@ -455,7 +457,7 @@ class JobTimeouts:
         while not stop.is_set():
             try:
                 await self.check()
-            except (*TRANSIENT, BrokerError) as exc:
+            except BrokerError as exc:
                 log.warning("committer: checking job timeouts: %s", exc)
             except Exception:
                 log.exception("committer: checking job timeouts")
@@ -494,10 +496,3 @@ class MaxDeliveries(msgspec.Struct):
     consumer: str
     stream_seq: int
     deliveries: int = 0
-
-
-async def _quiet(call: Awaitable[object]) -> None:
-    try:
-        await call
-    except Exception:
-        pass

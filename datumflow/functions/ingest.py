@@ -1,7 +1,7 @@
 """The ingest function: bucket notifications → commits to the repos those buckets feed.
 
 Notifications (MinIO's or AWS S3's, see datumflow.pfs.notifications) wait in the DF_INGEST stream
-(datumflow.functions.ingest_stream). Ingest takes what arrives within a short window after the first
+(datumflow.broker.ingest_stream). Ingest takes what arrives within a short window after the first
 one, maps each object onto its repo, branch and path (datumflow.pfs.bucket_sources), and makes one
 commit per branch for the whole batch: a burst of a thousand uploads is one commit, not a thousand.
 Objects are referenced in place (`FileRef.source`: bucket, key, ETag, version), never copied; the
@@ -35,12 +35,13 @@ import time
 from collections import OrderedDict
 
 import msgspec
-from nats.aio.msg import Msg
 
-from datumflow.broker.connection import TRANSIENT, Broker
+from datumflow.broker.connection import Broker
+from datumflow.broker.consumer import MAX_MESSAGE, Subscription
+from datumflow.broker.ingest_stream import Binding, ensure_ingest_stream
 from datumflow.broker.messages import FileRef, ObjectSource
+from datumflow.broker.settle import Msg, dead_letter, keep_alive, settle
 from datumflow.errors import BrokerError, PermanentError, TemporaryError
-from datumflow.functions.consumer import MAX_MESSAGE, Subscription, dead_letter
 from datumflow.functions.ingest_changes import (
     Batch,
     commit_id,
@@ -49,7 +50,6 @@ from datumflow.functions.ingest_changes import (
     object_url,
     sequencer_key,
 )
-from datumflow.functions.ingest_stream import Binding, ensure_ingest_stream
 from datumflow.pfs.bucket_sources import BucketSources
 from datumflow.pfs.notifications import BucketMapping, ObjectChange, map_change, parse_notification
 from datumflow.pfs.paths import clean_path
@@ -107,7 +107,7 @@ class Ingest:
                 if time.monotonic() - self._refreshed >= self.options.refresh or not self.subs:
                     try:
                         await self.refresh()
-                    except (*TRANSIENT, BrokerError) as exc:
+                    except BrokerError as exc:
                         log.warning("ingest: reading the bucket mappings: %s", exc)
                         await _pause(stop, 1.0)
                         continue
@@ -187,13 +187,20 @@ class Ingest:
                     if reasons := batch.reasons(msg):
                         await self._dead(msg, "; ".join(reasons), keep=True)
             except Exception as exc:
-                await _retry_later(batch.msgs, exc, cap=self.options.max_retry_delay)
+                # Nothing of the batch is acked: all of it comes back after the delay.
+                if isinstance(exc, TemporaryError):
+                    log.warning("ingest: %s; the batch will be redelivered", exc)
+                await settle(
+                    self.broker,
+                    function=FUNCTION,
+                    msgs=batch.msgs,
+                    outcome=exc,
+                    max_delay=self.options.max_retry_delay,
+                )
                 return
         finally:
             beat.cancel()
-        for msg in batch.msgs:
-            with contextlib.suppress(*TRANSIENT):
-                await msg.ack()
+        await settle(self.broker, function=FUNCTION, msgs=batch.msgs)
 
     async def _read(self, msgs: list[Msg]) -> Batch:
         """Decode each message; the unusable ones are dead-lettered and terminated now."""
@@ -221,13 +228,7 @@ class Ingest:
         if keep:
             await dead_letter(self.broker, function=FUNCTION, msg=msg, reason=reason)
             return
-        try:
-            await dead_letter(self.broker, function=FUNCTION, msg=msg, reason=reason)
-            await msg.term()
-        except (*TRANSIENT, BrokerError) as exc:
-            log.warning("ingest: dead-lettering a message failed (%s); it will come back", exc)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=2.0)
+        await settle(self.broker, function=FUNCTION, msgs=msg, outcome=PermanentError(reason))
 
     async def _group(
         self, batch: Batch
@@ -356,27 +357,11 @@ class Ingest:
             batch.blame(msg, reason)
 
 
-async def _retry_later(msgs: list[Msg], exc: Exception, *, cap: float) -> None:
-    """Hand a batch back: nothing of it is acked, all of it comes back after the delay."""
-    if isinstance(exc, (*TRANSIENT, TemporaryError)):
-        log.warning("ingest: %s; the batch will be redelivered", exc)
-    else:
-        log.error(
-            "ingest: unexpected error committing a batch; it will be redelivered", exc_info=exc
-        )
-    delay = min(exc.delay if isinstance(exc, TemporaryError) else 2.0, cap)
-    for msg in msgs:
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=delay)
-
-
 async def _heartbeat(msgs: list[Msg]) -> None:
     """Keep a batch that takes long (a slow store, a big manifest) from being redelivered."""
     while True:
         await asyncio.sleep(HEARTBEAT)
-        for msg in msgs:
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+        await keep_alive(msgs)
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -9,9 +9,9 @@ from collections import defaultdict
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 
 from datumflow.broker.messages import FileRef
+from datumflow.broker.settle import Msg
 from datumflow.pfs.notifications import ObjectChange
 
 

@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
-from nats.aio.msg import Msg
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import Broker, broker_errors
+from datumflow.broker.connection import Broker
+from datumflow.broker.consumer import MAX_MESSAGE, consume, decode
 from datumflow.broker.messages import (
     CommitEvent,
     CommitRef,
@@ -36,8 +36,9 @@ from datumflow.broker.messages import (
 )
 from datumflow.broker.outbox import Outbox
 from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobHead, JobInfo, PipelineInfo
+from datumflow.broker.settle import Msg, keep_alive
+from datumflow.broker.streams import purge_subject
 from datumflow.errors import NotFound, PermanentError
-from datumflow.functions.consumer import MAX_MESSAGE, consume, decode
 from datumflow.pfs import manifest
 from datumflow.pfs.datums import Leaf, datum_hash, job_datums
 from datumflow.pfs.pipelines import Pipelines, job_key
@@ -65,7 +66,7 @@ class Heartbeat:
     async def beat(self) -> None:
         if time.monotonic() - self.last > HEARTBEAT:
             self.last = time.monotonic()
-            await self.msg.in_progress()
+            await keep_alive(self.msg)
 
 
 class Planner:
@@ -199,8 +200,12 @@ class Planner:
     async def _fail_planning(self, name: str, job_id: str, reason: str) -> None:
         # The datums queued before the fault go first, as for a killed job: nothing else of this
         # pipeline can be in the queue while its one job is still being planned.
-        async with broker_errors(f"removing the queued datums of {name}@{job_id}"):
-            await self.broker.js.purge_stream(subjects.DATUMS_STREAM, subject=subjects.datum(name))
+        await purge_subject(
+            self.broker,
+            stream=subjects.DATUMS_STREAM,
+            subject=subjects.datum(name),
+            what=f"removing the queued datums of {name}@{job_id}",
+        )
 
         def failed(job: JobInfo) -> JobInfo | None:
             if job.done:

@@ -16,12 +16,13 @@ import hashlib
 import logging
 
 import msgspec
-from nats.aio.msg import Msg
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import TRANSIENT, Broker
+from datumflow.broker.connection import Broker
 from datumflow.broker.messages import DatumResult, DatumResults
 from datumflow.broker.outbox import Outbox
+from datumflow.broker.settle import Msg, settle
+from datumflow.errors import BrokerError
 from datumflow.functions.batch import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Reporter:
     def __init__(
         self, broker: Broker, heartbeat: Heartbeat, *, window: int = 512, timeout: float = 10.0
     ) -> None:
+        self.broker = broker
         self.outbox = Outbox(broker, window=window, timeout=timeout)
         self.heartbeat = heartbeat
         self._pending: list[Report] = []
@@ -93,11 +95,9 @@ class Reporter:
 
     async def _settle(self, msg: Msg, *, stored: bool) -> None:
         try:
-            with contextlib.suppress(*TRANSIENT):
-                if stored:
-                    await msg.ack()
-                else:
-                    await msg.nak(delay=1)
+            # Not stored: done again, soon (the committer counts the first result of a datum).
+            outcome = None if stored else BrokerError("the datum's result was not stored")
+            await settle(self.broker, function="worker", msgs=msg, outcome=outcome)
         finally:
             self.heartbeat.release(msg)
 

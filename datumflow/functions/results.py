@@ -11,24 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
 from datumflow.broker import subjects
-from datumflow.broker.connection import Broker, broker_errors
+from datumflow.broker.connection import Broker
+from datumflow.broker.consumer import Unusable, decode
 from datumflow.broker.messages import DatumResult, DatumResults, JobPlanned
-from datumflow.functions.consumer import Unusable, decode
+from datumflow.broker.settle import Msg
+from datumflow.broker.streams import read_subjects
 
 JobEvent = DatumResult | JobPlanned
-FETCH = 1024
 
 
 def decode_events(msg: Msg) -> list[JobEvent]:
     """The events a message of the results stream holds: one, or a worker's several results;
     Unusable if it is not one of ours."""
-    if msg.subject.startswith("df.job."):
+    if subjects.is_job_planned(msg.subject):
         return [decode(msg.data, JobPlanned, what="job event")]
-    if msg.subject.endswith(".set"):
+    if subjects.is_results(msg.subject):
         many = decode(msg.data, DatumResults, what="datum results")
         if any(r.pipeline != many.pipeline or r.job != many.job for r in many.results):
             raise Unusable(f"datum results on {msg.subject}: a result of another job among them")
@@ -39,46 +37,27 @@ def decode_events(msg: Msg) -> list[JobEvent]:
 async def replay(broker: Broker, pipeline: str, job: str) -> list[JobEvent]:
     """Every event of `pipeline@job` in the stream, in stream order.
 
-    An ephemeral, unacknowledged consumer over the job's two subjects reads them without touching
-    the committer's durable consumer; it is deleted afterwards (and would expire on its own).
-    Messages that do not decode are left out: they were dead-lettered when they first came through.
+    They are read without touching the committer's durable consumer (broker.streams.read_subjects).
+    Only what was there when we started: a live job's later results are not waited for. Messages
+    that do not decode are left out: they were dead-lettered when they first came through.
     """
-    config = ConsumerConfig(
-        filter_subjects=[
+    out: list[JobEvent] = []
+    batches = read_subjects(
+        broker,
+        stream=subjects.RESULTS_STREAM,
+        filters=[
             subjects.result(pipeline, job),
             subjects.results(pipeline, job),
             subjects.job_planned(pipeline, job),
         ],
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.ALL,
-        inactive_threshold=60,
-        mem_storage=True,
+        what=f"reading the results of {pipeline}@{job}",
     )
-    out: list[JobEvent] = []
-    async with broker_errors(f"reading the results of {pipeline}@{job}"):
-        info = await broker.js.add_consumer(subjects.RESULTS_STREAM, config)
-        try:
-            sub = await broker.js.pull_subscribe_bind(
-                consumer=info.name, stream=subjects.RESULTS_STREAM
-            )
+    async for msgs in batches:
+        for msg in msgs:
             try:
-                # Only what was there when we started: a live job's later results are not waited for.
-                remaining = info.num_pending or 0
-                while remaining > 0:
-                    msgs = await sub.fetch(batch=min(remaining, FETCH), timeout=5)
-                    remaining -= len(msgs)
-                    for msg in msgs:
-                        try:
-                            out.extend(decode_events(msg))
-                        except Unusable:
-                            pass
-            finally:
-                await sub.unsubscribe()
-        finally:
-            try:
-                await broker.js.delete_consumer(subjects.RESULTS_STREAM, info.name)
-            except Exception:
-                pass  # it expires after inactive_threshold anyway
+                out.extend(decode_events(msg))
+            except Unusable:
+                pass
     return out
 
 

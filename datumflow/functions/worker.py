@@ -26,20 +26,20 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from nats.aio.msg import Msg
-
 from datumflow.broker import subjects
-from datumflow.broker.connection import TRANSIENT, Broker
+from datumflow.broker.connection import Broker
+from datumflow.broker.consumer import decode
 from datumflow.broker.messages import DatumResult, DatumTask
+from datumflow.broker.pull import Puller
 from datumflow.broker.records import PipelineInfo
-from datumflow.errors import BrokerError, NotFound, PermanentError
+from datumflow.broker.settle import Msg, settle
+from datumflow.broker.streams import pending
+from datumflow.errors import BrokerError, NotFound, PermanentError, TemporaryError
 from datumflow.functions import inprocess, sandbox
 from datumflow.functions.attempt import Retry, result_maker
 from datumflow.functions.batch import BatchSizer, Heartbeat
 from datumflow.functions.calls import Functions, local_objects
 from datumflow.functions.commands import Commands
-from datumflow.functions.consumer import dead_letter, decode
-from datumflow.functions.pull import Puller
 from datumflow.functions.reporter import Reporter
 from datumflow.pfs.paths import BadPath, check_name, clean_path
 from datumflow.pfs.pipelines import Pipelines
@@ -190,12 +190,14 @@ class Worker:
         if not self.sizer.needs_pending:
             return self.sizer.size()
         try:
-            info = await self.broker.js.consumer_info(
-                subjects.DATUMS_STREAM, subjects.worker_consumer(self.pipeline)
+            waiting = await pending(
+                self.broker,
+                stream=subjects.DATUMS_STREAM,
+                durable=subjects.worker_consumer(self.pipeline),
             )
         except Exception:
             return 1
-        return self.sizer.size(info.num_pending)
+        return self.sizer.size(waiting)
 
     # -- a datum set -------------------------------------------------------------------------
 
@@ -266,18 +268,18 @@ class Worker:
             except PermanentError as exc:
                 batch.settle(msg)
                 self.heartbeat.release(msg)
-                await dead_letter(self.broker, function="worker", msg=msg, reason=str(exc))
-                await msg.term()
+                await settle(self.broker, function="worker", msgs=msg, outcome=exc)
                 continue
             items.append((msg, task))
         return items
 
     async def _hand_back(self, batch: _Set, *, delay: float) -> None:
-        for msg in batch.unsettled():
+        msgs = batch.unsettled()
+        for msg in msgs:
             batch.settle(msg)
             self.heartbeat.release(msg)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=delay or None)
+        back = TemporaryError("handed back", delay=delay)
+        await settle(self.broker, function="worker", msgs=msgs, outcome=back)
 
     def _runs_ahead(self, info: PipelineInfo, items: list[Item]) -> bool:
         """Whether the user-code thread may take the whole set at once: an in-process function,
@@ -296,12 +298,11 @@ class Worker:
         except Retry as exc:
             await self._retry(batch, msg, task, attempt, str(exc))
             return
-        except (*TRANSIENT, BrokerError) as exc:
+        except BrokerError as exc:
             log.warning("datum %s: broker trouble (%s); it will come back", task.datum[:12], exc)
             batch.settle(msg)
             self.heartbeat.release(msg)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=1)
+            await settle(self.broker, function="worker", msgs=msg, outcome=exc)
             return
         await self._report(batch, msg, task, result)
 
@@ -313,8 +314,8 @@ class Worker:
         )
         batch.settle(msg)
         self.heartbeat.release(msg)
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=min(0.5 * 2 ** (attempt - 1), 10))
+        again = TemporaryError(error, delay=min(0.5 * 2 ** (attempt - 1), 10))
+        await settle(self.broker, function="worker", msgs=msg, outcome=again)
 
     async def _report(self, batch: _Set, msg: Msg, task: DatumTask, result: DatumResult) -> None:
         batch.done += 1

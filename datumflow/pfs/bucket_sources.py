@@ -11,15 +11,15 @@ import builtins
 import hashlib
 import re
 
-from nats.js.api import KeyValueConfig, StorageType
-
-from datumflow.broker.connection import Broker, broker_errors
+from datumflow.broker import subjects
+from datumflow.broker.connection import Broker
 from datumflow.broker.kv import Records
+from datumflow.broker.topology import ensure_mappings_bucket
 from datumflow.errors import Conflict, PermanentError
 from datumflow.pfs.notifications import BucketMapping
 from datumflow.pfs.paths import check_name
 
-MAPPINGS_BUCKET = "df_bucket_mappings"
+MAPPINGS_BUCKET = subjects.MAPPINGS_BUCKET
 
 # Bucket names as S3-compatible servers accept them (AWS is stricter: no upper case, no `_`).
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
@@ -87,10 +87,7 @@ class BucketSources:
 
     async def _ensure(self) -> Records[BucketMapping]:
         if not self._ready:
-            async with broker_errors(f"declaring KV bucket {MAPPINGS_BUCKET}"):
-                await self.broker.js.create_key_value(
-                    KeyValueConfig(bucket=MAPPINGS_BUCKET, history=1, storage=StorageType.FILE)
-                )
+            await ensure_mappings_bucket(self.broker)
             self._ready = True
         return self._records
 

@@ -1,4 +1,5 @@
-"""Where bucket notifications wait for the ingest function: the DF_INGEST stream and its consumer.
+"""Where bucket notifications wait for the ingest function: owns the DF_INGEST stream and its
+consumers.
 
 MinIO's NATS target publishes each notification on one subject, on core NATS or (with
 `jetstream=on`) as a JetStream publish that needs a stream capturing the subject. DF_INGEST captures
@@ -32,9 +33,8 @@ from datumflow.broker.connection import Broker, broker_errors
 
 log = logging.getLogger(__name__)
 
-INGEST_STREAM = "DF_INGEST"
-DEFAULT_SUBJECT = "df.ingest.>"
-"""Publish notifications here (`df.ingest.<anything>`) when no mapping names a subject."""
+INGEST_STREAM = subjects.INGEST_STREAM
+DEFAULT_SUBJECT = subjects.INGEST_DEFAULT
 INGEST_DURABLE = subjects.INGEST_CONSUMER
 ACK_WAIT = 30.0
 MAX_ACK_PENDING = 20_000

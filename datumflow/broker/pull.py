@@ -28,6 +28,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Puller:
 
     def __init__(self, broker: Broker, *, stream: str, durable: str) -> None:
         self.broker = broker
-        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.subject = f"{subjects.JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.durable = durable
         self._inbox = ""
         self._sub: Subscription | None = None

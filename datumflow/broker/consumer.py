@@ -1,8 +1,9 @@
-"""The consume loop every function shares: fetch, handle, then ack, nak or dead-letter.
+"""The consume loop of the control functions, and decoding what they consume.
 
-What happens to a message follows the error its handler raised (datumflow.errors): nothing → ack;
-PermanentError or a message that does not decode → term, and the message with the reason goes to
-`df.dead.<function>`; anything else → nak with a delay, so it comes back.
+Owns the bound durable pull consumer that rebinds itself after a broker restart (`Subscription`),
+the loop that fetches one message at a time and settles it by its handler's outcome (`consume`,
+following datumflow.broker.settle), and the decoding of wire messages that refuses oversized,
+malformed and unknown-version ones (`decode`, raising `Unusable`, a PermanentError).
 """
 
 from __future__ import annotations
@@ -14,18 +15,17 @@ from typing import TypeVar
 
 import msgspec
 import nats.errors
-from nats.aio.msg import Msg
+import nats.js.errors
 from nats.js import JetStreamContext
 
-from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
-from datumflow.broker.messages import VERSION, DeadLetter
+from datumflow.broker.messages import MAX_MESSAGE, VERSION
+from datumflow.broker.settle import Msg, settle
 from datumflow.errors import BrokerError, PermanentError, TemporaryError
 
-log = logging.getLogger(__name__)
+__all__ = ["MAX_MESSAGE", "Handler", "Subscription", "Unusable", "consume", "decode"]
 
-MAX_MESSAGE = 1 << 20
-"""Messages larger than this are refused before decoding (the stream allows up to 8 MiB)."""
+log = logging.getLogger(__name__)
 
 
 class Unusable(PermanentError):
@@ -62,21 +62,6 @@ def _version_of(data: bytes) -> object:
     except msgspec.DecodeError:
         return None
     return doc.get("v") if isinstance(doc, dict) else None
-
-
-async def dead_letter(broker: Broker, *, function: str, msg: Msg, reason: str) -> None:
-    """Keep an unusable message with its reason, where an operator will look for it."""
-    log.error("%s: dropping a message from %s: %s", function, msg.subject, reason)
-    letter = DeadLetter(
-        function=function,
-        subject=msg.subject,
-        reason=reason,
-        data=msg.data[:MAX_MESSAGE].decode("utf-8", errors="replace"),
-        headers={k: str(v) for k, v in (msg.headers or {}).items()},
-    )
-    msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-    seq = msg.metadata.sequence.stream if msg.reply else 0
-    await broker.publish(subjects.dead(function), letter, msg_id=f"dead:{function}:{msg_id or seq}")
 
 
 class Subscription:
@@ -135,39 +120,20 @@ class Subscription:
 Handler = Callable[[Msg], Awaitable[None]]
 
 
-async def settle(broker: Broker, *, function: str, msg: Msg, handle: Handler) -> None:
-    """Run the handler on one message and ack, nak or dead-letter it by the outcome."""
+async def _handle(broker: Broker, *, function: str, msg: Msg, handle: Handler) -> None:
+    """Run the handler on one message and settle it by the outcome."""
     try:
         await handle(msg)
-    except PermanentError as exc:
-        try:
-            await dead_letter(broker, function=function, msg=msg, reason=str(exc))
-            await msg.term()
-        except (*TRANSIENT, BrokerError):
-            pass  # not terminated: it comes back and we try again
-        return
+    except asyncio.CancelledError as exc:
+        await settle(broker, function=function, msgs=msg, outcome=exc)
+        raise
     except TemporaryError as exc:
         log.warning("%s: %s; retrying in %.1fs", function, exc, exc.delay)
-        await _nak(msg, exc.delay)
-        return
-    except asyncio.CancelledError:
-        await _nak(msg, 0)
-        raise
-    except Exception:
-        log.exception("%s: unexpected error handling a message from %s", function, msg.subject)
-        await _nak(msg, 2.0)
-        return
-    try:
-        await msg.ack()
-    except TRANSIENT:
-        pass  # redelivered later; handlers are idempotent
-
-
-async def _nak(msg: Msg, delay: float) -> None:
-    try:
-        await msg.nak(delay=delay or None)
-    except Exception:
-        pass
+        await settle(broker, function=function, msgs=msg, outcome=exc)
+    except Exception as exc:
+        await settle(broker, function=function, msgs=msg, outcome=exc)
+    else:
+        await settle(broker, function=function, msgs=msg)
 
 
 async def consume(
@@ -185,6 +151,6 @@ async def consume(
     try:
         while not stop.is_set():
             for msg in await sub.fetch(batch=batch, wait=1.0):
-                await settle(broker, function=function, msg=msg, handle=handle)
+                await _handle(broker, function=function, msg=msg, handle=handle)
     finally:
         await sub.close()
