@@ -1,8 +1,9 @@
-"""Typed access to the KV buckets: create-only writes, compare-and-set updates, and watches
-(`watch`) that speak datumflow's errors."""
+"""Typed access to the KV buckets: create-only writes, compare-and-set updates, listings that
+leave nothing behind on the server, and watches (`watch`) that speak datumflow's errors."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Generic, NamedTuple, TypeVar
 
@@ -11,10 +12,31 @@ import nats.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
 from datumflow.errors import BrokerError, Conflict, NotFound
 
 R = TypeVar("R", bound=msgspec.Struct)
+
+GETS_AT_ONCE = 64
+"""Keys read concurrently by a listing: one burst of requests, not one round trip per key."""
+
+
+class _Subjects(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    description: str = ""
+
+
+class _StreamSubjects(msgspec.Struct):
+    """The part of a JetStream STREAM.INFO answer a listing reads (one page of subjects)."""
+
+    state: _Subjects | None = None
+    total: int = 0
+    error: _ApiError | None = None
 
 
 class Records(Generic[R]):
@@ -90,28 +112,72 @@ class Records(Generic[R]):
                 pass
 
     async def keys(self, prefix: str = "") -> list[str]:
-        """Keys under `prefix` ("pipeline." for one pipeline's jobs), by subject wildcard: nats-py's
-        own `keys(filters=...)` matches substrings, which would mix up `copy` and `copy2`."""
-        kv = await self.broker.kv(self.bucket)
-        keys: list[str] = []
-        async with broker_errors(f"listing {self.bucket}"):
-            watcher = await kv.watch(prefix + ">", ignore_deletes=True, meta_only=True)
-            try:
-                async for entry in watcher:
-                    if entry is None:  # the watcher's "all current values sent" marker
-                        break
-                    keys.append(entry.key)
-            finally:
-                await watcher.stop()
-        return sorted(keys)
+        """Keys under `prefix` ("pipeline." for one pipeline's jobs), deleted ones left out."""
+        return [key for key, _ in await self._latest(prefix)]
 
     async def all(self, prefix: str = "") -> list[R]:
-        out: list[R] = []
-        for key in await self.keys(prefix):
-            record = await self.find(key)
-            if record is not None:
-                out.append(record)
-        return out
+        return [
+            msgspec.json.decode(value, type=self.type)
+            for _, value in await self._latest(prefix)
+            if value
+        ]
+
+    # Listing reads the bucket's stream directly: the subjects it holds (STREAM.INFO with a
+    # subject filter, by subject wildcard: nats-py's own `keys(filters=...)` matches substrings,
+    # which would mix up `copy` and `copy2`), then the last message of each. A KV watch, which is
+    # what nats-py lists with, makes an ephemeral consumer that the server keeps for minutes after
+    # the watch is stopped: listings many times a second (the supervisor's tick, the planner's
+    # loop) piled up thousands of them. This costs the same round trips as watch + read did and
+    # leaves no state on the server. (A long-lived watch serving listings from memory would cost
+    # less, but a listing could then miss a write this process has just made.)
+
+    async def _latest(self, prefix: str) -> list[tuple[str, bytes]]:
+        """(key, value) of every key under `prefix` whose last operation is not a delete."""
+        kv = await self.broker.kv(self.bucket)
+        names = await self._names(prefix)
+        out: list[tuple[str, bytes]] = []
+        async with broker_errors(f"listing {self.bucket}"):
+            for start in range(0, len(names), GETS_AT_ONCE):
+                chunk = names[start : start + GETS_AT_ONCE]
+                values = await asyncio.gather(*(_value(kv, key) for key in chunk))
+                out += [(k, v) for k, v in zip(chunk, values, strict=True) if v is not None]
+        return sorted(out)
+
+    async def _names(self, prefix: str) -> list[str]:
+        """Every key under `prefix` the bucket's stream holds a message for, deleted or not."""
+        head = subjects.kv_key_prefix(self.bucket)
+        request = {"subjects_filter": subjects.kv_keys(self.bucket, prefix), "offset": 0}
+        names: list[str] = []
+        async with broker_errors(f"listing {self.bucket}"):
+            while True:
+                answer = await self.broker.nc.request(
+                    f"{subjects.JS_API}.STREAM.INFO.{subjects.kv_stream(self.bucket)}",
+                    msgspec.json.encode(request),
+                    timeout=10,
+                )
+                page = msgspec.json.decode(answer.data, type=_StreamSubjects)
+                if page.error is not None:
+                    raise BrokerError(
+                        f"listing {self.bucket}: the broker refused ({page.error.description})"
+                    )
+                found = list((page.state.subjects if page.state else None) or {})
+                names += [subject.removeprefix(head) for subject in found]
+                request["offset"] = len(names)
+                # The server sends the subjects a page at a time (100,000 of them).
+                if not found or len(names) >= page.total:
+                    break
+        return names
+
+
+async def _value(kv: KeyValue, key: str) -> bytes | None:
+    """The value of `key`; None if it was deleted since it was listed."""
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:  # deleted or purged (nats-py's KeyDeletedError comes as this)
+        return None
+    if entry.operation in (KV_DEL, KV_PURGE):
+        return None
+    return entry.value or b""
 
 
 class Change(NamedTuple):
