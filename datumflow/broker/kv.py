@@ -127,9 +127,11 @@ class Records(Generic[R]):
     # which would mix up `copy` and `copy2`), then the last message of each. A KV watch, which is
     # what nats-py lists with, makes an ephemeral consumer that the server keeps for minutes after
     # the watch is stopped: listings many times a second (the supervisor's tick, the planner's
-    # loop) piled up thousands of them. This costs the same round trips as watch + read did and
-    # leaves no state on the server. (A long-lived watch serving listings from memory would cost
-    # less, but a listing could then miss a write this process has just made.)
+    # loop) piled up thousands of them. Reading records costs what watch + read did (one round
+    # trip, then a read per key, now sent a burst at a time), listing keys alone a read per key
+    # more (only deletes do that), and nothing is left on the server. A long-lived watch serving
+    # listings from memory would cost less, but a listing could then miss a write this very
+    # process has just made.
 
     async def _latest(self, prefix: str) -> list[tuple[str, bytes]]:
         """(key, value) of every key under `prefix` whose last operation is not a delete."""
