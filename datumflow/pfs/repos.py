@@ -116,10 +116,15 @@ class Repos:
         commit_id: str = "",
         job: str = "",
         announce: bool = True,
+        parent: str | None = None,
     ) -> CommitInfo:
         """Make a commit on `branch` from its head plus `puts` minus `deletes` (a deleted
         directory takes its subtree), or exactly `puts` with `replace`. Returns the new commit,
-        which is announced before this returns."""
+        which is announced before this returns.
+
+        With `parent`, the commit is made only on that head: when the branch has moved on (or
+        `parent` is no commit of the repo) it raises PermanentError naming both, instead of
+        applying changes computed against one head on top of another."""
         await self.get_repo(repo)
         check_name(branch, what="branch")
         puts = list(puts)
@@ -134,10 +139,12 @@ class Repos:
         while True:
             try:
                 current, revision = await self.branches.get(branch_key)
-                parent = await self.commits.find(f"{repo}.{current.head}")
+                base = await self.commits.find(f"{repo}.{current.head}")
             except NotFound:
-                current, revision, parent = None, 0, None
-            files = {} if replace else {f.path: f for f in await self.files(parent)}
+                current, revision, base = None, 0, None
+            if parent is not None:
+                await self._check_parent(repo, branch, commit_id, parent, base)
+            files = {} if replace else {f.path: f for f in await self.files(base)}
             for path in deletes:
                 files.pop(path, None)
                 prefix = path.rstrip("/") + "/"
@@ -152,7 +159,7 @@ class Repos:
                 repo=repo,
                 id=commit_id or new_commit_id(),
                 branch=branch,
-                parent=parent.id if parent else "",
+                parent=base.id if base else "",
                 manifest=key,
                 size_bytes=sum(f.size for f in ordered),
                 files=len(ordered),
@@ -175,10 +182,32 @@ class Repos:
                 else:
                     await self.branches.swap(branch_key, head, revision=revision)
             except Conflict:
+                if parent is not None:
+                    # Our record names a head that is gone: withdraw it, so that the refusal
+                    # below leaves no commit behind that no branch will ever reach.
+                    await self.commits.delete(f"{repo}.{info.id}")
                 continue  # someone else committed first: rebase on their head
             if announce:
                 await self.announce(info)
             return info
+
+    async def _check_parent(
+        self, repo: str, branch: str, commit_id: str, expected: str, head: CommitInfo | None
+    ) -> None:
+        if head is not None and head.id == expected:
+            return
+        what = f"commit {repo}@{commit_id}" if commit_id else f"a commit on {repo}@{branch}"
+        now = f"{repo}@{branch} is at {head.id}" if head else f"{repo}@{branch} has no commit"
+        if await self.commits.find(f"{repo}.{expected}") is None:
+            raise PermanentError(
+                f"{what} names parent {expected}, which is no commit of {repo}; {now}. Build"
+                " on the branch's head, and name it as the parent"
+            )
+        raise PermanentError(
+            f"{what} names parent {expected}, but {now}: another commit landed since its"
+            " producer read the branch. Its changes were not applied; build them again on"
+            f" {head.id if head else 'the empty branch'} and send a new event with that parent"
+        )
 
     async def _move_head(self, branch_key: str, info: CommitInfo) -> bool:
         """Point the branch at `info` if it still points at its parent; True if we moved it."""
@@ -251,6 +280,8 @@ class Repos:
             provenance=event.provenance,
             commit_id=event.commit,
             announce=False,
+            # The producer computed `files`/`deleted` against this head: apply them there only.
+            parent=event.parent or None,
         )
 
     def _check_source(self, what: str, path: str, source: ObjectSource) -> None:
