@@ -1,5 +1,6 @@
-"""An idle `datumflow up` leaves no consumers behind: listing a KV bucket (the supervisor's tick,
-the planner's loop, many times a second) must not create one that outlives the listing."""
+"""KV buckets read without consumers piling up: an idle `datumflow up` leaves none behind (listing
+a bucket, the supervisor's tick and the planner's loop, happens many times a second), and the
+controller's pipelines watch, reopened again and again, reports each change once."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from datumflow.broker import subjects
+from datumflow.broker.connection import Broker
+from datumflow.broker.kv import Records
+from datumflow.broker.records import PipelineInfo
+from datumflow.deploy.watch import pipeline_events
+from datumflow.spec import load_spec
 from tests.conftest import Cluster, eventually
 
 pytestmark = pytest.mark.asyncio
@@ -58,3 +65,41 @@ async def test_an_idle_up_holds_a_constant_number_of_consumers(
         samples.append(await asyncio.to_thread(consumer_count, monitor))
     # One spare: a consumer made and deleted by a listing may be caught at the last sample.
     assert max(samples) <= first + 1, f"consumers grew while idle: {samples}"
+
+
+async def test_pipeline_events_report_each_change_once_across_resyncs(broker: Broker) -> None:
+    """The controller's watch (datumflow.deploy.watch over broker.kv.watch): a create, an update
+    and a delete each come once, though the watch is reopened every half second."""
+    records = Records(broker, bucket=subjects.PIPELINES_BUCKET, type=PipelineInfo)
+    spec = load_spec(
+        json.dumps(
+            {
+                "pipeline": {"name": "w"},
+                "transform": {"cmd": ["true"]},
+                "input": {"pfs": {"repo": "r", "glob": "/*"}},
+            }
+        ).encode()
+    )
+    info = PipelineInfo(name="w", version=1, spec=spec, salt="s", created=0.0, updated=0.0)
+    stop = asyncio.Event()
+    events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+
+    async def watch() -> None:
+        async for event in pipeline_events(broker, stop=stop, resync_interval=0.5):
+            await events.put(event)
+
+    task = asyncio.create_task(watch())
+    try:
+        await records.put("w", info)
+        assert await asyncio.wait_for(events.get(), 10) == ("w", spec)
+        changed = msgspec.structs.replace(spec, datum_tries=7)
+        await records.put("w", msgspec.structs.replace(info, version=2, spec=changed))
+        assert await asyncio.wait_for(events.get(), 10) == ("w", changed)
+        await records.delete("w")
+        assert await asyncio.wait_for(events.get(), 10) == ("w", None)
+        # A few resyncs later, nothing is reported again.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(events.get(), 2.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

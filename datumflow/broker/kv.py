@@ -182,6 +182,11 @@ async def _value(kv: KeyValue, key: str) -> bytes | None:
     return entry.value or b""
 
 
+WATCH_LINGER = 30.0
+"""Seconds the server keeps a watch's consumer once nobody listens to it. nats-py's default, five
+minutes, leaves one behind for each watch reopened (the controller's resync every 30 s)."""
+
+
 class Change(NamedTuple):
     """One entry a watch reports."""
 
@@ -225,6 +230,6 @@ async def watch(broker: Broker, bucket: str, keys: str = ">") -> Watch:
     try:
         kv = await broker.kv(bucket)
         async with broker_errors(f"watching {bucket}"):
-            return Watch(await kv.watch(keys))
+            return Watch(await kv.watch(keys, inactive_threshold=WATCH_LINGER))
     except nats.errors.Error as exc:
         raise BrokerError(f"watching {bucket}: {type(exc).__name__}: {exc}") from exc

@@ -1,5 +1,5 @@
-"""Fetching batches (a worker's datum sets, the committer's results) from a durable pull consumer
-with plain pull requests on a private inbox.
+"""The raw JetStream pull protocol: fetching batches (a worker's datum sets, the committer's
+results) from a durable pull consumer with plain pull requests on a private inbox.
 
 nats-py's `PullSubscription.fetch` starts a task and a timer for every message it returns; for a
 set of hundreds of tiny datums that is most of the worker's time, and for a committer taking
