@@ -23,9 +23,10 @@ import pytest
 
 from datumflow.broker import subjects
 from datumflow.broker.messages import DeadLetter
+from datumflow.spec import load_spec
 from tests import s3server
 from tests.conftest import REPO_ROOT, Cluster, eventually, shared_cluster
-from tests.s3cluster import copy_pipeline, create_pipeline, repo_files, use_s3, wait_jobs
+from tests.s3cluster import copy_pipeline, repo_files, use_s3, wait_jobs
 from tests.s3server import DUMMY_KEY, DUMMY_SECRET, make_bucket
 
 EXAMPLE = REPO_ROOT / "examples" / "producer-js"
@@ -107,8 +108,10 @@ async def test_a_node_producer_commits_files_in_place(
 ) -> None:
     cluster, endpoint = s3_datumflow
     bucket = make_bucket(endpoint, versioned=True)
-    cluster.cli("create", "repo", "camera")
-    create_pipeline(cluster, tmp_path, copy_pipeline("copied", "camera"))
+    async with cluster.api() as api:
+        await api.repos.create_repo("camera")
+        spec = load_spec(json.dumps(copy_pipeline("copied", "camera")).encode())
+        await api.pipelines.create(spec, ack_wait=cluster.settings.ack_wait)
     files = {f"shot{i}.txt": f"frame {i}\n".encode() for i in range(3)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
