@@ -5,8 +5,8 @@
 //   node publish.mjs --repo images --bucket camera --prefix incoming FILE...
 //
 // Environment: NATS_URL (default nats://127.0.0.1:4222), S3_ENDPOINT (for MinIO or another
-// S3-compatible store; unset for AWS), AWS_REGION and the usual AWS credentials. With --parent,
-// the files are added to the branch's head instead of replacing its content.
+// S3-compatible store; unset for AWS), AWS_REGION and the usual AWS credentials. With --parent HEAD
+// (the branch's head commit), the files are added to it instead of replacing the branch's content.
 import { randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { basename } from "node:path";
