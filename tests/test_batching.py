@@ -255,9 +255,9 @@ async def test_outbox_stores_each_message_once_and_says_what_it_could_not(broker
 async def test_results_handed_over_together_travel_together_and_ack_their_datums(broker) -> None:  # type: ignore[no-untyped-def]
     from datumflow.broker.pull import Puller
     from datumflow.broker.topology import ensure_pipeline_consumers
-    from datumflow.functions import results
     from datumflow.functions.batch import Heartbeat
     from datumflow.functions.reporter import Reporter
+    from datumflow.pfs import results
     from datumflow.spec import load_spec
 
     spec = load_spec(

@@ -22,8 +22,9 @@ from datumflow.broker.messages import (
     JobPlanned,
 )
 from datumflow.broker.records import JobInfo
-from datumflow.functions import results, sandbox
+from datumflow.functions import sandbox
 from datumflow.functions.committer import Committer, JobTimeouts, Tally, failure_reason
+from datumflow.pfs import results
 from datumflow.pfs.datums import Leaf, job_datums
 from datumflow.pfs.pipelines import job_key
 from datumflow.spec import Input, load_spec

@@ -17,7 +17,7 @@ from datumflow.broker.messages import DatumInput, DatumResult
 from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobInfo, PipelineInfo
 from datumflow.cli.context import Api
 from datumflow.errors import DatumflowError, NotFound
-from datumflow.functions import results
+from datumflow.pfs import results
 from datumflow.pfs.datums import Leaf, job_datums
 from datumflow.spec import PipelineSpec, input_leaves, input_name
 

@@ -13,7 +13,7 @@ from datumflow.broker.connection import Subscription
 from datumflow.broker.settle import Msg
 from datumflow.cli.context import Api
 from datumflow.errors import NotFound
-from datumflow.functions import results
+from datumflow.pfs import results
 
 
 def _write(data: bytes) -> None:

@@ -29,8 +29,7 @@ from datumflow.broker.records import DatumIndexEntry, JobInfo, JobState, Pipelin
 from datumflow.broker.settle import Msg, settle
 from datumflow.broker.streams import delete_message, get_message, purge_subject
 from datumflow.errors import BrokerError, NotFound, PermanentError, SpecError
-from datumflow.functions import results
-from datumflow.pfs import manifest
+from datumflow.pfs import manifest, results
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
 from datumflow.spec import parse_duration
