@@ -1,13 +1,15 @@
 """The committer: datum results → job figures → output commit → commit event downstream.
 
-The results stream is the record of truth. The first terminal result of each datum counts; any
-later one (a redelivery that raced, a late worker after a max-deliveries failure) is ignored, so
-figures stay exact. After a restart the committer rebuilds a job's tally by replaying that job's
-subjects from the stream. Finishing is idempotent: the output commit id is derived from the job id.
+Owns the loop over the results stream, the writing of running jobs' figures, and the end of a job:
+finished (its datums' outputs merged into the output commit) or killed, one at a time per job.
 
-Two more ways a job ends, both decided here: a datum whose worker died on every attempt becomes a
-FAILED result when the server gives up on it (the max-deliveries advisory), and a job that runs
-longer than its pipeline's `job_timeout` is KILLED.
+The results stream is the record of truth: each job's results are counted in its `Tally`, and after
+a restart the committer rebuilds a job's tally by replaying that job's subjects from the stream.
+Finishing is idempotent: the output commit id is derived from the job id.
+
+Two more ways a job ends run beside the loop: a datum whose worker died on every attempt becomes a
+FAILED result when the server gives up on it (`max_deliveries`), and a job that runs longer than
+its pipeline's `job_timeout` is KILLED (`job_timeouts`).
 """
 
 from __future__ import annotations
@@ -22,24 +24,24 @@ import msgspec
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
-from datumflow.broker.consumer import Unusable, consume, decode
-from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRef, JobPlanned
+from datumflow.broker.consumer import Unusable
+from datumflow.broker.messages import FileRef
 from datumflow.broker.pull import Puller
-from datumflow.broker.records import DatumIndexEntry, JobInfo, JobState, PipelineInfo
+from datumflow.broker.records import JobInfo, JobState, PipelineInfo
 from datumflow.broker.settle import Msg, settle
-from datumflow.broker.streams import delete_message, get_message, purge_subject
-from datumflow.errors import BrokerError, NotFound, PermanentError, SpecError
+from datumflow.broker.streams import purge_subject
+from datumflow.errors import BrokerError, NotFound, PermanentError
+from datumflow.functions.job_timeouts import JobTimeouts
+from datumflow.functions.max_deliveries import watch_max_deliveries
+from datumflow.functions.tally import Tally, failure_reason
 from datumflow.pfs import manifest, results
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
-from datumflow.spec import parse_duration
 from datumflow.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 _replace = msgspec.structs.replace
 
-DEADLINE_CHECK = 1.0
-"""Seconds between two looks at the running jobs' `job_timeout`."""
 LINGER = 0.05
 """Seconds the committer waits, once a result has come, for more to take with it: results that
 trickle in one by one would otherwise cost a round of pull requests each."""
@@ -49,68 +51,8 @@ costs the committer and the broker three round trips a batch, which is most of t
 results come one by one; a finished job is written at once."""
 
 
-class Tally:
-    """What the committer knows of one job: its size once planned, and each datum's outcome.
-
-    The figures are kept as results come, not summed from them each time: a job of a million
-    datums is reported on many times."""
-
-    def __init__(self) -> None:
-        self.total: int | None = None
-        self.results: dict[str, DatumResult] = {}
-        self.done = False
-        self.counts = {"success": 0, "skipped": 0, "failed": 0, "recovered": 0}
-        self.stats = DatumStats()
-
-    def add(self, message: DatumResult | JobPlanned) -> None:
-        if isinstance(message, JobPlanned):
-            self.total = message.data_total
-            return
-        if message.datum in self.results:
-            return  # the first terminal result counts
-        self.results[message.datum] = message
-        self.counts[message.state] += 1
-        stats, more = self.stats, message.stats
-        stats.download_time += more.download_time
-        stats.process_time += more.process_time
-        stats.upload_time += more.upload_time
-        stats.download_bytes += more.download_bytes
-        stats.upload_bytes += more.upload_bytes
-
-    @property
-    def complete(self) -> bool:
-        return self.total is not None and len(self.results) >= self.total
-
-    def figures(self, job: JobInfo) -> JobInfo:
-        return _replace(
-            job,
-            data_total=self.total if self.total is not None else job.data_total,
-            data_processed=self.counts["success"],
-            data_skipped=self.counts["skipped"],
-            data_failed=self.counts["failed"],
-            data_recovered=self.counts["recovered"],
-            stats=_replace(self.stats),
-        )
-
-    def index(self) -> list[DatumIndexEntry]:
-        """The job's datum index: what the next job compares against to skip."""
-        return [
-            DatumIndexEntry(datum=r.datum, hash=r.hash, state=r.state, output=r.output)
-            for r in sorted(self.results.values(), key=lambda r: r.datum)
-        ]
-
-
 def output_commit_id(job: str) -> str:
     return hashlib.sha256(f"output:{job}".encode()).hexdigest()[:32]
-
-
-def failure_reason(failed: list[DatumResult]) -> str:
-    """`datum 1a2b3c4d5e6f (/poison.txt) failed: ...`: the datum a user should look at first."""
-    first = failed[0]
-    paths = [f.path for f in first.files[:3]]
-    where = f" ({', '.join(paths)}{', ...' if len(first.files) > 3 else ''})" if paths else ""
-    more = f" (and {len(failed) - 1} more failed datums)" if len(failed) > 1 else ""
-    return f"datum {first.datum[:12]}{where} failed: {first.error}{more}"
 
 
 class Committer:
@@ -130,7 +72,7 @@ class Committer:
         timeouts = JobTimeouts(committer=self)
         await asyncio.gather(
             self._results_loop(stop),
-            self._advisory_loop(stop),
+            watch_max_deliveries(broker=self.broker, stop=stop),
             timeouts.run(stop),
             self._report_loop(stop),
         )
@@ -362,136 +304,3 @@ class Committer:
                     )
                 parent = parent.rsplit("/", 1)[0]
         return ordered
-
-    # -- datums whose workers died on every attempt ------------------------------------------
-
-    async def _advisory_loop(self, stop: asyncio.Event) -> None:
-        await consume(
-            self.broker,
-            stream=subjects.ADVISORIES_STREAM,
-            durable=subjects.ADVISORY_CONSUMER,
-            function="committer",
-            handle=self._max_deliveries,
-            stop=stop,
-        )
-
-    async def _max_deliveries(self, msg: Msg) -> None:
-        try:
-            advisory = msgspec.json.decode(msg.data, type=MaxDeliveries)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise Unusable(f"max-deliveries advisory: {exc}") from None
-        if advisory.stream != subjects.DATUMS_STREAM:
-            return
-        data = await get_message(
-            self.broker,
-            stream=subjects.DATUMS_STREAM,
-            seq=advisory.stream_seq,
-            what="reading a datum that ran out of deliveries",
-        )
-        if data is None:
-            return  # a late worker finished it after all, or its job was killed
-        try:
-            task = decode(data, DatumTask, what="datum task")
-        except PermanentError:
-            await self._forget_datum(advisory.stream_seq)
-            return
-        result = DatumResult(
-            pipeline=task.pipeline,
-            job=task.job,
-            datum=task.datum,
-            hash=task.hash,
-            state="failed",
-            files=[f for i in task.inputs for f in i.files],
-            error=(
-                f"the worker died during each of its {advisory.deliveries} attempts"
-                " (datum_tries): killed, out of memory, or crashed; the datum was given up"
-            ),
-            attempts=advisory.deliveries,
-        )
-        await self.broker.publish(
-            subjects.result(task.pipeline, task.job),
-            result,
-            msg_id=f"{task.job}:{task.datum}:failed",
-        )
-        # The server leaves such a message in the stream, work queue or not; it is ours to remove.
-        await self._forget_datum(advisory.stream_seq)
-
-    async def _forget_datum(self, seq: int) -> None:
-        await delete_message(
-            self.broker,
-            stream=subjects.DATUMS_STREAM,
-            seq=seq,
-            what="removing a datum that ran out of deliveries",
-        )
-
-
-class JobTimeouts:
-    """Kills the jobs that run longer than their pipeline's `job_timeout`.
-
-    A pipeline runs one job at a time, its newest (the job head), so one look per pipeline with a
-    timeout finds every job to kill. The clock starts when the job starts running, i.e. once its
-    datums are queued, as Pachyderm's does when the job starts.
-    """
-
-    def __init__(
-        self, *, committer: Committer, every: float = DEADLINE_CHECK, refresh: float = 5.0
-    ) -> None:
-        self.committer = committer
-        self.pipelines = committer.pipelines
-        self.every = every
-        self.refresh = refresh
-        self._bounded: list[PipelineInfo] = []
-        self._listed: float | None = None
-
-    async def _pipelines_with_timeouts(self) -> list[PipelineInfo]:
-        # Listing every pipeline is a round trip per pipeline: done every `refresh` seconds,
-        # while the jobs of the ones with a timeout are looked at every `every` seconds.
-        now = time.monotonic()
-        if self._listed is None or now - self._listed >= self.refresh:
-            self._bounded = [p for p in await self.pipelines.list() if p.spec.job_timeout]
-            self._listed = now
-        return self._bounded
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.check()
-            except BrokerError as exc:
-                log.warning("committer: checking job timeouts: %s", exc)
-            except Exception:
-                log.exception("committer: checking job timeouts")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.every)
-
-    async def check(self, now: float | None = None) -> list[str]:
-        """Kill what is overdue; returns the jobs killed as PIPELINE@JOB."""
-        now = time.time() if now is None else now
-        killed = []
-        for info in await self._pipelines_with_timeouts():
-            try:
-                limit = parse_duration(info.spec.job_timeout, field="job_timeout")
-            except SpecError:
-                continue  # refused at create; an older record cannot stop the others
-            if not limit:
-                continue
-            head = await self.pipelines.heads.find(info.name)
-            if head is None or not head.last_job:
-                continue
-            job = await self.pipelines.jobs.find(job_key(info.name, head.last_job))
-            if job is None or job.state != "running" or not job.started:
-                continue
-            if now - job.started < limit:
-                continue
-            why = f"job_timeout: the job ran longer than {info.spec.job_timeout} and was killed"
-            if await self.committer.kill(info.name, job.id, why=why):
-                killed.append(f"{info.name}@{job.id}")
-        return killed
-
-
-class MaxDeliveries(msgspec.Struct):
-    """The part of the server's max-deliveries advisory we use."""
-
-    stream: str
-    consumer: str
-    stream_seq: int
-    deliveries: int = 0
