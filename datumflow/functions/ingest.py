@@ -40,7 +40,7 @@ from datumflow.broker.connection import Broker
 from datumflow.broker.consumer import MAX_MESSAGE, Subscription
 from datumflow.broker.ingest_stream import Binding, ensure_ingest_stream
 from datumflow.broker.messages import FileRef, ObjectSource
-from datumflow.broker.settle import Msg, dead_letter, keep_alive, settle
+from datumflow.broker.settle import UNEXPECTED_DELAY, Msg, dead_letter, keep_alive, settle
 from datumflow.errors import BrokerError, PermanentError, TemporaryError
 from datumflow.functions.ingest_changes import (
     Batch,
@@ -187,14 +187,22 @@ class Ingest:
                     if reasons := batch.reasons(msg):
                         await self._dead(msg, "; ".join(reasons), keep=True)
             except Exception as exc:
-                # Nothing of the batch is acked: all of it comes back after the delay.
+                # Nothing of the batch is acked: all of it comes back after the delay. Never
+                # dead-lettered whole, whatever the error: part of it may be committed already.
                 if isinstance(exc, TemporaryError):
                     log.warning("ingest: %s; the batch will be redelivered", exc)
+                    again = exc
+                else:
+                    log.error(
+                        "ingest: unexpected error committing a batch; it will be redelivered",
+                        exc_info=exc,
+                    )
+                    again = TemporaryError(str(exc), delay=UNEXPECTED_DELAY)
                 await settle(
                     self.broker,
                     function=FUNCTION,
                     msgs=batch.msgs,
-                    outcome=exc,
+                    outcome=again,
                     max_delay=self.options.max_retry_delay,
                 )
                 return
