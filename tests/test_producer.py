@@ -147,6 +147,32 @@ async def test_a_node_producer_commits_files_in_place(
     ]
     assert all(r.source and r.source.etag and r.source.version_id for r in refs)
 
+    # --append: one more file on top of the head the producer reads from the branch's record; the
+    # pipeline's next job runs that file alone and keeps what the first did.
+    (tmp_path / "late.txt").write_bytes(b"late frame\n")
+    appended = json.loads(
+        node(
+            producer,
+            cluster,
+            endpoint,
+            "publish.mjs",
+            "--repo",
+            "camera",
+            "--bucket",
+            bucket,
+            "--append",
+            str(tmp_path / "late.txt"),
+        )
+    )
+    assert appended["parent"] == published["commit"]
+    second = (await wait_jobs(cluster, "copied", count=2))[1]
+    assert second.state == "success", second.reason
+    assert (second.data_total, second.data_processed, second.data_skipped) == (4, 1, 3)
+    assert await repo_files(cluster, "copied") == {
+        **{f"/{n}": d for n, d in files.items()},
+        "/late.txt": b"late frame\n",
+    }
+
 
 # Published with nats.js as it is, no datumflow code in between: what a producer's bug looks like.
 RAW = """
