@@ -6,7 +6,7 @@ Every call wraps the broker's failures into BrokerError, naming what it was doin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -52,7 +52,7 @@ async def pending(broker: Broker, *, stream: str, durable: str) -> int:
 
 async def read_subjects(
     broker: Broker, *, stream: str, filters: list[str], what: str
-) -> AsyncIterator[list[Msg]]:
+) -> AsyncGenerator[list[Msg], None]:
     """The messages of `filters` in `stream`, in stream order, as far as they go now, a batch at a
     time (a job's results can be many: they are not all held at once).
 

@@ -9,6 +9,7 @@ the first terminal result of each datum (`first_results`), which is what the job
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from datumflow.broker import subjects
@@ -52,12 +53,14 @@ async def replay(broker: Broker, pipeline: str, job: str) -> list[JobEvent]:
         ],
         what=f"reading the results of {pipeline}@{job}",
     )
-    async for msgs in batches:
-        for msg in msgs:
-            try:
-                out.extend(decode_events(msg))
-            except Unusable:
-                pass
+    # Closed on the way out, whatever happens: the reading consumer is deleted now, not later.
+    async with contextlib.aclosing(batches):
+        async for msgs in batches:
+            for msg in msgs:
+                try:
+                    out.extend(decode_events(msg))
+                except Unusable:
+                    pass
     return out
 
 
