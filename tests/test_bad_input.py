@@ -43,7 +43,7 @@ from datumflow.broker.messages import (
     JobPlanned,
 )
 from datumflow.errors import SpecError
-from datumflow.functions import sandbox
+from datumflow.functions.worker import sandbox
 from datumflow.pfs.datums import check_input
 from datumflow.pfs.paths import BadPath, clean_path
 from datumflow.spec import load_spec

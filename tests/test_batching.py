@@ -20,8 +20,8 @@ from datumflow.broker import subjects
 from datumflow.broker.messages import DatumResult, JobPlanned
 from datumflow.broker.outbox import Outbox
 from datumflow.errors import BrokerError
-from datumflow.functions.batch import MAX_SET, TARGET, BatchSizer
-from datumflow.functions.inprocess import Datum
+from datumflow.functions.worker.batch import MAX_SET, TARGET, BatchSizer
+from datumflow.functions.worker.inprocess import Datum
 from datumflow.spec import DatumSetSpec
 from tests.conftest import REPO_ROOT, Cluster, eventually
 from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
@@ -255,8 +255,8 @@ async def test_outbox_stores_each_message_once_and_says_what_it_could_not(broker
 async def test_results_handed_over_together_travel_together_and_ack_their_datums(broker) -> None:  # type: ignore[no-untyped-def]
     from datumflow.broker.pull import Puller
     from datumflow.broker.topology import ensure_pipeline_consumers
-    from datumflow.functions.batch import Heartbeat
-    from datumflow.functions.reporter import Reporter
+    from datumflow.functions.worker.batch import Heartbeat
+    from datumflow.functions.worker.reporter import Reporter
     from datumflow.pfs import results
     from datumflow.spec import load_spec
 

@@ -24,7 +24,7 @@ from datumflow.deploy.controller import (
     count_schedulable_nodes,
 )
 from datumflow.deploy.render import render_pipeline
-from datumflow.functions.pod_cost import (
+from datumflow.functions.worker.pod_cost import (
     ANNOTATION,
     NoPodDeletionCost,
     PodDeletionCost,
@@ -496,7 +496,7 @@ async def test_pod_deletion_cost_failures_are_logged_not_raised(
 ) -> None:
     api.fail("PATCH", "/api/v1/namespaces/pipelines/pods/w-1", 403)
     marker = PodDeletionCost(pod_name="w-1", namespace="pipelines", core_v1=CoreV1Api(api))
-    with caplog.at_level(logging.WARNING, logger="datumflow.functions.pod_cost"):
+    with caplog.at_level(logging.WARNING, logger="datumflow.functions.worker.pod_cost"):
         await marker.busy()
     assert "may patch pods" in caplog.text
     # Not remembered as set: the next busy() tries again, and succeeds.
@@ -522,7 +522,7 @@ async def test_pod_deletion_cost_without_cluster_credentials(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # In a "pod" without a service account token (or here, outside any cluster): no marker.
-    with caplog.at_level(logging.WARNING, logger="datumflow.functions.pod_cost"):
+    with caplog.at_level(logging.WARNING, logger="datumflow.functions.worker.pod_cost"):
         marker = pod_deletion_cost(pod_name="w-1", namespace="pipelines")
     assert isinstance(marker, NoPodDeletionCost)
     assert "cannot reach the Kubernetes API" in caplog.text

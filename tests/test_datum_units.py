@@ -22,10 +22,10 @@ from datumflow.broker.messages import (
     JobPlanned,
 )
 from datumflow.broker.records import JobInfo
-from datumflow.functions import sandbox
 from datumflow.functions.committer import Committer
 from datumflow.functions.job_timeouts import JobTimeouts
 from datumflow.functions.tally import Tally, failure_reason
+from datumflow.functions.worker import sandbox
 from datumflow.pfs import results
 from datumflow.pfs.datums import Leaf, job_datums
 from datumflow.pfs.pipelines import job_key

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from datumflow.functions.sandbox import choose_mode
+from datumflow.functions.worker.sandbox import choose_mode
 from tests.conftest import REPO_ROOT, Cluster, shared_cluster
 
 EXAMPLES = REPO_ROOT / "examples"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from datumflow.broker.messages import DatumInput, DatumTask, FileRef
-from datumflow.functions.inprocess import Datum
-from datumflow.functions.userthread import DatumTimeout, UserThread
-from datumflow.functions.worker import _check_paths
+from datumflow.functions.worker.inprocess import Datum
+from datumflow.functions.worker.userthread import DatumTimeout, UserThread
+from datumflow.functions.worker.worker import _check_paths
 from datumflow.pfs.paths import BadPath
 from tests.conftest import REPO_ROOT, Cluster
 from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done

@@ -14,7 +14,7 @@ import pytest
 
 from datumflow.broker.records import PipelineInfo
 from datumflow.cli.pps_commands import _pipeline_view, _status
-from datumflow.functions.pod_cost import BusyFile, NoPodDeletionCost, worker_marker
+from datumflow.functions.worker.pod_cost import BusyFile, NoPodDeletionCost, worker_marker
 from datumflow.runtime.pipeline_workers import PipelineWorkers, choose_to_stop, worker_grace
 from datumflow.runtime.supervisor import Supervisor
 from datumflow.settings import Settings

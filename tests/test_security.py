@@ -26,7 +26,7 @@ import pytest
 
 from datumflow.broker.connection import connect, redact
 from datumflow.errors import BrokerError
-from datumflow.functions import sandbox
+from datumflow.functions.worker import sandbox
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import EmbeddedServer, read_instance
 from datumflow.settings import Settings
@@ -491,7 +491,7 @@ async def test_user_code_cannot_read_the_workers_credentials(make_cluster, tmp_p
 
 
 def test_the_user_code_identity_is_checked_when_the_worker_starts() -> None:
-    from datumflow.functions.sandbox import user_code_identity
+    from datumflow.functions.worker.sandbox import user_code_identity
 
     assert user_code_identity("") is None
     if os.geteuid() != 0:

@@ -20,8 +20,8 @@ from datumflow.broker.messages import commit_event_schema
 from datumflow.cli.context import emit_json, fail, settings_of
 from datumflow.functions.committer import Committer
 from datumflow.functions.planner import Planner
-from datumflow.functions.sandbox import user_code_identity
-from datumflow.functions.worker import Worker, default_scratch
+from datumflow.functions.worker.sandbox import user_code_identity
+from datumflow.functions.worker.worker import Worker, default_scratch
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance
 from datumflow.runtime.service import resolve, serve, stop_on_signals
@@ -168,7 +168,7 @@ def worker(ctx: typer.Context, pipeline: str = typer.Option(..., "--pipeline", "
     settings = resolve(settings_of(ctx))
 
     async def body(broker: Broker, store: ObjectStore, stop: asyncio.Event) -> None:
-        from datumflow.functions.pod_cost import worker_marker
+        from datumflow.functions.worker.pod_cost import worker_marker
 
         # Busy or idle, so that a scale-down stops idle workers first: the pod's deletion cost
         # in Kubernetes, the supervisor's busy file on one machine.

@@ -20,8 +20,8 @@ import yaml
 from datumflow import scaling
 from datumflow.broker import subjects
 from datumflow.errors import PermanentError, SpecError
-from datumflow.functions.pod_cost import ANNOTATION as DELETION_COST_ANNOTATION
-from datumflow.functions.pod_cost import IDLE_COST
+from datumflow.functions.worker.pod_cost import ANNOTATION as DELETION_COST_ANNOTATION
+from datumflow.functions.worker.pod_cost import IDLE_COST
 from datumflow.spec import ParallelismSpec, PipelineSpec, Resources, parse_duration
 
 DEFAULT_IMAGE = "ghcr.io/datumflow/datumflow:0.1.0"

@@ -185,9 +185,9 @@ class Supervisor:
         return infos
 
     def _busy(self, child: Child) -> bool:
-        """Whether a worker holds a datum now: its busy file exists (functions.pod_cost.BusyFile,
-        named in DATUMFLOW_BUSY_FILE). A worker that writes none counts as idle, and the newest
-        goes first, as before there was a marker."""
+        """Whether a worker holds a datum now: its busy file exists
+        (functions.worker.pod_cost.BusyFile, named in DATUMFLOW_BUSY_FILE). A worker that writes
+        none counts as idle, and the newest goes first, as before there was a marker."""
         if not child.alive:
             return False
         return child.busy_file is not None and child.busy_file.exists()

@@ -1,5 +1,5 @@
 """A datum through a command (`transform.cmd`): its inputs downloaded into a /pfs layout, the
-command run in the sandbox (datumflow.functions.sandbox), what it wrote under /pfs/out stored.
+command run in the sandbox (functions.worker.sandbox), what it wrote under /pfs/out stored.
 
 The worker calls `Commands.run` for each datum of a command pipeline, and `Commands.user_code` for
 the err_cmd of either kind of pipeline.
@@ -19,8 +19,8 @@ from datumflow.broker.connection import Broker
 from datumflow.broker.messages import DatumResult, DatumStats, DatumTask, FileRef
 from datumflow.broker.records import PipelineInfo
 from datumflow.errors import PermanentError
-from datumflow.functions import sandbox
-from datumflow.functions.attempt import MakeResult, Retry, upload
+from datumflow.functions.worker import sandbox
+from datumflow.functions.worker.attempt import MakeResult, Retry, upload
 from datumflow.spec import parse_duration
 from datumflow.storage.base import ObjectStore, reads_in_place
 

@@ -10,8 +10,8 @@ The contract (docs/transform.md):
 for a command); `out` is the layout's `out` directory. Returning is success; raising is a failed
 attempt, retried up to `datum_tries` like a non-zero exit.
 
-`run_datum` is one datum on the user-code thread (datumflow.functions.userthread): lay out the
-inputs (datumflow.functions.layout), call, and set aside what the datum wrote, so the next datum
+`run_datum` is one datum on the user-code thread (functions.worker.userthread): lay out the
+inputs (functions.worker.layout), call, and set aside what the datum wrote, so the next datum
 can start while the worker uploads it.
 """
 
@@ -30,7 +30,7 @@ import msgspec
 
 from datumflow.broker.messages import DatumTask
 from datumflow.errors import PermanentError
-from datumflow.functions.layout import Layout, Layouts
+from datumflow.functions.worker.layout import Layout, Layouts
 
 
 class Datum(msgspec.Struct, kw_only=True):

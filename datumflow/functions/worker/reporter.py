@@ -23,7 +23,7 @@ from datumflow.broker.messages import DatumResult, DatumResults
 from datumflow.broker.outbox import Outbox
 from datumflow.broker.settle import Msg, settle
 from datumflow.errors import BrokerError
-from datumflow.functions.batch import Heartbeat
+from datumflow.functions.worker.batch import Heartbeat
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """One attempt at a datum: the result it comes to (or Retry), and storing what it wrote.
 
-Both kinds of user code, commands (datumflow.functions.commands) and in-process functions
-(datumflow.functions.inprocess), end here: a failed attempt with tries left raises Retry, and the
+Both kinds of user code, commands (functions.worker.commands) and in-process functions
+(functions.worker.inprocess), end here: a failed attempt with tries left raises Retry, and the
 worker hands the datum back; anything else becomes a DatumResult.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from datumflow.broker.messages import DatumResult, DatumState, DatumStats, DatumTask, listed
 from datumflow.errors import PermanentError
-from datumflow.functions.outputs import collect_outputs
+from datumflow.functions.worker.outputs import collect_outputs
 from datumflow.pfs import manifest
 from datumflow.storage.base import ObjectStore
 

@@ -4,15 +4,15 @@
 A result event is published before its datum message is acked, so a worker that dies at any point
 leaves its datums to be redelivered (after `ack_wait`) and done again; the committer keeps the first
 terminal result of each datum. While the worker holds datums, fetched together as a datum set
-(datumflow.functions.batch), one heartbeat tells the server it is still busy with all of them, well
+(functions.worker.batch), one heartbeat tells the server it is still busy with all of them, well
 inside `ack_wait`, so a long datum, or one waiting its turn in a set, is never taken from a live
 worker.
 
-User code is either a command (`transform.cmd`, a process per datum: datumflow.functions.commands)
-or a Python function (`transform.function`, called in this process: datumflow.functions.calls).
+User code is either a command (`transform.cmd`, a process per datum: functions.worker.commands)
+or a Python function (`transform.function`, called in this process: functions.worker.calls).
 The hot path has no round trip per datum: a set is one fetch; an in-process set is handed to the
 user-code thread in one go, which reports each datum as it finishes; the results finished together
-go out in one message (datumflow.functions.reporter), and acks do not wait.
+go out in one message (functions.worker.reporter), and acks do not wait.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from datumflow.broker.records import PipelineInfo
 from datumflow.broker.settle import Msg, settle
 from datumflow.broker.streams import pending
 from datumflow.errors import BrokerError, NotFound, PermanentError, TemporaryError
-from datumflow.functions import inprocess, sandbox
-from datumflow.functions.attempt import Retry, result_maker
-from datumflow.functions.batch import BatchSizer, Heartbeat
-from datumflow.functions.calls import Functions, local_objects
-from datumflow.functions.commands import Commands
-from datumflow.functions.reporter import Reporter
+from datumflow.functions.worker import inprocess, sandbox
+from datumflow.functions.worker.attempt import Retry, result_maker
+from datumflow.functions.worker.batch import BatchSizer, Heartbeat
+from datumflow.functions.worker.calls import Functions, local_objects
+from datumflow.functions.worker.commands import Commands
+from datumflow.functions.worker.reporter import Reporter
 from datumflow.pfs.paths import BadPath, check_name, clean_path
 from datumflow.pfs.pipelines import Pipelines
 from datumflow.pfs.repos import Repos

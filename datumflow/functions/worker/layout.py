@@ -1,7 +1,7 @@
 """Where an in-process datum's /pfs is: in memory for small datums, on disk for the rest.
 
 A thread cannot have a mount namespace of its own, so an in-process function is given its layout's
-paths (datumflow.functions.inprocess). Each user-code thread has its own layout directories, reused
+paths (functions.worker.inprocess). Each user-code thread has its own layout directories, reused
 from datum to datum: only what changes is created and removed.
 
 Creating and removing files on a disk can cost more than a tiny datum itself (on the bench machine,

@@ -10,7 +10,7 @@ them without a round trip per datum.
 - `Heartbeat`: one task that sends `in_progress()` for every datum message in hand, well inside
   `ack_wait`, so the datums waiting in a set are not redelivered while their worker is alive.
 
-Results are reported, and their datums acked, by datumflow.functions.reporter.
+Results are reported, and their datums acked, by functions.worker.reporter.
 """
 
 from __future__ import annotations

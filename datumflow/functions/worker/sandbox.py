@@ -26,7 +26,7 @@ from pathlib import Path
 
 import msgspec
 
-from datumflow.functions.proctree import kill_tree, pipe_holders, signal_quietly
+from datumflow.functions.worker.proctree import kill_tree, pipe_holders, signal_quietly
 
 LOG_CAP = 1 << 20
 """Bytes of a datum's output kept in its log; the rest is counted and dropped."""

@@ -1,5 +1,5 @@
 """Datums through an in-process function (`transform.function`), called on the user-code thread
-(datumflow.functions.userthread) with its /pfs layout (datumflow.functions.layout).
+(functions.worker.userthread) with its /pfs layout (functions.worker.layout).
 
 A datum set whose inputs are all in the local store goes to the thread in one go (`each`); any
 other datum is laid out, downloaded by the loop, then called (`one`). Both end in `_called`: the
@@ -21,11 +21,11 @@ from typing import Any
 from datumflow.broker.messages import DatumResult, DatumStats, DatumTask
 from datumflow.broker.records import PipelineInfo
 from datumflow.errors import PermanentError
-from datumflow.functions import inprocess
-from datumflow.functions.attempt import MakeResult, Retry, result_maker, upload
-from datumflow.functions.commands import Commands
-from datumflow.functions.layout import Layouts
-from datumflow.functions.userthread import DatumTimeout, Run, UserThread
+from datumflow.functions.worker import inprocess
+from datumflow.functions.worker.attempt import MakeResult, Retry, result_maker, upload
+from datumflow.functions.worker.commands import Commands
+from datumflow.functions.worker.layout import Layouts
+from datumflow.functions.worker.userthread import DatumTimeout, Run, UserThread
 from datumflow.spec import parse_duration
 from datumflow.storage.base import ObjectStore
 from datumflow.storage.file import FileStore
