@@ -52,6 +52,13 @@ def kv_key_prefix(bucket: str) -> str:
     return f"$KV.{bucket}."
 
 
+def reserved(subject: str) -> bool:
+    """Whether `subject` is one of datumflow's own (under `df.`), and not one bucket notifications
+    may be published on (`df.ingest.<name>...`)."""
+    tokens = subject.split(".")
+    return tokens[0] == "df" and (len(tokens) < 3 or tokens[1] != "ingest")
+
+
 def commit(repo: str) -> str:
     return f"df.commit.{repo}"
 

@@ -53,7 +53,7 @@ def check_subject(subject: str) -> str:
         raise BadSource(
             f"{subject!r} would capture other traffic: start it with a literal token (minio.events)"
         )
-    if tokens[0] == "df" and (len(tokens) < 3 or tokens[1] != "ingest"):
+    if subjects.reserved(subject):
         raise BadSource(
             f"{subject!r}: subjects under df. are datumflow's own; use df.ingest.<name> or a"
             " subject of your own (e.g. minio.events)"
