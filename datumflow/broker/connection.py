@@ -133,6 +133,11 @@ class Broker:
             ack = await self.js.publish(subject, msgspec.json.encode(message), headers=headers)
         return ack.seq
 
+    async def publish_core(self, subject: str, data: bytes) -> None:
+        """Publish on core NATS: not stored, lost if no one listens (live output)."""
+        async with broker_errors(f"publishing to {subject}"):
+            await self.nc.publish(subject, data)
+
     async def subscribe(
         self, subject: str, *, cb: Callable[[Msg], Awaitable[None]]
     ) -> Subscription:

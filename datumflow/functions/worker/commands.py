@@ -132,8 +132,8 @@ class Commands:
         async def stream(chunk: bytes) -> None:
             # Core NATS, not JetStream: live lines for `datumflow logs -f`, lost if no one
             # listens. The whole log is kept as an object with the datum's result.
-            with contextlib.suppress(Exception):
-                await self.broker.nc.publish(live, chunk)
+            with contextlib.suppress(Exception):  # a line too big for the broker, too
+                await self.broker.publish_core(live, chunk)
 
         return await sandbox.run(
             cmd,
