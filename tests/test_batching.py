@@ -21,8 +21,8 @@ from datumflow.broker.messages import DatumResult, JobPlanned
 from datumflow.broker.outbox import Outbox
 from datumflow.errors import BrokerError
 from datumflow.functions.worker.batch import MAX_SET, TARGET, BatchSizer
-from datumflow.functions.worker.inprocess import Datum
 from datumflow.spec import DatumSetSpec
+from datumflow.transform import Datum
 from tests.conftest import REPO_ROOT, Cluster, eventually
 from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
 

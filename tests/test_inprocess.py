@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from datumflow.broker.messages import DatumInput, DatumTask, FileRef
-from datumflow.functions.worker.inprocess import Datum
-from datumflow.functions.worker.userthread import DatumTimeout, UserThread
+from datumflow.functions.worker.userthread import UserThread
 from datumflow.functions.worker.worker import _check_paths
 from datumflow.pfs.paths import BadPath
+from datumflow.transform import Datum, DatumTimeout
 from tests.conftest import REPO_ROOT, Cluster
 from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
 
