@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import msgspec
+
+PfsMode = Literal["auto", "namespace", "direct", "env"]
+"""How a worker lays out /pfs (see Settings.pfs_mode)."""
 
 SECRET_FIELDS = frozenset({"nats_password", "nats_token", "nats_nkey_seed"})
 """Settings whose values are secrets (the others name files or places, which are not)."""
@@ -36,7 +40,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
-    pfs_mode: str = "auto"
+    pfs_mode: PfsMode = "auto"
     """How a worker lays out /pfs: "namespace" (a private bind mount per datum, Linux as root),
     "direct" (the worker owns /pfs, as in a pod), "env" (a directory named in $PFS), or "auto"."""
     grace: float = 20.0
@@ -65,6 +69,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     __str__ = __repr__
 
+    def __post_init__(self) -> None:
+        # A Struct made in code is not type-checked by msgspec: a closed set must be enforced here
+        # too, or a typo would behave as the default.
+        for field in msgspec.structs.fields(self):
+            allowed = _choices(field.type)
+            value = getattr(self, field.name)
+            if allowed and value not in allowed:
+                raise ValueError(_not_one_of(field.name, value, allowed))
+
     @property
     def home_path(self) -> Path:
         return Path(self.home).resolve()
@@ -81,6 +94,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raw = env.get("DATUMFLOW_" + field.name.upper())
             if raw is None or raw == "":
                 continue
+            allowed = _choices(field.type)
+            if allowed and raw not in allowed:
+                raise ValueError(_not_one_of(field.name, raw, allowed))
             if field.type in (float, "float"):
                 try:
                     values[field.name] = float(raw)
@@ -104,3 +120,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if value not in ("", None):
                 out["DATUMFLOW_" + field.name.upper()] = str(value)
         return out
+
+
+def _choices(annotation: object) -> tuple[str, ...]:
+    """The values a Literal setting may take; () for any other."""
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
+def _not_one_of(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    return (
+        f"bad datumflow setting DATUMFLOW_{name.upper()}={value!r}: it must be one of"
+        f" {', '.join(allowed)}"
+    )

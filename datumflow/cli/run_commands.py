@@ -18,10 +18,11 @@ import typer
 
 from datumflow.broker.messages import commit_event_schema
 from datumflow.cli.context import emit_json, fail, settings_of
+from datumflow.errors import DatumflowError
 from datumflow.functions.committer import Committer
 from datumflow.functions.planner import Planner
-from datumflow.functions.worker.sandbox import user_code_identity
-from datumflow.functions.worker.worker import Worker, default_scratch
+from datumflow.functions.worker.sandbox import choose_mode
+from datumflow.functions.worker.worker import Worker, default_scratch, user_code_run_as
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance
 from datumflow.runtime.service import resolve, serve, stop_on_signals
@@ -72,8 +73,13 @@ def up(
             # User code then cannot read the password from the functions' environments.
             settings = msgspec.structs.replace(settings, user_code_user="nobody")
     try:
-        user_code_identity(settings.user_code_user)  # refused here, not by every worker
-    except ValueError as exc:
+        # Refused here, once, rather than by every worker it would start.
+        user_code_run_as(
+            user=settings.user_code_user,
+            wanted=settings.pfs_mode,
+            mode=choose_mode(settings.pfs_mode),
+        )
+    except (ValueError, RuntimeError, DatumflowError) as exc:
         fail(str(exc))
     if detach:
         home.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from datumflow.functions.worker.reporter import Reporter
 from datumflow.pfs.paths import BadPath, check_name, clean_path
 from datumflow.pfs.pipelines import Pipelines
 from datumflow.pfs.repos import Repos
+from datumflow.settings import PfsMode
 from datumflow.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,27 @@ class _Set:
         return [m for m in self.msgs if id(m) not in self.settled]
 
 
+def user_code_run_as(*, user: str, wanted: str, mode: str) -> sandbox.RunAs | None:
+    """Whom user code runs as: the user `user_code_user` names (as root), else ourselves.
+
+    Never root in that user's place: the layout of pfs_mode env lies under the state directory,
+    which that user may not reach, and running the code as root instead would hand it the
+    worker's credentials that the setting was there to keep from it. So that case is refused,
+    before any datum is taken."""
+    run_as = sandbox.user_code_identity(user)
+    if run_as is not None and mode == "env":
+        how = "pfs_mode env" + (
+            " (auto: this machine gives no mount namespace)" if wanted == "auto" else ""
+        )
+        raise PermanentError(
+            f"user code is to run as {user!r} (DATUMFLOW_USER_CODE_USER), but with {how} it"
+            " would have to run as root, which is refused. Give the worker mount namespaces"
+            " (root with CAP_SYS_ADMIN, pfs_mode namespace) or /pfs of its own (pfs_mode"
+            " direct), or unset DATUMFLOW_USER_CODE_USER to run user code as the worker's user"
+        )
+    return run_as
+
+
 class Worker:
     def __init__(
         self,
@@ -94,7 +116,7 @@ class Worker:
         pipeline: str,
         scratch: Path,
         ack_wait: float,
-        pfs_mode: str = "auto",
+        pfs_mode: PfsMode = "auto",
         grace: float = 20.0,
         marker: Busy | None = None,
         user_code_user: str = "",
@@ -106,14 +128,7 @@ class Worker:
         self.ack_wait = ack_wait
         self.grace = grace
         self.mode = sandbox.choose_mode(pfs_mode)
-        run_as = sandbox.user_code_identity(user_code_user)
-        if run_as is not None and self.mode == "env":
-            # The layout is under the state directory, which that user may not be able to reach.
-            log.warning(
-                "user_code_user=%s needs pfs_mode namespace or direct; user code runs as root",
-                user_code_user,
-            )
-            run_as = None
+        run_as = user_code_run_as(user=user_code_user, wanted=pfs_mode, mode=self.mode)
         self.commands = Commands(
             broker=broker, store=store, scratch=scratch, mode=self.mode, run_as=run_as
         )
