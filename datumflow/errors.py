@@ -41,5 +41,10 @@ class BrokerError(TemporaryError):
     """NATS failed (timeout, disconnect, no responders). Wrapped at the broker boundary."""
 
 
+class TopologyRefused(PermanentError):
+    """The broker cannot keep the streams and buckets as asked (their replicas): the message says
+    what to change."""
+
+
 class StorageError(TemporaryError):
     """The object store failed in a way that may pass."""

@@ -30,6 +30,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     (an external broker without one): `up` reads the same figure from JetStream consumer info."""
     storage: str = ""
     """Object store URL: file:///path or s3://bucket/prefix. Empty means `<home>/objects`."""
+    replicas: int = 1
+    """Copies the broker keeps of every stream, bucket and durable consumer datumflow declares:
+    1 on a single nats-server, 3 on a cluster of three that should survive losing one node."""
     ack_wait: float = 30.0
     """Seconds a worker may hold a datum without a heartbeat before it is redelivered."""
     nats_user: str = ""
@@ -77,6 +80,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             value = getattr(self, field.name)
             if allowed and value not in allowed:
                 raise ValueError(_not_one_of(field.name, value, allowed))
+        if not 1 <= self.replicas <= 5:
+            raise ValueError(
+                f"DATUMFLOW_REPLICAS={self.replicas}: JetStream keeps 1 to 5 replicas of a stream"
+            )
 
     @property
     def home_path(self) -> Path:
@@ -103,6 +110,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 except ValueError:
                     raise ValueError(
                         f"bad datumflow setting DATUMFLOW_{field.name.upper()}={raw!r}: expected a number"
+                    ) from None
+            elif field.type in (int, "int"):
+                try:
+                    values[field.name] = int(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"bad datumflow setting DATUMFLOW_{field.name.upper()}={raw!r}: expected a whole number"
                     ) from None
             else:
                 values[field.name] = raw

@@ -42,6 +42,9 @@ TRANSIENT = (
     nats.errors.OutboundBufferLimitError,
     nats.errors.StaleConnectionError,
     nats.js.errors.ServiceUnavailableError,
+    # A JetStream publish that found no stream listening: the stream has no leader (an election
+    # after a server was lost takes seconds) or its server is restarting.
+    nats.js.errors.NoStreamResponseError,
     ConnectionError,
 )
 
@@ -112,8 +115,10 @@ def _auth_options(settings: Settings) -> dict[str, Any]:
 class Broker:
     """A NATS connection with its JetStream context and the KV buckets opened so far."""
 
-    def __init__(self, nc: Client, *, name: str) -> None:
+    def __init__(self, nc: Client, *, name: str, replicas: int = 1) -> None:
         self.nc = nc
+        self.replicas = replicas
+        """Replicas of each stream and bucket this connection declares (DATUMFLOW_REPLICAS)."""
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.name = name
         self._buckets: dict[str, KeyValue] = {}
@@ -214,7 +219,7 @@ async def connect(*, settings: Settings, name: str, reconnect: bool = True) -> B
         raise BrokerError(f"connecting to the broker at {shown} failed: {_why(exc)}") from exc
     if reconnect:
         nc.options["max_reconnect_attempts"] = -1
-    return Broker(nc, name=name)
+    return Broker(nc, name=name, replicas=settings.replicas)
 
 
 def _why(exc: Exception) -> str:

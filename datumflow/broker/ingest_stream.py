@@ -26,10 +26,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, broker_errors
+from datumflow.broker.topology import ensure_stream
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,9 @@ async def ensure_ingest_stream(broker: Broker, wanted: Iterable[str] = ()) -> li
         try:
             info = await broker.js.stream_info(INGEST_STREAM)
             ours = list(info.config.subjects or [])
+            replicas = info.config.num_replicas or 1
         except NotFoundError:
-            ours = []
+            ours, replicas = [], 0
         foreign: dict[str, list[str]] = {}
         added = False
         for subject in sorted(wanted_set):
@@ -103,12 +105,9 @@ async def ensure_ingest_stream(broker: Broker, wanted: Iterable[str] = ()) -> li
                 continue
             ours.append(subject)
             added = True
-        if added or not ours:
+        if added or not ours or replicas < broker.replicas:
             config = _stream_config(sorted(set(ours)))
-            try:
-                await broker.js.add_stream(config)
-            except BadRequestError:
-                await broker.js.update_stream(config)
+            await ensure_stream(broker, config, replicas=broker.replicas)
         await broker.js.add_consumer(INGEST_STREAM, _consumer_config())
         bindings = [Binding(INGEST_STREAM, INGEST_DURABLE, tuple(sorted(ours)))]
         for stream, filters in sorted(foreign.items()):

@@ -6,6 +6,8 @@ function calls `ensure_topology` at start and never depends on who came first.
 
 from __future__ import annotations
 
+import dataclasses
+
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -16,10 +18,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, broker_errors
+from datumflow.errors import TopologyRefused
 from datumflow.spec import PipelineSpec, input_leaves
 
 DAY = 24 * 3600.0
@@ -119,26 +122,106 @@ SHARED_CONSUMERS = [
 ]
 
 
-async def ensure_topology(broker: Broker) -> None:
-    """Create or update every stream, bucket and shared consumer."""
-    js = broker.js
+async def ensure_topology(broker: Broker, *, replicas: int | None = None) -> None:
+    """Create or update every stream, bucket and shared consumer, each kept on `replicas` servers
+    (the broker's setting, DATUMFLOW_REPLICAS, unless given)."""
+    replicas = broker.replicas if replicas is None else replicas
     async with broker_errors("declaring streams and buckets"):
+        await refuse_unkeepable(broker, replicas=replicas)
         for config in STREAMS:
-            try:
-                await js.add_stream(config)
-            except BadRequestError:
-                # Same name, different config (an older datumflow): bring it up to date.
-                await js.update_stream(config)
+            await ensure_stream(broker, config, replicas=replicas)
         for bucket in BUCKETS:
-            await js.create_key_value(bucket)
+            await ensure_bucket(broker, bucket, replicas=replicas)
         for stream, consumer in SHARED_CONSUMERS:
-            await js.add_consumer(stream, consumer)
+            # A durable consumer left at 0 replicas takes its stream's, and the server scales it
+            # with the stream when that is upgraded: one setting for both.
+            await broker.js.add_consumer(stream, consumer)
+
+
+# Replicas: a stream or bucket is created with as many as asked, and an existing one with fewer
+# is upgraded in place (the server copies it to the new peers while it keeps serving). One with
+# more is left as it is: a function started without DATUMFLOW_REPLICAS must not shrink a cluster's
+# streams back to one copy; shrinking is an operator's decision (`nats stream edit --replicas`).
+
+
+async def refuse_unkeepable(broker: Broker, *, replicas: int) -> None:
+    """Refuse, before anything is changed, replicas that a single nats-server cannot keep.
+
+    A standalone server refuses to create a stream of more than one replica but accepts an update
+    of an existing one to three, and then reports three while it keeps one copy: that would be an
+    upgrade in name only."""
+    if replicas <= 1:
+        return
+    # nats-py keeps the server's INFO only privately; "cluster" is there when it has routes.
+    info: dict[str, object] = getattr(broker.nc, "_server_info", {}) or {}
+    if not info.get("cluster"):
+        raise TopologyRefused(
+            f"DATUMFLOW_REPLICAS={replicas}, but the broker is a single nats-server, which keeps"
+            " one copy of each stream: set DATUMFLOW_REPLICAS=1, or point DATUMFLOW_NATS_URL at"
+            f" a cluster of at least {replicas} nats-servers with JetStream"
+        )
+
+
+async def replicas_of(broker: Broker, stream: str) -> int:
+    """How many replicas `stream` has now; 0 if it does not exist."""
+    try:
+        info = await broker.js.stream_info(stream)
+    except NotFoundError:
+        return 0
+    return info.config.num_replicas or 1
+
+
+async def ensure_stream(broker: Broker, config: StreamConfig, *, replicas: int) -> None:
+    """Declare `config` with at least `replicas` replicas, upgrading an existing stream in place."""
+    have = await replicas_of(broker, config.name or "")
+    config = dataclasses.replace(config, num_replicas=max(have, replicas))
+    try:
+        try:
+            await broker.js.add_stream(config)
+        except BadRequestError:
+            # Same name, different config (an older datumflow, fewer replicas): bring it up to date.
+            await broker.js.update_stream(config)
+    except APIError as exc:
+        raise _refused(config.name or "", have=have, replicas=replicas, exc=exc) from exc
+
+
+async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int) -> None:
+    """Declare a KV bucket with at least `replicas` replicas, upgrading an existing one in place."""
+    stream = subjects.kv_stream(config.bucket)
+    try:
+        info = await broker.js.stream_info(stream)
+    except NotFoundError:
+        info = None
+    try:
+        if info is None:
+            await broker.js.create_key_value(dataclasses.replace(config, replicas=replicas))
+        elif (info.config.num_replicas or 1) < replicas:
+            await broker.js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+    except APIError as exc:
+        have = 0 if info is None else info.config.num_replicas or 1
+        raise _refused(stream, have=have, replicas=replicas, exc=exc) from exc
+
+
+def _refused(stream: str, *, have: int, replicas: int, exc: APIError) -> TopologyRefused:
+    why = exc.description or type(exc).__name__
+    if have:
+        return TopologyRefused(
+            f"stream {stream} has {have} replica(s) and could not be upgraded to {replicas}"
+            f" ({why}); streams declared before it may already have {replicas}. Bring up at least"
+            f" {replicas} nats-servers with JetStream in the cluster and start again (the rest are"
+            " upgraded then), or set DATUMFLOW_REPLICAS to what the cluster can keep"
+        )
+    return TopologyRefused(
+        f"stream {stream} could not be created with {replicas} replica(s) ({why}): bring up at"
+        f" least {replicas} nats-servers with JetStream in the cluster, or set DATUMFLOW_REPLICAS"
+        " to what it can keep"
+    )
 
 
 async def ensure_mappings_bucket(broker: Broker) -> None:
     """The bucket of bucket → repo mappings (datumflow.pfs.bucket_sources)."""
     async with broker_errors(f"declaring KV bucket {MAPPINGS.bucket}"):
-        await broker.js.create_key_value(MAPPINGS)
+        await ensure_bucket(broker, MAPPINGS, replicas=broker.replicas)
 
 
 def worker_consumer_config(spec: PipelineSpec, *, ack_wait: float) -> ConsumerConfig:

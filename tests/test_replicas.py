@@ -1,0 +1,118 @@
+"""DATUMFLOW_REPLICAS: every stream, bucket and durable consumer datumflow declares is kept on that
+many servers; an R1 topology is upgraded in place, and what the broker cannot keep is refused
+before anything changes. Against a real single nats-server and a real three-node cluster."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats.errors
+import pytest
+import pytest_asyncio
+
+from datumflow.broker import subjects
+from datumflow.broker.connection import Broker, connect
+from datumflow.broker.topology import BUCKETS, SHARED_CONSUMERS, STREAMS, ensure_topology
+from datumflow.errors import TopologyRefused
+from datumflow.runtime.embedded import EmbeddedServer
+from datumflow.settings import Settings
+from tests.conftest import eventually
+from tests.natscluster import NatsCluster
+
+pytestmark = pytest.mark.asyncio
+
+STREAM_NAMES = [c.name or "" for c in STREAMS] + [subjects.kv_stream(b.bucket) for b in BUCKETS]
+
+
+async def replicas(broker: Broker) -> dict[str, int]:
+    return {
+        name: (await broker.js.stream_info(name)).config.num_replicas or 1 for name in STREAM_NAMES
+    }
+
+
+async def test_the_setting_is_read_from_the_environment() -> None:
+    assert Settings.from_env({}).replicas == 1
+    assert Settings.from_env({"DATUMFLOW_REPLICAS": "3"}).replicas == 3
+    with pytest.raises(ValueError, match="DATUMFLOW_REPLICAS='three': expected a whole number"):
+        Settings.from_env({"DATUMFLOW_REPLICAS": "three"})
+    with pytest.raises(ValueError, match="1 to 5 replicas"):
+        Settings.from_env({"DATUMFLOW_REPLICAS": "7"})
+
+
+async def test_one_replica_by_default(broker: Broker) -> None:
+    assert set((await replicas(broker)).values()) == {1}
+    await ensure_topology(broker)  # again: nothing changes, nothing fails
+    assert set((await replicas(broker)).values()) == {1}
+
+
+async def test_a_single_server_refuses_three_replicas_before_anything_changes(
+    nats_server: EmbeddedServer,
+) -> None:
+    broker = await connect(settings=Settings(nats_url=nats_server.url, replicas=3), name="t")
+    try:
+        with pytest.raises(TopologyRefused) as refused:
+            await ensure_topology(broker)
+        text = str(refused.value)
+        assert "single nats-server" in text
+        assert "DATUMFLOW_REPLICAS=1" in text and "cluster of at least 3" in text
+        assert (await broker.js.account_info()).streams == 0
+    finally:
+        await broker.close()
+
+
+@pytest_asyncio.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    cluster = NatsCluster.on_loopback(tmp_path / "nats")
+    try:
+        cluster.start()
+        await cluster.wait_healthy()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_an_r1_topology_is_upgraded_in_place(nats_cluster: NatsCluster) -> None:
+    one = await connect(settings=Settings(nats_url=nats_cluster.url), name="r1")
+    three = await connect(settings=Settings(nats_url=nats_cluster.url, replicas=3), name="r3")
+    five = await connect(settings=Settings(nats_url=nats_cluster.url, replicas=5), name="r5")
+    try:
+        await ensure_topology(one)
+        assert set((await replicas(one)).values()) == {1}
+        kv = await one.kv(subjects.REPOS_BUCKET)
+        await kv.put("kept", b"across the upgrade")
+        await one.publish(subjects.dead("test"), Settings(), msg_id="kept")
+
+        # More than the cluster has servers: refused at the first stream, naming it and what to
+        # do, and no stream is changed.
+        with pytest.raises(TopologyRefused) as refused:
+            await ensure_topology(five)
+        text = str(refused.value)
+        assert f"stream {subjects.COMMITS_STREAM} has 1 replica(s)" in text
+        assert "at least 5 nats-servers" in text and "DATUMFLOW_REPLICAS" in text
+        assert set((await replicas(one)).values()) == {1}
+
+        await ensure_topology(three)
+        assert set((await replicas(three)).values()) == {3}
+        assert (await kv.get("kept")).value == b"across the upgrade"
+        dead = await three.js.stream_info(subjects.DEAD_STREAM)
+        assert dead.state.messages == 1
+        # Durable consumers take their stream's replicas (the leader and two more peers), once
+        # the server has moved them: until they have a leader, asking about one times out.
+        for stream, consumer in SHARED_CONSUMERS:
+
+            async def scaled(stream: str = stream, name: str = consumer.durable_name or "") -> bool:
+                try:
+                    info = await three.js.consumer_info(stream, name, timeout=2)
+                except nats.errors.TimeoutError:
+                    return False
+                return info.cluster is not None and len(info.cluster.replicas or []) == 2
+
+            await eventually(scaled, what=f"{stream}'s consumer on three servers")
+
+        # A function started without the setting does not shrink them back.
+        await ensure_topology(one)
+        assert set((await replicas(one)).values()) == {3}
+    finally:
+        for broker in (one, three, five):
+            await broker.close()
