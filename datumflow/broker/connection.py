@@ -26,6 +26,7 @@ from nats.aio.subscription import Subscription as Subscription  # core NATS, for
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from datumflow.broker.subjects import JS_API
 from datumflow.errors import BrokerError
 from datumflow.settings import Settings
 
@@ -47,6 +48,14 @@ TRANSIENT = (
     nats.js.errors.NoStreamResponseError,
     ConnectionError,
 )
+
+PUBLISH_PATIENCE = 60.0
+"""Seconds a publish is retried before it fails: long enough for a stream's leader election
+(4 to 9 s after a leader dies) and a server restart, well inside the streams' 120 s
+de-duplication window, so that every retry of one message is stored at most once."""
+PUBLISH_ATTEMPT = 5.0
+"""Seconds one attempt waits for the stream's answer: a request sent to a leader that has just
+died is never answered, and the next attempt finds the new one."""
 
 
 @contextlib.asynccontextmanager
@@ -112,6 +121,11 @@ def _auth_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+class _StreamNames(msgspec.Struct):
+    streams: list[str] | None = None
+    error: dict[str, object] | None = None
+
+
 class Broker:
     """A NATS connection with its JetStream context and the KV buckets opened so far."""
 
@@ -131,12 +145,66 @@ class Broker:
             self._buckets[bucket] = kv
         return kv
 
-    async def publish(self, subject: str, message: msgspec.Struct, *, msg_id: str) -> int:
-        """Publish to JetStream and wait for the stream to store it; returns the sequence."""
+    async def publish(
+        self,
+        subject: str,
+        message: msgspec.Struct | bytes,
+        *,
+        msg_id: str,
+        patience: float = PUBLISH_PATIENCE,
+    ) -> int:
+        """Publish to JetStream and wait for the stream to store it; returns the sequence.
+
+        A publish the stream does not answer (no leader during an election, a server restarting,
+        a lost answer) is sent again with the same Nats-Msg-Id until it is answered or `patience`
+        runs out: the stream stores it once however many tries reach it. nats-py itself does not
+        retry, and the server answers "no responders" at once while a stream has no leader."""
+        payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
         headers = {"Nats-Msg-Id": msg_id}
-        async with broker_errors(f"publishing to {subject}"):
-            ack = await self.js.publish(subject, msgspec.json.encode(message), headers=headers)
-        return ack.seq
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        delay = 0.05
+        tries = 0
+        while True:
+            tries += 1
+            left = deadline - loop.time()
+            try:
+                ack = await self.js.publish(
+                    subject, payload, headers=headers, timeout=max(min(PUBLISH_ATTEMPT, left), 0.1)
+                )
+                if tries > 1:
+                    log.info("publishing to %s: stored after %d tries", subject, tries)
+                return ack.seq
+            except TRANSIENT as exc:
+                left = deadline - loop.time()
+                if left <= 0 or self.nc.is_closed:
+                    raise BrokerError(
+                        f"publishing to {subject}: the stream did not answer {tries} tries in"
+                        f" {patience:.0f}s ({type(exc).__name__}); check that a majority of the"
+                        " broker's servers are up"
+                    ) from exc
+                if isinstance(exc, nats.js.errors.NoStreamResponseError) and not (
+                    await self._captured(subject)
+                ):
+                    raise BrokerError(
+                        f"publishing to {subject}: no stream captures this subject"
+                    ) from exc
+                if tries == 1:
+                    log.warning("publishing to %s: %s; retrying", subject, type(exc).__name__)
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
+
+    async def _captured(self, subject: str) -> bool:
+        """Whether some stream captures `subject`: "no responders" means the stream has no
+        leader just now, or that there is no stream at all, which waiting cannot mend. True when
+        the broker cannot tell (its metadata leader is being elected too)."""
+        request = msgspec.json.encode({"subject": subject})
+        try:
+            answer = await self.nc.request(f"{JS_API}.STREAM.NAMES", request, timeout=2)
+            names = msgspec.json.decode(answer.data, type=_StreamNames)
+        except (*TRANSIENT, msgspec.DecodeError):
+            return True
+        return names.error is not None or bool(names.streams)
 
     async def publish_core(self, subject: str, data: bytes) -> None:
         """Publish on core NATS: not stored, lost if no one listens (live output)."""

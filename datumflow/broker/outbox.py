@@ -27,7 +27,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
+from datumflow.broker.connection import TRANSIENT, Broker
 from datumflow.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,13 @@ class Outbox:
                     head.state = _FAILED  # no answer: publish it again, waiting this time
 
     async def _again(self, item: _InFlight) -> bool:
-        async def once() -> None:
-            async with broker_errors(f"publishing to {item.subject}"):
-                await self.broker.js.publish(item.subject, item.payload, headers=item.headers)
-
+        # Waiting this time, and as long as a publish waits for a stream without a leader: the
+        # head of the line holds up the messages behind it, which is what should happen while
+        # the stream cannot store any of them.
         try:
-            await self.broker.retry(f"publishing to {item.subject}", once, attempts=5)
+            await self.broker.publish(
+                item.subject, item.payload, msg_id=item.headers["Nats-Msg-Id"]
+            )
         except (BrokerError, nats.js.errors.Error) as exc:
             log.warning("a message for %s was not stored: %s", item.subject, exc)
             return False
