@@ -1,0 +1,228 @@
+"""datumflow on several hosts: three nats-servers clustered with JetStream, each on its own host,
+moto's S3 server on a fourth, the control plane (`datumflow up` on the cluster) on a fifth and
+more workers on a sixth; every stream, bucket and consumer kept on three servers.
+
+A job of a few hundred datums succeeds with exact figures and the output a fault-free run makes,
+while the leader of the datums stream is SIGKILLed mid-job and later restarted to rejoin.
+The hosts are network namespaces (tests/hosts.py): this needs root and iproute2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from datumflow.broker import subjects
+from datumflow.cli.context import Api, open_api
+from datumflow.settings import Settings
+from tests import s3server
+from tests.conftest import eventually
+from tests.faults import harness
+from tests.hosts import Hosts, hosts, unavailable
+from tests.natscluster import NatsCluster, Node, stream_info
+from tests.s3server import DUMMY_KEY, DUMMY_SECRET, make_bucket
+
+pytestmark = pytest.mark.asyncio
+log = logging.getLogger(__name__)
+
+HOSTS = ["n1", "n2", "n3", "s3", "cp", "w1"]
+NATS_HOSTS = HOSTS[:3]
+aws_env = s3server.aws_env  # the test process reads the bucket too
+
+DATUMS = 200
+ACK_WAIT = "10"
+
+
+@pytest.fixture
+def lab() -> Iterator[Hosts]:
+    why = unavailable()
+    if why:
+        pytest.skip(f"cannot make hosts as network namespaces here: {why}")
+    with hosts(HOSTS) as made:
+        yield made
+    assert not made.leftovers(), f"left behind: {made.leftovers()}"
+
+
+class _Servers:
+    """What tests.faults.harness reads as `cluster.server.url`: every node, as a list."""
+
+    def __init__(self, nats: NatsCluster) -> None:
+        self.url = [node.url for node in nats.nodes]
+
+
+class Deployment:
+    """datumflow across the hosts, seen from the test (which reaches every host over the bridge):
+    what tests.faults.harness needs of a cluster."""
+
+    def __init__(self, lab: Hosts, nats: NatsCluster, root: Path, *, storage: str, s3: str):
+        self.lab = lab
+        self.nats = nats
+        self.server = _Servers(nats)
+        self.root = root
+        self.home = root / "cp"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DATUMFLOW_", "AWS_"))}
+        self.env.update(
+            DATUMFLOW_NATS_URL=nats.url,
+            DATUMFLOW_REPLICAS="3",
+            DATUMFLOW_STORAGE=storage,
+            DATUMFLOW_S3_ENDPOINT=s3,
+            DATUMFLOW_S3_REGION="us-east-1",
+            DATUMFLOW_ACK_WAIT=ACK_WAIT,
+            DATUMFLOW_GRACE="5",
+            AWS_ACCESS_KEY_ID=DUMMY_KEY,
+            AWS_SECRET_ACCESS_KEY=DUMMY_SECRET,
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_CONFIG_FILE=str(root / "no-aws-config"),
+            AWS_SHARED_CREDENTIALS_FILE=str(root / "no-aws-credentials"),
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+        self.settings = Settings(
+            home=str(self.home), nats_url=nats.url, replicas=3, storage=storage, s3_endpoint=s3
+        )
+
+    def datumflow(self, host: str, *args: str) -> subprocess.Popen[bytes]:
+        """`datumflow --home <root>/<host> ARGS` on `host`."""
+        home = self.root / host
+        home.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "DATUMFLOW_HOME": str(home)}
+        argv = [sys.executable, "-m", "datumflow.cli.main", "--home", str(home), *args]
+        return self.lab[host].run(argv, env=env, log=self.root / f"{host}-{args[0]}.log")
+
+    @contextlib.asynccontextmanager
+    async def api(self) -> AsyncIterator[Api]:
+        async with open_api(self.settings) as api:
+            yield api
+
+    def cli(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, "DATUMFLOW_HOME": str(self.home)}
+        result = subprocess.run(
+            [sys.executable, "-m", "datumflow.cli.main", "--home", str(self.home), *args],
+            env=env,
+            input=input.decode() if input is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, f"datumflow {' '.join(args)}: {result.stderr}"
+        return result
+
+    def log(self, name: str) -> str:
+        for path in (self.home / "logs" / f"{name}.log", self.root / f"{name}.log"):
+            if path.exists():
+                return path.read_text(errors="replace")[-4000:]
+        return f"(no log of {name})"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest_asyncio.fixture
+async def deployment(lab: Hosts, tmp_path: Path, aws_env: None) -> AsyncIterator[Deployment]:
+    nodes = [
+        Node(
+            name=name,
+            root=tmp_path / "nats",
+            host=lab[name].address,
+            port=4222,
+            cluster_port=6222,
+            monitor_port=8222,
+            launcher=lab[name].launcher,
+        )
+        for name in NATS_HOSTS
+    ]
+    nats = NatsCluster(nodes)
+    try:
+        nats.start()
+        s3 = f"http://{lab['s3'].address}:5000"
+        lab["s3"].run(
+            [sys.executable, "-m", "moto.server", "-H", lab["s3"].address, "-p", "5000"],
+            log=tmp_path / "moto.log",
+        )
+        await nats.wait_healthy()
+        await eventually(
+            lambda: asyncio.to_thread(_answers, s3 + "/moto-api/"), what="moto to listen"
+        )
+        bucket = make_bucket(s3)
+        yield Deployment(lab, nats, tmp_path, storage=f"s3://{bucket}/df", s3=s3)
+    finally:
+        nats.stop()
+
+
+async def test_a_job_survives_the_sigkill_of_its_stream_leader(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    d = deployment
+    started = time.monotonic()
+    d.datumflow("cp", "up")
+    await eventually(
+        lambda: asyncio.to_thread(lambda: (d.home.parent / "cp" / "instance.json").exists()),
+        what="datumflow up on cp",
+    )
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    data = harness.make_dataset(DATUMS, seed=11)
+    await harness.put_dataset(d, "data", data)  # type: ignore[arg-type]
+    spec = harness.pipeline_spec("twice", repo="data", marks=marks, parallelism=2)
+    harness.create_pipeline(d, tmp_path, spec)  # type: ignore[arg-type]
+    for _ in range(2):
+        d.datumflow("w1", "worker", "--pipeline", "twice")
+
+    # Every stream datumflow declared is on three servers.
+    for stream in (subjects.DATUMS_STREAM, subjects.RESULTS_STREAM, subjects.COMMITS_STREAM):
+        assert (await stream_info(d.nats.url, stream)).config.num_replicas == 3
+
+    async def progressed() -> bool:
+        jobs = await harness.jobs_of(d, "twice")  # type: ignore[arg-type]
+        return bool(jobs) and jobs[0].data_processed >= DATUMS // 5  # type: ignore[index]
+
+    await eventually(progressed, timeout=60, what="a fifth of the job done")
+    leader = d.nats.node(await d.nats.leader(subjects.DATUMS_STREAM))
+    killed = time.monotonic()
+    leader.kill()
+    new_leader = await d.nats.leader(subjects.DATUMS_STREAM, timeout=60)
+    election = time.monotonic() - killed
+    assert new_leader != leader.name
+    d.nats.start_node(leader)
+
+    job = await harness.wait_for_job(d, "twice", timeout=180)  # type: ignore[arg-type]
+    figures = await harness.verify_exact(
+        d,  # type: ignore[arg-type]
+        "twice",
+        data,
+        job,
+        marks=marks,
+        scenario="stream leader SIGKILL",
+        faults={"DF_DATUMS leader SIGKILL": 1},
+        started=started,
+    )
+    log.warning(
+        "DF_DATUMS leader %s killed; %s elected after %.1fs; job of %d datums in %.1fs",
+        leader.name,
+        new_leader,
+        election,
+        DATUMS,
+        figures.seconds,
+    )
+
+    async def rejoined() -> bool:
+        info = await stream_info(d.nats.url, subjects.DATUMS_STREAM)
+        peers = info.cluster.replicas if info.cluster else []
+        return len(peers) == 2 and all(p.current for p in peers)
+
+    await eventually(rejoined, timeout=60, what=f"{leader.name} to rejoin the stream")
