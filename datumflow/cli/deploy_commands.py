@@ -87,11 +87,11 @@ def render_pipeline_command(
 def controller_command(
     ctx: typer.Context,
     namespace: str = typer.Option(
-        DEFAULT_NAMESPACE,
+        "",
         "--namespace",
         "-n",
-        envvar="POD_NAMESPACE",
-        help="Namespace of the worker Deployments and ScaledObjects (in a pod: its own).",
+        help="Namespace of the worker Deployments and ScaledObjects"
+        f" [default: POD_NAMESPACE (in a pod: its own), else {DEFAULT_NAMESPACE}]",
     ),
     image: str = typer.Option(
         "",
@@ -132,7 +132,7 @@ def controller_command(
             settings=resolve(settings),
             api_client=api_client,
             stop=stop,
-            namespace=namespace,
+            namespace=namespace or settings.pod_namespace or DEFAULT_NAMESPACE,
             image=image or None,
             monitor_endpoint=_monitor_endpoint(settings, monitor_endpoint),
             trigger_authentication=trigger_authentication or None,

@@ -19,19 +19,18 @@ from datumflow.storage import ObjectStore
 
 def ingest(
     ctx: typer.Context,
-    window: float = typer.Option(
-        1.0,
+    window: float | None = typer.Option(
+        None,
         "--window",
-        envvar="DATUMFLOW_INGEST_WINDOW",
-        help="Seconds to gather a burst of notifications into one commit.",
+        help="Seconds to gather a burst of notifications into one commit"
+        " [default: DATUMFLOW_INGEST_WINDOW, else 1]",
     ),
     subject: Annotated[
         list[str] | None,
         typer.Option(
             "--subject",
-            envvar="DATUMFLOW_INGEST_SUBJECTS",
             help="A NATS subject notifications arrive on, besides df.ingest.> and the subjects"
-            " of the bucket mappings (repeat, or comma-separate in the variable).",
+            " of the bucket mappings (repeat; default: DATUMFLOW_INGEST_SUBJECTS, comma-separated).",
         ),
     ] = None,
     max_batch: int = typer.Option(
@@ -42,7 +41,11 @@ def ingest(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    subjects = tuple(s.strip() for item in subject or [] for s in item.split(",") if s.strip())
+    settings = settings_of(ctx)
+    if window is None:
+        window = settings.ingest_window
+    given = subject or [settings.ingest_subjects]
+    subjects = tuple(s.strip() for item in given for s in item.split(",") if s.strip())
     try:
         for s in subjects:
             check_subject(s)
@@ -51,7 +54,7 @@ def ingest(
         fail(str(exc))
     if window <= 0 or max_batch < 1:
         fail("--window must be above 0 and --max-batch at least 1")
-    settings = resolve(settings_of(ctx))
+    settings = resolve(settings)
 
     async def body(broker: Broker, store: ObjectStore, stop: asyncio.Event) -> None:
         await Ingest(broker=broker, store=store, options=options).run(stop)

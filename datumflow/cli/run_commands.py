@@ -179,9 +179,9 @@ def worker(ctx: typer.Context, pipeline: str = typer.Option(..., "--pipeline", "
         # Busy or idle, so that a scale-down stops idle workers first: the pod's deletion cost
         # in Kubernetes, the supervisor's busy file on one machine.
         marker = worker_marker(
-            pod_name=os.environ.get("POD_NAME"),
-            namespace=os.environ.get("POD_NAMESPACE"),
-            busy_file=os.environ.get("DATUMFLOW_BUSY_FILE"),
+            pod_name=settings.pod_name or None,
+            namespace=settings.pod_namespace or None,
+            busy_file=settings.busy_file or None,
         )
         w = Worker(
             broker=broker,

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
@@ -220,6 +219,10 @@ async def _greets_with_jetstream(port: int) -> bool:
 
 
 def _http_status(url: str) -> int:
+    # Imported here: every command reads the instance file through this module, and urllib's
+    # HTTP stack (with the email package) is a tenth of a listing's start-up.
+    import urllib.request
+
     with urllib.request.urlopen(url, timeout=1) as resp:
         return int(resp.status)  # urlopen's response is typed Any
 

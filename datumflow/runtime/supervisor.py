@@ -84,7 +84,7 @@ class Supervisor:
         if self.embedded:
             self.server = EmbeddedServer(
                 store_dir=self.home / "nats",
-                binary=os.environ.get("DATUMFLOW_NATS_SERVER", ""),
+                binary=self.settings.nats_server,
                 log_file=self.logs / "nats-server.log",
             )
             self.server.start()
@@ -109,13 +109,10 @@ class Supervisor:
         self.broker = await connect_patiently(settings=self.settings, name="datumflow-supervisor")
         self.records = Records(self.broker, bucket=subjects.PIPELINES_BUCKET, type=PipelineInfo)
         self.lags = LagReader(monitor_url=self.settings.monitor_url, broker=self.broker)
-        # The ingest function's own options (DATUMFLOW_INGEST_WINDOW, _SUBJECTS) are not settings:
-        # passed through as they are.
-        ingest_env = {k: v for k, v in os.environ.items() if k.startswith("DATUMFLOW_INGEST_")}
         self.functions = [
             self._child("planner", "planner"),
             self._child("committer", "committer"),
-            self._child("ingest", "ingest", **ingest_env),
+            self._child("ingest", "ingest"),
         ]
         for child in self.functions:
             child.stop_timeout = self.settings.grace + 5

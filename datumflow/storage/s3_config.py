@@ -8,7 +8,6 @@ the retry and timeout policy that every request through it shares.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import TYPE_CHECKING
 
 from aiobotocore.config import AioConfig
@@ -37,13 +36,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not bucket:
         raise PermanentError(f"{url!r} is not an S3 URL: use s3://bucket/key")
     return bucket, key
-
-
-def resolve_endpoint(endpoint: str) -> str:
-    """The endpoint to use: the one given, else AWS's S3-specific then general variable; "" for AWS."""
-    return (
-        endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    ) or ""
 
 
 class S3Client:
@@ -111,7 +103,7 @@ async def connect(
     A custom endpoint (MinIO, Ceph, moto) is addressed path-style unless `addressing_style` says
     otherwise.
     """
-    endpoint = resolve_endpoint(endpoint)
+    # `endpoint` comes from the settings, which also read AWS_ENDPOINT_URL(_S3).
     style = addressing_style or ("path" if endpoint else "auto")
     config = AioConfig(
         # total_max_attempts counts the first try; botocore's max_attempts would not.
