@@ -8,6 +8,7 @@ strict: unknown fields fail); the ScaledObject with KEDA 2.20.2's own CRD schema
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from datumflow import scaling
 from datumflow.deploy import render
 from datumflow.deploy.render import RenderError, render_pipeline, render_yaml
 from datumflow.errors import SpecError
+from datumflow.runtime.embedded import server_binary
 from datumflow.spec import PipelineSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -447,6 +449,7 @@ def test_base_builds_and_validates(base: list[dict[str, Any]]) -> None:
         "ConfigMap",
         "Deployment",
         "Namespace",
+        "PodDisruptionBudget",
         "Role",
         "RoleBinding",
         "Secret",
@@ -476,20 +479,53 @@ def test_base_settings(base: list[dict[str, Any]]) -> None:
 def test_base_nats(base: list[dict[str, Any]]) -> None:
     nats = find(base, "StatefulSet", "nats")
     assert nats["spec"]["serviceName"] == "nats-headless"
-    (container,) = nats["spec"]["template"]["spec"]["containers"]
+    # Three servers, started together, never two on one node, at most one drained at a time.
+    assert nats["spec"]["replicas"] == 3
+    assert nats["spec"]["podManagementPolicy"] == "Parallel"
+    pod = nats["spec"]["template"]["spec"]
+    (anti,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    assert anti["labelSelector"]["matchLabels"] == nats["spec"]["selector"]["matchLabels"]
+    budget = find(base, "PodDisruptionBudget", "nats")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"] == nats["spec"]["selector"]
+    (container,) = pod["containers"]
     assert container["image"].startswith("nats:2.14")
-    args = container["args"]
-    assert "-js" in args
-    assert args[args.index("-m") + 1] == "8222"
-    assert args[args.index("-sd") + 1] == "/data"
-    assert {p["containerPort"] for p in container["ports"]} == {4222, 8222}
+    assert container["args"] == ["--config", "/etc/nats/nats-server.conf"]
+    assert {p["containerPort"] for p in container["ports"]} == {4222, 6222, 8222}
     (claim,) = nats["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == "data"
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     headless = find(base, "Service", "nats-headless")
     assert headless["spec"]["clusterIP"] == "None"
+    assert {p["port"] for p in headless["spec"]["ports"]} == {4222, 6222, 8222}
     client = find(base, "Service", "nats")
     assert {p["port"] for p in client["spec"]["ports"]} == {4222, 8222}
+    settings = find(base, "ConfigMap", "datumflow-settings")["data"]
+    assert settings["DATUMFLOW_REPLICAS"] == str(nats["spec"]["replicas"])
+
+
+@needs_kubectl
+def test_base_nats_config_is_what_nats_server_accepts(
+    base: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The config the pods run, checked by the real nats-server (`-t`), and routed to every pod
+    of the StatefulSet, with JetStream storing on the volume."""
+    config = find(base, "ConfigMap", "nats-config")["data"]["nats-server.conf"]
+    replicas = find(base, "StatefulSet", "nats")["spec"]["replicas"]
+    for i in range(replicas):
+        assert f"nats://nats-{i}.nats-headless:6222" in config
+    assert "store_dir: /data" in config
+    path = tmp_path / "nats-server.conf"
+    path.write_text(config.replace("store_dir: /data", f"store_dir: {tmp_path / 'data'}"))
+    checked = subprocess.run(
+        [server_binary(), "-c", str(path), "-t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "POD_NAME": "nats-0"},
+    )
+    assert checked.returncode == 0, checked.stderr + checked.stdout
 
 
 @needs_kubectl
