@@ -15,7 +15,7 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, connect
 from datumflow.broker.topology import BUCKETS, SHARED_CONSUMERS, STREAMS, ensure_topology
 from datumflow.errors import TopologyRefused
-from datumflow.runtime.embedded import EmbeddedServer
+from datumflow.runtime.embedded import EmbeddedServer, free_port
 from datumflow.settings import Settings
 from tests.conftest import eventually
 from tests.natscluster import NatsCluster
@@ -116,3 +116,26 @@ async def test_an_r1_topology_is_upgraded_in_place(nats_cluster: NatsCluster) ->
     finally:
         for broker in (one, three, five):
             await broker.close()
+
+
+async def test_a_url_of_several_servers_reconnects_to_a_survivor(nats_cluster: NatsCluster) -> None:
+    """DATUMFLOW_NATS_URL lists servers separated by commas (spaces allowed); one that does not
+    answer is passed over, and when the server in use dies the client moves to a survivor."""
+    url = f"nats://127.0.0.1:{free_port()}, {nats_cluster.url}"
+    broker = await connect(settings=Settings(nats_url=url, replicas=3), name="several")
+    try:
+        await ensure_topology(broker)
+        first = broker.nc.connected_url
+        assert first is not None
+        used = next(n for n in nats_cluster.nodes if n.port == first.port)
+        used.kill()
+        await broker.publish(subjects.dead("test"), b"{}", msg_id="after")
+
+        async def moved() -> bool:
+            now = broker.nc.connected_url
+            return broker.nc.is_connected and now is not None and now.port != used.port
+
+        await eventually(moved, what="the client to reconnect to a survivor")
+        assert (await broker.js.stream_info(subjects.DEAD_STREAM)).state.messages == 1
+    finally:
+        await broker.close()
