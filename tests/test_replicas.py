@@ -4,6 +4,10 @@ before anything changes. Against a real single nats-server and a real three-node
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -139,3 +143,27 @@ async def test_a_url_of_several_servers_reconnects_to_a_survivor(nats_cluster: N
         assert (await broker.js.stream_info(subjects.DEAD_STREAM)).state.messages == 1
     finally:
         await broker.close()
+
+
+async def test_up_refuses_replicas_its_broker_cannot_keep(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """`datumflow up` says what to do, without a traceback, both with its embedded broker and
+    with an external single server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
+    env.update(DATUMFLOW_REPLICAS="3", DATUMFLOW_HOME=str(tmp_path / "home"))
+    for extra, says in [
+        ({}, "the embedded broker is one: set DATUMFLOW_NATS_URL"),
+        ({"DATUMFLOW_NATS_URL": nats_server.url}, "the broker is a single nats-server"),
+    ]:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "datumflow.cli.main", "up"],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1, done.stderr
+        assert says in done.stderr and "DATUMFLOW_REPLICAS=1" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr

@@ -54,6 +54,12 @@ def up(
     settings = settings_of(ctx)
     if storage:
         settings = msgspec.structs.replace(settings, storage=storage)
+    if settings.replicas > 1 and not settings.nats_url:
+        fail(
+            f"DATUMFLOW_REPLICAS={settings.replicas} needs a cluster of nats-servers, and the"
+            " embedded broker is one: set DATUMFLOW_NATS_URL to the cluster's servers, or"
+            " DATUMFLOW_REPLICAS=1"
+        )
     home = Path(settings.home).resolve()
     existing = read_instance(home)
     if existing is not None and _alive(existing.pid):
@@ -116,7 +122,11 @@ def up(
         supervisor = Supervisor(settings=settings, embedded=not settings.nats_url)
         await supervisor.run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except DatumflowError as exc:
+        # A broker that cannot keep the topology as asked, for one: the message says what to do.
+        fail(str(exc))
 
 
 def _alive(pid: int) -> bool:
