@@ -1,7 +1,6 @@
 """A real S3 endpoint for tests: moto's server over HTTP, plus a fault-injecting proxy.
 
-A test module takes the fixtures by binding them to module names (`s3_endpoint =
-s3server.s3_endpoint`); pytest finds fixtures among a module's attributes. Fixtures:
+Its fixtures are every test module's (conftest.py imports them):
 
 - `s3_endpoint`: moto's ThreadedMotoServer on a free port of 127.0.0.1, for the module.
 - `moto_process`: the same server in a child process, for tests that measure this process's memory

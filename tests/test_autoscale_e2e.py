@@ -24,8 +24,14 @@ import pytest
 
 from datumflow.broker import subjects
 from datumflow.scaling import lag_from_jsz
-from tests.conftest import Cluster, eventually
-from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
+from tests.helpers import (
+    Cluster,
+    create_pipeline,
+    eventually,
+    output_files,
+    put_files,
+    wait_job_done,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -143,7 +149,7 @@ async def test_autoscaled_pipeline_goes_from_zero_to_parallelism_and_back(
     async with cluster.api() as api:
         await api.repos.create_repo("nums")
         await api.repos.create_repo("quiet")
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -155,7 +161,7 @@ async def test_autoscaled_pipeline_goes_from_zero_to_parallelism_and_back(
             "scaling": {"cooldown_period": COOLDOWN, "polling_interval": POLL},
         },
     )
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -244,7 +250,7 @@ async def test_sigterm_hands_a_busy_workers_datum_to_another_at_once(
     marks = tmp_path / "marks"
     marks.mkdir()
     await put_files(cluster, "in", {"/only": b"only\n"})
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -310,7 +316,7 @@ async def test_scale_down_stops_idle_workers_and_leaves_the_busy_one(
     marks.mkdir()
     go = tmp_path / "go"
     await put_files(cluster, "parts", {"/long": b"long\n", "/quick1": b"1\n", "/quick2": b"2\n"})
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {

@@ -19,11 +19,11 @@ that printed a gigabyte and exited 0 succeeds, with a truncated log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import msgspec
@@ -47,10 +47,24 @@ from datumflow.functions.worker import sandbox
 from datumflow.pfs.datums import check_input
 from datumflow.pfs.paths import BadPath, clean_path
 from datumflow.spec import load_spec
-from tests.conftest import Cluster, eventually
-from tests.faults.harness import create_pipeline, put_dataset, stream_count
 from tests.faults.harness import make_dataset as _dataset
+from tests.faults.harness import stream_count
+from tests.helpers import (
+    Cluster,
+    create_pipeline,
+    dead,
+    eventually,
+    put_files,
+    wait_job_done,
+    wait_until,
+)
 
+COPY = {
+    "pipeline": {"name": "copy"},
+    "input": {"pfs": {"repo": "src", "glob": "/*"}},
+    "transform": {"cmd": ["sh", "-c", "cp -r /pfs/src/. /pfs/out/"]},
+}
+"""The pipeline the bad messages are aimed at: each file of `src` copied as it is."""
 ADVISORY = subjects.max_deliveries_advisory(subjects.DATUMS_STREAM, "df-worker-copy")
 
 
@@ -144,16 +158,21 @@ def _breakages(kind: str, valid: dict) -> dict[str, tuple[bytes, str]]:
 async def _letters(js, count: int, timeout: float) -> dict[str, DeadLetter]:  # type: ignore[no-untyped-def]
     sub = await js.pull_subscribe("df.dead.>", stream=subjects.DEAD_STREAM)
     found: dict[str, DeadLetter] = {}
-    deadline = time.monotonic() + timeout
-    while len(found) < count and time.monotonic() < deadline:
+
+    async def fetch() -> int:
         try:
             msgs = await sub.fetch(batch=64, timeout=1)
         except TimeoutError:  # nats-py raises either its own or asyncio's
-            continue
+            msgs = []
         for msg in msgs:
             letter = msgspec.json.decode(msg.data, type=DeadLetter)
             found[letter.headers.get("Nats-Msg-Id", "?")] = letter
             await msg.ack()
+        return len(found)
+
+    # Short of `count` at the deadline, what came is returned: the callers name what is missing.
+    with contextlib.suppress(AssertionError):
+        await eventually(fetch, until=lambda n: n >= count, timeout=timeout, interval=0)
     await sub.unsubscribe()
     return found
 
@@ -165,17 +184,9 @@ async def test_bad_messages_on_every_subject_are_dead_lettered_and_nothing_else_
     data = _dataset(6, seed=21)
     marks = tmp_path / "marks"
     marks.mkdir()
-    await put_dataset(cluster, "src", data)
-    create_pipeline(
-        cluster,
-        tmp_path,
-        {
-            "pipeline": {"name": "copy"},
-            "input": {"pfs": {"repo": "src", "glob": "/*"}},
-            "transform": {"cmd": ["sh", "-c", "cp -r /pfs/src/. /pfs/out/"]},
-        },
-    )
-    first = await _wait_jobs(cluster, "copy", 1)
+    await put_files(cluster, "src", data.files)
+    create_pipeline(cluster, tmp_path, COPY)
+    first = await wait_job_done(cluster, "copy", timeout=90)
     assert first[0].state == "success"
     async with cluster.api() as api:
         key, _ = await api.store.put_bytes(b"x\n")
@@ -246,8 +257,8 @@ async def test_bad_messages_on_every_subject_are_dead_lettered_and_nothing_else_
     async with cluster.api() as api:
         assert (await api.repos.head("src", "master")).id == src_head.id
     second = _dataset(6, seed=22)
-    await put_dataset(cluster, "src", second, create=False)
-    jobs = await _wait_jobs(cluster, "copy", 2)
+    await put_files(cluster, "src", second.files, create=False)
+    jobs = await wait_job_done(cluster, "copy", count=2, timeout=90)
     newest = jobs[0]
     assert newest.state == "success", newest.reason
     assert (newest.data_total, newest.data_processed, newest.data_failed) == (6, 6, 0)
@@ -262,16 +273,6 @@ async def test_bad_messages_on_every_subject_are_dead_lettered_and_nothing_else_
     assert got == second.files
 
 
-async def _wait_jobs(cluster: Cluster, pipeline: str, count: int):  # type: ignore[no-untyped-def]
-    async def done():  # type: ignore[no-untyped-def]
-        async with cluster.api() as api:
-            jobs = await api.pipelines.list_jobs(pipeline)
-        finished = [j for j in jobs if j.done]
-        return jobs if len(finished) >= count else None
-
-    return await eventually(done, timeout=90, what=f"{count} finished jobs of {pipeline}")
-
-
 # -- crafted datum messages ---------------------------------------------------------------------
 
 
@@ -279,17 +280,9 @@ async def _wait_jobs(cluster: Cluster, pipeline: str, count: int):  # type: igno
 async def test_a_datum_message_cannot_write_outside_the_datum(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    await put_dataset(cluster, "src", _dataset(1, seed=31))
-    create_pipeline(
-        cluster,
-        tmp_path,
-        {
-            "pipeline": {"name": "copy"},
-            "input": {"pfs": {"repo": "src", "glob": "/*"}},
-            "transform": {"cmd": ["sh", "-c", "cp -r /pfs/src/. /pfs/out/"]},
-        },
-    )
-    await _wait_jobs(cluster, "copy", 1)
+    await put_files(cluster, "src", _dataset(1, seed=31).files)
+    create_pipeline(cluster, tmp_path, COPY)
+    await wait_job_done(cluster, "copy", timeout=90)
     target = tmp_path / "escaped"
     async with cluster.api() as api:
         key, size = await api.store.put_bytes(b"planted by a datum message\n")
@@ -330,17 +323,13 @@ async def test_a_datum_message_cannot_write_outside_the_datum(
     assert "input name" in letters["crafted-by-input-name"].reason
     assert {letter.function for letter in letters.values()} == {"worker"}
     # The queue drains, and nothing landed outside the datum.
-    queued = await eventually(
-        lambda: _zero(stream_count(cluster, subjects.DATUMS_STREAM, subjects.datum("copy"))),
+    await eventually(
+        lambda: stream_count(cluster, subjects.DATUMS_STREAM, subjects.datum("copy")),
+        until=lambda queued: queued == 0,
         timeout=30,
         what="the crafted datums to be handled",
     )
-    assert queued
     assert not target.exists(), sorted(str(p) for p in target.rglob("*"))
-
-
-async def _zero(count) -> bool:  # type: ignore[no-untyped-def]
-    return (await count) == 0
 
 
 # -- specs --------------------------------------------------------------------------------------
@@ -521,10 +510,10 @@ async def test_unruly_user_code_fails_its_datum_cleanly(
         tmp_path,
         {**hangs, "input": {"pfs": {**unruly["input"]["pfs"], "glob": "/a-hang"}}},
     )
-    [job] = await _wait_jobs(cluster, "unruly", 1)
+    [job] = await wait_job_done(cluster, "unruly", timeout=90)
     # Five datums failed, each for its own reason; the four others succeeded; the job says so.
     assert job.state == "failure"
-    [hung] = await _wait_jobs(cluster, "hangs", 1)
+    [hung] = await wait_job_done(cluster, "hangs", timeout=90)
     assert hung.state == "failure" and (hung.data_total, hung.data_failed) == (1, 1)
     [hung_result] = (await _results(cluster, "hangs", hung.id)).values()
     assert "ran longer than datum_timeout (2s)" in hung_result.error
@@ -556,10 +545,13 @@ async def test_unruly_user_code_fails_its_datum_cleanly(
     assert head is None
     # The child that left its session with setsid went down with its datum.
     pid = int((marks / "fork.pid").read_text())
-    alive = _alive(pid)
-    if alive:
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "a child of the user code outlived its datum"
+    try:
+        await eventually(
+            lambda: dead(pid), timeout=10, what="the child that left its session to die with it"
+        )
+    finally:
+        if not dead(pid):
+            os.kill(pid, signal.SIGKILL)
     # The full disk was given back: the next job, on the same small disk, succeeds.
     async with cluster.api() as api:
         key, size = await api.store.put_bytes(b"fine\n")
@@ -569,17 +561,9 @@ async def test_unruly_user_code_fails_its_datum_cleanly(
             puts=[FileRef(path="/z-ok3", size=size, hash=key)],
             deletes=[f"/{n}" for n in names[:8]],
         )
-    jobs = await _wait_jobs(cluster, "unruly", 2)
+    jobs = await wait_job_done(cluster, "unruly", count=2, timeout=90)
     assert jobs[0].state == "success", jobs[0].reason
     assert (jobs[0].data_total, jobs[0].data_failed) == (3, 0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 async def _results(cluster: Cluster, pipeline: str, job: str) -> dict[str, DatumResult]:
@@ -629,11 +613,14 @@ def test_hung_and_forking_user_code_is_killed_with_all_its_children(tmp_path: Pa
     assert len(started) == 3
     # SIGKILL is sent to each before run() returns; on a loaded machine a process may take a
     # moment to be scheduled and die.
-    deadline = time.monotonic() + 10
-    survivors = [p for p in started if _alive(p)]
-    while survivors and time.monotonic() < deadline:
-        time.sleep(0.05)
-        survivors = [p for p in survivors if _alive(p)]
-    for p in survivors:
-        os.kill(p, signal.SIGKILL)
-    assert not survivors
+    try:
+        wait_until(
+            lambda: [p for p in started if not dead(p)],
+            until=lambda survivors: not survivors,
+            timeout=10,
+            what="the killed user processes to die",
+        )
+    finally:
+        for p in started:
+            if not dead(p):
+                os.kill(p, signal.SIGKILL)

@@ -23,8 +23,15 @@ from datumflow.errors import BrokerError
 from datumflow.functions.worker.batch import MAX_SET, TARGET, BatchSizer
 from datumflow.spec import DatumSetSpec
 from datumflow.transform import Datum
-from tests.conftest import REPO_ROOT, Cluster, eventually
-from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
+from tests.helpers import (
+    REPO_ROOT,
+    Cluster,
+    create_pipeline,
+    eventually,
+    output_files,
+    put_files,
+    wait_job_done,
+)
 
 # ----------------------------------------------------------------------- functions the workers call
 
@@ -127,7 +134,7 @@ async def _marked_pipeline(
 ) -> dict[str, bytes]:
     data = {f"/f{i:02d}": f"datum {i}\n".encode() for i in range(files)}
     await put_files(cluster, "in", data)
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {

@@ -14,67 +14,22 @@ import pytest
 
 from datumflow.broker import subjects
 from datumflow.broker.messages import CommitEvent, DeadLetter, FileRef
-from datumflow.pfs import manifest
-from tests.conftest import Cluster, eventually
+from tests.helpers import (
+    Cluster,
+    create_pipeline,
+    eventually,
+    output_files,
+    put_files,
+    wait_job_done,
+)
 
 pytestmark = pytest.mark.asyncio
-
-
-async def put_files(
-    cluster: Cluster, repo: str, files: dict[str, bytes], *, create: bool = True
-) -> str:
-    async with cluster.api() as api:
-        if create:
-            await api.repos.create_repo(repo)
-        refs = []
-        for path, data in sorted(files.items()):
-            key, size = await api.store.put_bytes(data)
-            refs.append(FileRef(path=path, size=size, hash=key))
-        info = await api.repos.commit_files(repo, "master", puts=refs)
-        return info.id
-
-
-async def output_files(cluster: Cluster, repo: str) -> dict[str, bytes]:
-    async with cluster.api() as api:
-        head = await api.repos.head(repo, "master")
-        if head is None:
-            return {}
-        return {
-            f.path: await api.store.get_bytes(f.hash)
-            for f in await manifest.read(api.store, head.manifest)
-        }
-
-
-async def create_pipeline(cluster: Cluster, tmp_path: Path, spec: dict) -> None:
-    path = tmp_path / f"{spec['pipeline']['name']}.json"
-    path.write_text(json.dumps(spec))
-    cluster.cli("create", "pipeline", "-f", str(path))
-
-
-async def jobs_of(cluster: Cluster, pipeline: str):  # type: ignore[no-untyped-def]
-    async with cluster.api() as api:
-        return await api.pipelines.list_jobs(pipeline)
-
-
-async def wait_job_done(cluster: Cluster, pipeline: str, *, count: int = 1, timeout: float = 60):  # type: ignore[no-untyped-def]
-    async def done():  # type: ignore[no-untyped-def]
-        jobs = await jobs_of(cluster, pipeline)
-        finished = [j for j in jobs if j.done]
-        return finished if len(finished) >= count else None
-
-    try:
-        return await eventually(
-            done, timeout=timeout, what=f"{count} finished job(s) of {pipeline}"
-        )
-    except AssertionError:
-        print(cluster.log("planner"), cluster.log("committer"), cluster.log(f"worker-{pipeline}-0"))
-        raise
 
 
 async def test_fifty_files_then_a_chained_pipeline(cluster: Cluster, tmp_path: Path) -> None:
     files = {f"/file{i:02d}.txt": f"line {i}\n".encode() for i in range(50)}
     await put_files(cluster, "lines", files)
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -90,7 +45,7 @@ async def test_fifty_files_then_a_chained_pipeline(cluster: Cluster, tmp_path: P
             "parallelism_spec": {"constant": 2},
         },
     )
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -124,7 +79,7 @@ async def test_worker_killed_mid_datum_is_redelivered(make_cluster, tmp_path: Pa
     files = {f"/f{i}": f"{i}\n".encode() for i in range(6)}
     await put_files(cluster, "nums", files)
     # Each datum leaves a mark when it starts, then takes long enough to be killed in the middle.
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -140,8 +95,8 @@ async def test_worker_killed_mid_datum_is_redelivered(make_cluster, tmp_path: Pa
             },
         },
     )
-    await eventually(lambda: _async(list(marks.iterdir())), timeout=30, what="a datum to start")
-    [pid] = await eventually(lambda: _async(cluster.worker_pids("slow")), what="the worker process")
+    await eventually(lambda: list(marks.iterdir()), timeout=30, what="a datum to start")
+    [pid] = await eventually(lambda: cluster.worker_pids("slow"), what="the worker process")
     os.kill(pid, signal.SIGKILL)
 
     [job] = await wait_job_done(cluster, "slow", timeout=90)
@@ -159,7 +114,7 @@ async def test_long_datum_with_heartbeats_is_not_redelivered(make_cluster, tmp_p
     marks = tmp_path / "marks"
     marks.mkdir()
     await put_files(cluster, "in", {"/a": b"a", "/b": b"b"})
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -189,7 +144,7 @@ async def test_garbage_on_the_commit_subject_is_dead_lettered(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     await put_files(cluster, "src", {"/x": b"x\n"})
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -238,7 +193,3 @@ async def test_garbage_on_the_commit_subject_is_dead_lettered(
     listing = cluster.cli("list", "commit", "src@master", "--json")
     commits = json.loads(listing.stdout)
     assert commits[0]["id"] == "e" * 32 and commits[0]["origin"] == "external"
-
-
-async def _async(value):  # type: ignore[no-untyped-def]
-    return value

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from datumflow.broker.messages import FileRef
 from datumflow.cli.main import app
-from datumflow.runtime.embedded import EmbeddedServer
-from tests.conftest import Cluster, cluster_env
+from tests.helpers import Cluster, put_files, shared_cluster
 
 READINGS = {f"/ID1234/file{i}.txt": b"r" for i in range(1, 6)}
 PARAMETERS = {f"/file{i}.txt": b"p" for i in range(1, 9)}
@@ -27,35 +25,20 @@ STATES = {f"/{state}/{city}.json": b"{}" for state, city in [("CA", "la"), ("CO"
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("datum-cli")
-    server = EmbeddedServer(store_dir=root / "nats", log_file=root / "nats-server.log")
-    server.start()
-    asyncio.run(server.wait_ready())
-    home = root / "home"
-    cluster = Cluster(home=home, server=server, env=cluster_env(home, server))
-    try:
-        cluster.start()
+    with shared_cluster(tmp_path_factory.mktemp("datum-cli")) as cluster:
         asyncio.run(_repos(cluster))
         yield cluster
-    finally:
-        cluster.stop()
-        server.stop()
 
 
 async def _repos(cluster: Cluster) -> None:
+    for repo, files in [
+        ("readings", READINGS),
+        ("parameters", PARAMETERS),
+        ("labs", LIPIDS),
+        ("states", STATES),
+    ]:
+        await put_files(cluster, repo, files)
     async with cluster.api() as api:
-        for repo, files in [
-            ("readings", READINGS),
-            ("parameters", PARAMETERS),
-            ("labs", LIPIDS),
-            ("states", STATES),
-        ]:
-            await api.repos.create_repo(repo)
-            refs = []
-            for path, data in sorted(files.items()):
-                key, size = await api.store.put_bytes(data)
-                refs.append(FileRef(path=path, size=size, hash=key))
-            await api.repos.commit_files(repo, "master", puts=refs)
         await api.repos.create_repo("empty")
 
 

@@ -11,9 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from datumflow.broker.messages import FileRef
-from tests.conftest import Cluster, eventually, marks_of, shared_cluster
-from tests.test_core_e2e import create_pipeline, jobs_of, output_files, put_files, wait_job_done
+from tests.helpers import (
+    Cluster,
+    commit,
+    create_pipeline,
+    eventually,
+    jobs_of,
+    marks_of,
+    output_files,
+    put_files,
+    shared_cluster,
+    wait_job_done,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,17 +37,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One `datumflow up` for the module: each test has its own repo and pipeline."""
     with shared_cluster(tmp_path_factory.mktemp("datum-e2e"), DATUMFLOW_ACK_WAIT="2") as shared:
         yield shared
-
-
-async def commit(
-    cluster: Cluster, repo: str, puts: dict[str, bytes], deletes: list[str] = ()
-) -> str:
-    async with cluster.api() as api:
-        refs = []
-        for path, data in sorted(puts.items()):
-            key, size = await api.store.put_bytes(data)
-            refs.append(FileRef(path=path, size=size, hash=key))
-        return (await api.repos.commit_files(repo, "master", puts=refs, deletes=deletes)).id
 
 
 def figures(job) -> tuple[str, int, int, int, int, int]:  # type: ignore[no-untyped-def]
@@ -67,7 +65,7 @@ async def test_skipping_across_commits_updates_and_reprocess(
     marks = tmp_path / "marks"
     marks.mkdir()
     await put_files(cluster, "letters", {"/a": b"a1", "/b": b"b1", "/c": b"c1"})
-    await create_pipeline(cluster, tmp_path, copy_spec("copy", "letters", marks))
+    create_pipeline(cluster, tmp_path, copy_spec("copy", "letters", marks))
     [first] = await wait_job_done(cluster, "copy")
     assert figures(first) == ("success", 3, 3, 0, 0, 0)
 
@@ -115,7 +113,7 @@ async def test_every_job_reprocesses_everything(cluster: Cluster, tmp_path: Path
     marks = tmp_path / "marks"
     marks.mkdir()
     await put_files(cluster, "words", {"/a": b"a", "/b": b"b"})
-    await create_pipeline(
+    create_pipeline(
         cluster, tmp_path, copy_spec("again", "words", marks, reprocess_spec="every_job")
     )
     [first] = await wait_job_done(cluster, "again")
@@ -138,7 +136,7 @@ async def test_err_cmd_recovers_and_recovered_datums_run_again(
         'for f in /pfs/src/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
         ' cp "$f" "/pfs/out/$n"; case $n in bad) exit 1;; three) exit 3;; esac; done'
     )
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -186,7 +184,7 @@ async def test_logs_are_streamed_live_and_kept_per_datum(cluster: Cluster, tmp_p
         'n=$(ls /pfs/src); echo "hello from $n"; echo "warning from $n" >&2;'
         ' while [ ! -e "$MARKS/go" ]; do echo "tick from $n"; sleep 0.1; done; echo "bye from $n"'
     )
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -236,7 +234,3 @@ async def test_logs_are_streamed_live_and_kept_per_datum(cluster: Cluster, tmp_p
     assert "from y" not in one
     missing = cluster.cli("logs", "-p", "talk", "--datum", "ffffffffff", check=False)
     assert missing.returncode == 1 and "no datum ffffffffff" in missing.stderr
-
-
-async def _async(value):  # type: ignore[no-untyped-def]
-    return value

@@ -31,31 +31,18 @@ from datumflow.pfs.datums import Leaf, job_datums
 from datumflow.pfs.pipelines import job_key
 from datumflow.spec import Input, load_spec
 from datumflow.storage import open_store
-from tests.conftest import eventually
+from tests.helpers import dead, eventually
 
 # -- the sandbox -----------------------------------------------------------------------------
-
-
-def dead(pid: int) -> bool:
-    """Gone, or a zombie no one has reaped yet (this machine's init may not reap)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 async def dies(pid: int) -> bool:
     """Dead within a moment: a SIGKILL is sent at once, but the kernel takes its time to finish a
     process off on a busy machine."""
     try:
-        return await eventually(lambda: _async(dead(pid)), timeout=3, interval=0.02)
+        return await eventually(lambda: dead(pid), timeout=3, interval=0.02)
     except AssertionError:
         return False
-
-
-async def _async(value: bool) -> bool:
-    return value
 
 
 async def run_sh(layout: Path, script: str, timeout: float | None) -> sandbox.Outcome:

@@ -38,7 +38,7 @@ from datumflow.deploy.render import render_pipeline
 from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.settings import Settings
 from datumflow.spec import PipelineSpec
-from tests.conftest import eventually
+from tests.helpers import eventually
 from tests.test_controller import DEPLOYMENTS, NS, SCALEDOBJECTS, RecordingApiClient
 from tests.test_controller import make_spec as controller_spec
 from tests.test_render import SPECS, validate_builtin, validate_scaledobject
@@ -285,7 +285,7 @@ async def test_controller_survives_a_broker_restart(
     await records.create("edges", info(controller_spec("edges")))
     async with running_controller(nats_server, api, resync_interval=1.0) as task:
         await eventually(
-            lambda: _async(("PATCH", f"{SCALEDOBJECTS}/df-worker-edges") in requests(api)),
+            lambda: ("PATCH", f"{SCALEDOBJECTS}/df-worker-edges") in requests(api),
             timeout=15,
             what="edges applied",
         )
@@ -296,7 +296,7 @@ async def test_controller_survives_a_broker_restart(
         await records.create("after", info(controller_spec("after")))
         await records.delete("edges")
         await eventually(
-            lambda: _async(
+            lambda: (
                 ("PATCH", f"{SCALEDOBJECTS}/df-worker-after") in requests(api)
                 and ("DELETE", f"{DEPLOYMENTS}/df-worker-edges") in requests(api)
             ),
@@ -312,10 +312,6 @@ async def _reachable(records: Records) -> bool:
     except Exception:
         return False
     return True
-
-
-async def _async(value: Any) -> Any:
-    return value
 
 
 # --- `datumflow controller`, the real command ----------------------------------------------------
@@ -454,9 +450,7 @@ async def test_controller_command_applies_and_deletes(
                 None,
             )
 
-        scaled = await eventually(
-            lambda: _async(applied()), timeout=30, what=f"an apply; log: {log}"
-        )
+        scaled = await eventually(lambda: applied(), timeout=30, what=f"an apply; log: {log}")
         assert scaled.query == {"fieldManager": "datumflow", "force": "true"}
         # The settings reached the objects: namespace, image, endpoint, TriggerAuthentication,
         # and 4 nodes x 0.5.
@@ -474,12 +468,10 @@ async def test_controller_command_applies_and_deletes(
 
         await records.delete("montage")
         await eventually(
-            lambda: _async(
-                any(
-                    r.method == "DELETE"
-                    and r.path == "/apis/apps/v1/namespaces/team-a/deployments/df-worker-montage"
-                    for r in api_server.requests
-                )
+            lambda: any(
+                r.method == "DELETE"
+                and r.path == "/apis/apps/v1/namespaces/team-a/deployments/df-worker-montage"
+                for r in api_server.requests
             ),
             timeout=30,
             what="a delete",

@@ -9,9 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from datumflow.broker.messages import FileRef
-from tests.conftest import Cluster, eventually, marks_of, shared_cluster
-from tests.test_core_e2e import jobs_of, output_files, put_files, wait_job_done
+from tests.helpers import (
+    Cluster,
+    commit,
+    create_pipeline,
+    dead,
+    eventually,
+    jobs_of,
+    marks_of,
+    output_files,
+    put_files,
+    shared_cluster,
+    wait_job_done,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,20 +38,11 @@ def datums_of(cluster: Cluster, target: str) -> list[dict]:
     return json.loads(cluster.cli("list", "datum", target, "--json").stdout)
 
 
-def dead(pid: int) -> bool:
-    """Gone, or a zombie no one has reaped yet (this machine's init may not reap)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 async def test_poison_datum_fails_alone_and_names_itself(cluster: Cluster, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
     await put_files(cluster, "numbers", {"/a": b"a", "/b": b"b", "/poison": b"p", "/c": b"c"})
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -93,7 +94,7 @@ async def test_datum_that_kills_its_worker_every_time_ends_failed(
     marks.mkdir()
     await put_files(cluster, "crashes", {"/a": b"a", "/crash": b"x", "/b": b"b"})
     # The user code's parent is its worker: SIGKILL it, as the kernel's OOM killer would.
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -131,7 +132,7 @@ async def test_datum_timeout_kills_the_user_code_and_its_children(
     await put_files(cluster, "sleepers", {"/slow": b"s"})
     # A child in the background, one that left the session, and the process itself all outlive
     # the timeout unless the worker kills them; the escaped one also holds the output pipe.
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -158,14 +159,12 @@ async def test_datum_timeout_kills_the_user_code_and_its_children(
     pids = {p.stem: int(p.read_text()) for p in marks.glob("*.pid")}
     assert set(pids) == {"child", "escaped", "self"}
     for name, pid in pids.items():
-        await eventually(
-            lambda pid=pid: _async(dead(pid)), timeout=3, what=f"{name} ({pid}) to die"
-        )
+        await eventually(lambda pid=pid: dead(pid), timeout=3, what=f"{name} ({pid}) to die")
 
 
 async def test_colliding_outputs_fail_the_job(cluster: Cluster, tmp_path: Path) -> None:
     await put_files(cluster, "src", {"/one": b"1", "/two": b"2"})
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -175,7 +174,7 @@ async def test_colliding_outputs_fail_the_job(cluster: Cluster, tmp_path: Path) 
         },
     )
     # /one writes the file /x, /two the directory /x: a file and a directory at one path.
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -220,17 +219,17 @@ async def test_job_timeout_kills_the_job_and_its_queue(cluster: Cluster, tmp_pat
         },
     }
     await put_files(cluster, "timed", {"/f0": b"fast"})
-    await create_pipeline(cluster, tmp_path, spec)
+    create_pipeline(cluster, tmp_path, spec)
     # The clock runs from the job's start, worker start-up included: set the timeout once the
     # worker is up, so that a slow machine cannot kill a job before its first datum.
     await wait_job_done(cluster, "bounded")
-    await create_pipeline(cluster, tmp_path, {**spec, "job_timeout": "3s"}, update=True)
+    create_pipeline(cluster, tmp_path, {**spec, "job_timeout": "3s"}, update=True)
     first = (await wait_job_done(cluster, "bounded", count=2))[0]
     assert (first.version, first.state, first.data_skipped) == (2, "success", 1), first.reason
 
     # Four waiting datums and one worker: the job is killed with one datum in hand, three queued.
     await commit(cluster, "timed", {f"/s{i}": b"slow" for i in range(1, 5)}, deletes=["/f0"])
-    await eventually(lambda: _async("start-s1" in marks_of(marks)), what="s1 to start")
+    await eventually(lambda: "start-s1" in marks_of(marks), what="s1 to start")
     killed = (await wait_job_done(cluster, "bounded", count=3, timeout=30))[0]
     assert killed.state == "killed"
     assert killed.reason == (
@@ -241,7 +240,7 @@ async def test_job_timeout_kills_the_job_and_its_queue(cluster: Cluster, tmp_pat
 
     # The datum in hand finishes after all; its late result changes nothing.
     (tmp_path / "go").touch()
-    await eventually(lambda: _async("end-s1" in marks_of(marks)), what="s1 to finish")
+    await eventually(lambda: "end-s1" in marks_of(marks), what="s1 to finish")
     # The next commit gets a job of its own, which runs at once: the killed job's queued datums
     # were removed, or the one worker would go through them first.
     await commit(cluster, "timed", {"/f1": b"fast"}, deletes=[f"/s{i}" for i in range(1, 5)])
@@ -253,26 +252,3 @@ async def test_job_timeout_kills_the_job_and_its_queue(cluster: Cluster, tmp_pat
     assert after == killed
     states = {d["files"][0]["path"]: d["state"] for d in datums_of(cluster, f"bounded@{killed.id}")}
     assert states == {"/s1": "killed", "/s2": "killed", "/s3": "killed", "/s4": "killed"}
-
-
-async def create_pipeline(
-    cluster: Cluster, tmp_path: Path, spec: dict, *, update: bool = False
-) -> None:
-    path = tmp_path / f"{spec['pipeline']['name']}.json"
-    path.write_text(json.dumps(spec))
-    cluster.cli("update" if update else "create", "pipeline", "-f", str(path))
-
-
-async def commit(
-    cluster: Cluster, repo: str, puts: dict[str, bytes], deletes: list[str] = ()
-) -> None:
-    async with cluster.api() as api:
-        refs = []
-        for path, data in sorted(puts.items()):
-            key, size = await api.store.put_bytes(data)
-            refs.append(FileRef(path=path, size=size, hash=key))
-        await api.repos.commit_files(repo, "master", puts=refs, deletes=deletes)
-
-
-async def _async(value):  # type: ignore[no-untyped-def]
-    return value

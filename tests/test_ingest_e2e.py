@@ -1,12 +1,12 @@
 """Bucket notifications end to end: objects written to moto's S3 server, their notifications published
-on NATS, `datumflow ingest` beside a real `datumflow up` on the S3 backend, pipelines run on the files
+on NATS, the ingest function of a real `datumflow up` on the S3 backend, pipelines run on the files
 in place."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -15,17 +15,8 @@ import pytest
 
 from datumflow.broker import subjects
 from datumflow.broker.messages import DatumResult, DeadLetter
-from tests import s3server
-from tests.conftest import Cluster, eventually
-from tests.s3cluster import (
-    IngestProcess,
-    copy_pipeline,
-    create_pipeline,
-    jobs_of,
-    repo_files,
-    s3_cluster,
-    wait_jobs,
-)
+from tests.helpers import Cluster, create_pipeline, eventually, jobs_of, wait_job_done
+from tests.s3cluster import copy_pipeline, repo_files, s3_cluster
 from tests.s3server import (
     aws_notification,
     make_bucket,
@@ -35,10 +26,6 @@ from tests.s3server import (
     s3_record,
     sync_client,
 )
-
-aws_env = s3server.aws_env
-# moto in a process of its own: in this one it would share the interpreter lock with the test.
-moto_process = s3server.moto_process
 
 pytestmark = pytest.mark.asyncio
 
@@ -72,14 +59,13 @@ class Bucket:
 @pytest.fixture
 def fed(
     aws_env: None, moto_process: str, make_cluster: Callable[..., Cluster]
-) -> Iterator[tuple[Cluster, Bucket, IngestProcess]]:
+) -> tuple[Cluster, Bucket]:
+    """`datumflow up` on a bucket, its ingest function gathering notifications for 1 s."""
     storage = f"s3://{make_bucket(moto_process)}/df"
-    cluster = s3_cluster(make_cluster, storage=storage, endpoint=moto_process)
-    ingest = IngestProcess(cluster, "--window", "1")
-    try:
-        yield cluster, Bucket(moto_process, cluster.server.url), ingest
-    finally:
-        ingest.stop()
+    cluster = s3_cluster(
+        make_cluster, storage=storage, endpoint=moto_process, DATUMFLOW_INGEST_WINDOW="1"
+    )
+    return cluster, Bucket(moto_process, cluster.server.url)
 
 
 async def commits_of(cluster: Cluster, repo: str) -> list:
@@ -104,9 +90,9 @@ async def results_of(cluster: Cluster, pipeline: str) -> list[DatumResult]:
 
 
 async def test_notifications_become_commits_that_pipelines_run_in_place(
-    fed: tuple[Cluster, Bucket, IngestProcess], tmp_path: Path
+    fed: tuple[Cluster, Bucket], tmp_path: Path
 ) -> None:
-    cluster, bucket, ingest = fed
+    cluster, bucket = fed
     created = cluster.cli("create", "repo", "photos", "--from-bucket", f"s3://{bucket.name}/cam")
     assert "df.ingest." in created.stderr
     missing = cluster.cli(
@@ -128,9 +114,9 @@ async def test_notifications_become_commits_that_pipelines_run_in_place(
     await bucket.notify(minio_notification(records[0]), minio_notification(records[1]))
     await bucket.notify(aws_notification(records[2], records[3]))
     try:
-        [job] = await wait_jobs(cluster, "copy", timeout=45)
+        [job] = await wait_job_done(cluster, "copy", timeout=45)
     except AssertionError:
-        print(ingest.log())
+        print(cluster.log("ingest"))
         raise
     assert job.state == "success", job.reason
     assert (job.data_total, job.data_processed) == (4, 4)
@@ -154,12 +140,12 @@ async def test_notifications_become_commits_that_pipelines_run_in_place(
     sentinel = bucket.put("cam/sentinel.txt", b"last\n")
     gone = bucket.delete("cam/plain.txt")
     await bucket.notify(minio_notification(sentinel), minio_notification(gone))
-    jobs = await wait_jobs(cluster, "copy", count=2, timeout=45)
+    jobs = await wait_job_done(cluster, "copy", count=2, timeout=45)
     assert len(await commits_of(cluster, "photos")) == 2
     assert len(await jobs_of(cluster, "copy")) == 2
-    assert jobs[1].state == "success", jobs[1].reason
+    assert jobs[0].state == "success", jobs[0].reason
     # Only the new file ran; the others were skipped; the removed one took its output with it.
-    assert (jobs[1].data_total, jobs[1].data_processed, jobs[1].data_skipped) == (4, 1, 3)
+    assert (jobs[0].data_total, jobs[0].data_processed, jobs[0].data_skipped) == (4, 1, 3)
     expected.pop("/plain.txt")
     expected["/sentinel.txt"] = b"last\n"
     assert await repo_files(cluster, "copy") == expected
@@ -169,7 +155,7 @@ async def test_notifications_become_commits_that_pipelines_run_in_place(
     await asyncio.to_thread(bucket.client.delete_object, Bucket=bucket.name, Key="cam/a+b.txt")
     bucket.client.put_object(Bucket=bucket.name, Key="cam/with space.txt", Body=b"changed\n")
     create_pipeline(cluster, tmp_path, copy_pipeline("late", "photos"))
-    [late] = await wait_jobs(cluster, "late", timeout=45)
+    [late] = await wait_job_done(cluster, "late", timeout=45)
     assert late.state == "failure"
     assert (late.data_total, late.data_processed, late.data_failed) == (4, 2, 2)
     errors = {r.files[0].path: r.error for r in await results_of(cluster, "late") if r.error}
@@ -179,9 +165,9 @@ async def test_notifications_become_commits_that_pipelines_run_in_place(
 
 
 async def test_a_burst_of_200_objects_is_a_few_commits_and_200_datums(
-    fed: tuple[Cluster, Bucket, IngestProcess], tmp_path: Path
+    fed: tuple[Cluster, Bucket], tmp_path: Path
 ) -> None:
-    cluster, bucket, ingest = fed
+    cluster, bucket = fed
     cluster.cli("create", "repo", "burst", "--from-bucket", f"s3://{bucket.name}/in")
     create_pipeline(cluster, tmp_path, copy_pipeline("count", "burst", parallelism=4))
     expected = {}
@@ -202,13 +188,13 @@ async def test_a_burst_of_200_objects_is_a_few_commits_and_200_datums(
     try:
         await eventually(all_in, timeout=30, what="200 files committed")
     except AssertionError:
-        print(ingest.log())
+        print(cluster.log("ingest"))
         raise
     commits = await commits_of(cluster, "burst")
     assert 1 <= len(commits) <= 4, [c.files for c in commits]
-    jobs = await wait_jobs(cluster, "count", count=len(commits), timeout=60)
+    jobs = await wait_job_done(cluster, "count", count=len(commits), timeout=60)
     assert all(j.state == "success" for j in jobs), [j.reason for j in jobs]
-    assert jobs[-1].data_total == 200
+    assert jobs[0].data_total == 200
     # Every object was processed exactly once over the jobs: the later ones skip what ran.
     assert sum(j.data_processed for j in jobs) == 200
     assert await repo_files(cluster, "count") == expected

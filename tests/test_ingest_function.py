@@ -26,7 +26,7 @@ from datumflow.pfs.bucket_sources import BucketSources, check_subject, parse_buc
 from datumflow.pfs.repos import Repos
 from datumflow.storage.s3 import S3Store
 from tests import s3server
-from tests.conftest import eventually
+from tests.helpers import eventually
 from tests.s3server import (
     FaultProxy,
     aws_notification,
@@ -36,9 +36,6 @@ from tests.s3server import (
     s3_record,
     sync_client,
 )
-
-aws_env = s3server.aws_env
-s3_endpoint = s3server.s3_endpoint
 
 pytestmark = pytest.mark.asyncio
 
@@ -307,7 +304,7 @@ async def test_mapping_subjects_on_core_nats_and_on_a_stream_of_their_own(
     await harness.sources.add(f"s3://{other}/core", repo="events", subject="minio.core")
     await harness.sources.add(f"s3://{other}/js", repo="events", subject="minio.js.events")
     ingest = harness.start()
-    await eventually(lambda: _async(len(ingest.subs) == 2), what="ingest to bind both streams")
+    await eventually(lambda: len(ingest.subs) == 2, what="ingest to bind both streams")
     core = put_and_describe(harness.client, other, "core/one.txt", b"1")
     streamed = put_and_describe(harness.client, other, "js/two.txt", b"2")
     await harness.publish(minio_notification(core), subject="minio.core")
@@ -346,10 +343,6 @@ async def test_sequencers_compare_as_hex_numbers() -> None:
     assert sequencer_key("FF") > sequencer_key("0A")
     assert sequencer_key("100") > sequencer_key("FF")
     assert sequencer_key("0055AED6DCD90281E5") > sequencer_key("55AED6DCD90281E4")
-
-
-async def _async(value):  # type: ignore[no-untyped-def]
-    return value
 
 
 async def test_clashes_between_files_and_directories() -> None:

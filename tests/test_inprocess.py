@@ -18,8 +18,14 @@ from datumflow.functions.worker.userthread import UserThread
 from datumflow.functions.worker.worker import _check_paths
 from datumflow.pfs.paths import BadPath
 from datumflow.transform import Datum, DatumTimeout
-from tests.conftest import REPO_ROOT, Cluster
-from tests.test_core_e2e import create_pipeline, output_files, put_files, wait_job_done
+from tests.helpers import (
+    REPO_ROOT,
+    Cluster,
+    create_pipeline,
+    output_files,
+    put_files,
+    wait_job_done,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -82,7 +88,7 @@ async def test_function_over_files_and_directories(make_cluster, tmp_path: Path)
     cluster = _cluster(make_cluster)
     files = {f"/file{i:02d}.txt": f"line {i}\n".encode() for i in range(30)}
     await put_files(cluster, "lines", files)
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -98,7 +104,7 @@ async def test_function_over_files_and_directories(make_cluster, tmp_path: Path)
     assert await output_files(cluster, "upper") == {p: d.upper() for p, d in files.items()}
 
     # Glob "/": one datum whose input is the whole repo, a directory.
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -117,7 +123,7 @@ async def test_function_sees_its_layout_env_and_datum(make_cluster, tmp_path: Pa
     cluster = _cluster(make_cluster)
     await put_files(cluster, "a", {"/x/one.txt": b"1", "/y/two.txt": b"2"})
     await put_files(cluster, "b", {"/b.txt": b"b"})
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -154,7 +160,7 @@ async def test_an_exception_is_a_failed_attempt(make_cluster, tmp_path: Path) ->
     marks.mkdir()
     files = {f"/ok{i}": f"{i}".encode() for i in range(5)} | {"/poison": b"x"}
     await put_files(cluster, "in", files)
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -182,7 +188,7 @@ async def test_datum_timeout_stops_a_function(make_cluster, tmp_path: Path) -> N
     marks.mkdir()
     files = {"/a": b"a", "/b": b"b", "/slow": b"s", "/z": b"z"}
     await put_files(cluster, "in", files)
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {
@@ -211,7 +217,7 @@ async def test_datum_timeout_stops_a_function(make_cluster, tmp_path: Path) -> N
 async def test_a_bad_reference_fails_every_datum_clearly(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cluster = _cluster(make_cluster)
     await put_files(cluster, "in", {"/a": b"a", "/b": b"b"})
-    await create_pipeline(
+    create_pipeline(
         cluster,
         tmp_path,
         {

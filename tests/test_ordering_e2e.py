@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from datumflow.broker.messages import FileRef
-from tests.conftest import Cluster, eventually
+from tests.helpers import Cluster, create_pipeline, wait_job_done
 
 
 @pytest.mark.asyncio
@@ -26,11 +25,9 @@ async def test_output_commits_follow_input_order(cluster: Cluster, tmp_path: Pat
         },
         "parallelism_spec": {"constant": 2},
     }
-    path = tmp_path / "stamp.json"
-    path.write_text(json.dumps(spec))
     async with cluster.api() as api:
         await api.repos.create_repo("events")
-    cluster.cli("create", "pipeline", "-f", str(path))
+    create_pipeline(cluster, tmp_path, spec)
     inputs = []
     async with cluster.api() as api:
         for i in range(5):
@@ -40,12 +37,7 @@ async def test_output_commits_follow_input_order(cluster: Cluster, tmp_path: Pat
             )
             inputs.append(commit.id)
 
-    async def all_done():  # type: ignore[no-untyped-def]
-        async with cluster.api() as api:
-            jobs = await api.pipelines.list_jobs("stamp")
-        return jobs if len(jobs) == 5 and all(j.done for j in jobs) else None
-
-    jobs = await eventually(all_done, timeout=90, what="five finished jobs")
+    jobs = await wait_job_done(cluster, "stamp", count=5, timeout=90)
     assert all(j.state == "success" for j in jobs), [j.reason for j in jobs]
     async with cluster.api() as api:
         outputs = list(reversed(await api.repos.list_commits("stamp")))

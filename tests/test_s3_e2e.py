@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import msgspec
 import nats
@@ -19,14 +18,9 @@ from datumflow.pfs.repos import Repos
 from datumflow.runtime.embedded import read_instance
 from datumflow.settings import Settings
 from datumflow.storage import FileStore
-from tests import s3server
-from tests.conftest import Cluster
-from tests.s3cluster import copy_pipeline, create_pipeline, repo_files, wait_jobs
+from tests.helpers import Cluster, create_pipeline, wait_job_done
+from tests.s3cluster import copy_pipeline, repo_files
 from tests.s3server import make_bucket, sync_client
-
-aws_env = s3server.aws_env
-# moto in a process of its own: in this one it would share the interpreter lock with the test.
-moto_process = s3server.moto_process
 
 pytestmark = pytest.mark.asyncio
 MiB = 1 << 20
@@ -42,8 +36,8 @@ async def test_up_with_s3_storage_runs_everything_on_the_bucket(
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
     env.update(DATUMFLOW_HOME=str(home), DATUMFLOW_S3_ENDPOINT=s3_endpoint, DATUMFLOW_GRACE="5")
-    # Cluster wants a server; this one's broker is `up`'s own, found in <home>/instance.json.
-    cluster = Cluster(home=home, server=SimpleNamespace(url="", monitor=""), env=env)  # type: ignore[arg-type]
+    # No server: this one's broker is `up`'s own, found in <home>/instance.json.
+    cluster = Cluster(home=home, env=env)
     cluster.cli("up", "--detach", "--storage", f"s3://{bucket}/df")
     # Only `up` was told the endpoint: the other commands find it in the instance file, and
     # take only the credentials (AWS_*) from their environment.
@@ -73,7 +67,7 @@ async def _run_on_s3(cluster: Cluster, bucket: str, endpoint: str, tmp_path: Pat
     cluster.cli("create", "repo", "data")
     cluster.cli("put", "file", "data@master:/", "-f", str(inputs), "-r")
     create_pipeline(cluster, tmp_path, copy_pipeline("copy", "data"))
-    [job] = await wait_jobs(cluster, "copy")
+    [job] = await wait_job_done(cluster, "copy")
     assert job.state == "success", job.reason
     assert (job.data_total, job.data_processed) == (4, 4)
     assert await repo_files(cluster, "copy") == {f"/{n}": d for n, d in files.items()}
@@ -115,9 +109,9 @@ async def _run_on_s3(cluster: Cluster, bucket: str, endpoint: str, tmp_path: Pat
         )
     finally:
         await nc.close()
-    jobs = await wait_jobs(cluster, "copy", count=2)
-    assert jobs[1].state == "success", jobs[1].reason
-    assert (jobs[1].data_total, jobs[1].data_processed, jobs[1].data_skipped) == (6, 2, 4)
+    jobs = await wait_job_done(cluster, "copy", count=2)
+    assert jobs[0].state == "success", jobs[0].reason
+    assert (jobs[0].data_total, jobs[0].data_processed, jobs[0].data_skipped) == (6, 2, 4)
     assert await repo_files(cluster, "copy") == {
         **{f"/{n}": d for n, d in files.items()},
         **produced,

@@ -15,13 +15,7 @@ from datumflow.broker.messages import ObjectSource
 from datumflow.errors import NotFound, PermanentError, StorageError, TemporaryError
 from datumflow.storage import open_store
 from datumflow.storage.s3 import MIN_PART_SIZE, S3Store, parse_s3_url
-from tests import s3server
 from tests.s3server import FaultProxy, free_port, make_bucket, set_moto_auth, sync_client
-
-# The shared fixtures, by name (conftest.py is not ours to extend).
-aws_env = s3server.aws_env
-s3_endpoint = s3server.s3_endpoint
-moto_process = s3server.moto_process
 
 MiB = 1 << 20
 

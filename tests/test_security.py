@@ -12,11 +12,10 @@ import asyncio
 import json
 import os
 import pwd
-import signal
 import stat
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -30,7 +29,7 @@ from datumflow.functions.worker import sandbox
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import EmbeddedServer, read_instance
 from datumflow.settings import Settings
-from tests.conftest import Cluster, cluster_env
+from tests.helpers import Cluster, cluster_env
 from tests.pki import make_pki, new_nkey, operator_setup
 
 ENV_DUMP = {
@@ -111,70 +110,29 @@ def cli_outputs(cli) -> str:  # type: ignore[no-untyped-def]
 # -- datumflow up --secure -----------------------------------------------------------------------
 
 
-class SecureUp:
-    """`datumflow up --secure` with its own embedded broker, as a user starts it."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
-        self.env.update(PLANTED, DATUMFLOW_HOME=str(home), DATUMFLOW_ACK_WAIT="3")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.home / "up.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "datumflow.cli.main", "up", "--secure"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            instance = read_instance(self.home)
-            if instance is not None and instance.pid == self.process.pid:
-                return
-            if self.process.poll() is not None:
-                raise AssertionError((self.home / "up.log").read_text()[-3000:])
-            time.sleep(0.05)
-        raise AssertionError("datumflow up --secure did not start within 60s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in self.env.items() if k not in PLANTED}
-        result = subprocess.run(
-            [sys.executable, "-m", "datumflow.cli.main", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"datumflow {' '.join(args)}: {result.stdout}{result.stderr}")
-        return result
-
-
 @pytest.fixture
-def secure_up(tmp_path: Path):  # type: ignore[no-untyped-def]
-    up = SecureUp(tmp_path / "home")
-    up.start()
+def secure_up(tmp_path: Path) -> Iterator[Cluster]:
+    """`datumflow up --secure` with its own embedded broker, as a user starts it, given the planted
+    secrets; the CLI is run as a user types it, with no flags and without those secrets."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
+    env.update(PLANTED, DATUMFLOW_HOME=str(home), DATUMFLOW_ACK_WAIT="3")
+    up = Cluster(
+        home=home,
+        env=env,
+        up_args=("--secure",),
+        home_flag=False,
+        cli_env={k: v for k, v in env.items() if k not in PLANTED},
+    )
     try:
+        up.start()
         yield up
     finally:
         up.stop()
 
 
 def test_up_secure_runs_a_pipeline_and_keeps_every_secret(
-    secure_up: SecureUp, tmp_path: Path
+    secure_up: Cluster, tmp_path: Path
 ) -> None:
     home = secure_up.home
     made = secure.load(home)
@@ -205,7 +163,7 @@ def test_up_secure_runs_a_pipeline_and_keeps_every_secret(
 
 
 @pytest.mark.asyncio
-async def test_up_secure_rejects_clients_without_the_password_or_tls(secure_up: SecureUp) -> None:
+async def test_up_secure_rejects_clients_without_the_password_or_tls(secure_up: Cluster) -> None:
     made = secure.load(secure_up.home)
     instance = read_instance(secure_up.home)
     assert made is not None and instance is not None

@@ -11,10 +11,8 @@ byte for byte, to a run with no fault".
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import random
 import signal
@@ -30,7 +28,7 @@ from datumflow.broker.messages import FileRef
 from datumflow.broker.records import JobInfo
 from datumflow.errors import DatumflowError
 from datumflow.pfs import manifest
-from tests.conftest import Cluster
+from tests.helpers import Cluster, eventually, jobs_of
 
 REPORT_ENV = "DATUMFLOW_FAULT_REPORT"
 """A JSON-lines file every scenario appends its figures to (docs/reliability.md reads them)."""
@@ -85,49 +83,15 @@ def pipeline_spec(
     }
 
 
-async def put_dataset(cluster: Cluster, repo: str, data: Dataset, *, create: bool = True) -> str:
-    async with cluster.api() as api:
-        if create:
-            await api.repos.create_repo(repo)
-        refs = []
-        for path, content in sorted(data.files.items()):
-            key, size = await api.store.put_bytes(content)
-            refs.append(FileRef(path=path, size=size, hash=key))
-        return (await api.repos.commit_files(repo, "master", puts=refs)).id
-
-
-def create_pipeline(cluster: Cluster, tmp_path: Path, spec: dict) -> None:
-    path = tmp_path / f"{spec['pipeline']['name']}.json"
-    path.write_text(json.dumps(spec))
-    cluster.cli("create", "pipeline", "-f", str(path))
-
-
 # -- watching -----------------------------------------------------------------------------------
 
 
-async def jobs_of(cluster: Cluster, pipeline: str) -> list[JobInfo] | None:
+async def jobs_if_reachable(cluster: Cluster, pipeline: str) -> list[JobInfo] | None:
     """The pipeline's jobs, or None while the broker cannot be reached (it may be down on purpose)."""
     try:
-        async with cluster.api() as api:
-            return await api.pipelines.list_jobs(pipeline)
+        return await jobs_of(cluster, pipeline)
     except (TimeoutError, DatumflowError, OSError):
         return None
-
-
-async def wait_for_job(cluster: Cluster, pipeline: str, *, timeout: float) -> JobInfo:
-    deadline = time.monotonic() + timeout
-    last: list[JobInfo] | None = None
-    while time.monotonic() < deadline:
-        jobs = await jobs_of(cluster, pipeline)
-        if jobs:
-            last = jobs
-            if jobs[0].done:
-                return jobs[0]
-        await asyncio.sleep(0.2)
-    raise AssertionError(
-        f"the job of {pipeline} did not finish within {timeout:.0f}s; last seen: {last!r}\n"
-        + diagnostics(cluster, pipeline)
-    )
 
 
 def diagnostics(cluster: Cluster, pipeline: str) -> str:
@@ -180,15 +144,6 @@ async def stream_count(cluster: Cluster, stream: str, subject: str = "") -> int 
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
-
-
-async def drained(cluster: Cluster, stream: str, subject: str, *, timeout: float) -> int | None:
-    deadline = time.monotonic() + timeout
-    while True:
-        count = await stream_count(cluster, stream, subject)
-        if count == 0 or time.monotonic() > deadline:
-            return count
-        await asyncio.sleep(0.2)
 
 
 # -- the verdict --------------------------------------------------------------------------------
@@ -258,8 +213,13 @@ async def verify_exact(
     # Nothing stuck in the work queue, and no fault produced a dead letter. A broker killed with
     # SIGKILL may forget acks it had taken (JetStream flushes consumer state lazily): those datums
     # come back once more after the job is done, are done again and ignored. They must drain.
-    queued = await drained(cluster, subjects.DATUMS_STREAM, subjects.datum(pipeline), timeout=60)
-    assert queued == 0, f"{scenario}: {queued} datum messages left in the work queue"
+    await eventually(
+        lambda: stream_count(cluster, subjects.DATUMS_STREAM, subjects.datum(pipeline)),
+        until=lambda count: count == 0,
+        timeout=60,
+        interval=0.2,
+        what=f"{scenario}: the datum messages left in the work queue to drain",
+    )
     dead = await stream_count(cluster, subjects.DEAD_STREAM)
     assert dead == 0, f"{scenario}: {dead} dead letters"
     runs = executions(marks, job.id)

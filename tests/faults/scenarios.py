@@ -20,20 +20,19 @@ import nats
 
 from datumflow.broker import subjects
 from datumflow.broker.records import JobInfo
-from tests.conftest import Cluster
 from tests.faults.harness import (
     Dataset,
     Figures,
-    create_pipeline,
+    diagnostics,
     function_pids,
     injected,
-    jobs_of,
+    jobs_if_reachable,
     make_dataset,
     pipeline_spec,
-    put_dataset,
     sigkill,
     verify_exact,
 )
+from tests.helpers import Cluster, create_pipeline, eventually, put_files
 
 MakeCluster = Callable[..., Cluster]
 
@@ -68,7 +67,7 @@ class Rig:
         data = make_dataset(datums, seed=seed)
         first = self.commits == 0
         started = time.monotonic()
-        commit = await put_dataset(self.cluster, "src", data, create=first)
+        commit = await put_files(self.cluster, "src", data.files, create=first)
         if first:
             spec = pipeline_spec(
                 self.name, repo="src", marks=self.marks, datum_tries=self.datum_tries
@@ -78,45 +77,43 @@ class Rig:
         return data, commit, started
 
     async def pid_of(self, function: str, *, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pids = function_pids(self.cluster, function)
-            if len(pids) == 1:
-                return pids[0]
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no single {function} process within {timeout:.0f}s")
+        [pid] = await eventually(
+            lambda: function_pids(self.cluster, function),
+            until=lambda pids: len(pids) == 1,
+            timeout=timeout,
+            interval=0.05,
+            what=f"a single {function} process",
+        )
+        return pid
 
     async def job_for(self, commit: str) -> JobInfo | None:
-        jobs = await jobs_of(self.cluster, self.name)
+        jobs = await jobs_if_reachable(self.cluster, self.name)
         for job in jobs or []:
             if any(c.commit == commit for c in job.input_commits):
                 return job
         return None
 
     async def wait(self, commit: str, *, timeout: float) -> JobInfo:
-        deadline = time.monotonic() + timeout
-        job = None
-        while time.monotonic() < deadline:
-            job = await self.job_for(commit)
-            if job is not None and job.done:
-                return job
-            await asyncio.sleep(0.2)
-        from tests.faults.harness import diagnostics
-
-        raise AssertionError(
-            f"the job of {self.name} for commit {commit} did not finish within {timeout:.0f}s;"
-            f" last seen: {job!r}\n" + diagnostics(self.cluster, self.name)
-        )
+        try:
+            return await eventually(
+                lambda: self.job_for(commit),
+                until=lambda job: job is not None and job.done,
+                timeout=timeout,
+                interval=0.2,
+                what=f"the job of {self.name} for commit {commit} to finish",
+            )
+        except AssertionError as failed:
+            raise AssertionError(f"{failed}\n{diagnostics(self.cluster, self.name)}") from None
 
     async def progress(self, commit: str, *, at_least: int, timeout: float = 120) -> None:
         """Until the commit's job has processed `at_least` datums (or is done)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = await self.job_for(commit)
-            if job is not None and (job.data_processed >= at_least or job.done):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{self.name}: no progress to {at_least} datums in {timeout:.0f}s")
+        await eventually(
+            lambda: self.job_for(commit),
+            until=lambda job: job is not None and (job.data_processed >= at_least or job.done),
+            timeout=timeout,
+            interval=0.05,
+            what=f"{self.name}: progress to {at_least} datums",
+        )
 
     async def finish(
         self,
@@ -173,16 +170,18 @@ async def worker_storm_round(
     data, commit, started = await rig.commit(datums, seed=seed)
     for i in range(kills):
         await rig.progress(commit, at_least=i * datums // (kills + 1), timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        async def killed_one_or_done() -> bool:
             busy = [p for p in function_pids(rig.cluster, "worker") if _children(p)]
             if busy and sigkill(rng.choice(busy)):
                 faults["worker SIGKILL mid-datum"] += 1
-                break
+                return True
             job = await rig.job_for(commit)
-            if job is not None and job.done:
-                break
-            await asyncio.sleep(0.02)
+            return job is not None and job.done
+
+        await eventually(
+            killed_one_or_done, timeout=timeout, interval=0.02, what="a busy worker to kill"
+        )
     assert faults["worker SIGKILL mid-datum"] == kills, f"only {faults} of {kills} kills landed"
     return await rig.finish(
         commit,

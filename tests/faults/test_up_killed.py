@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from datumflow.runtime.embedded import read_instance
+from tests.helpers import Cluster, wait_until
+
+FUNCTIONS = ("nats-server", "planner", "committer")
+"""What `datumflow up` runs once it has started: its broker and its functions."""
 
 
 def _started_by(home: Path) -> dict[int, str]:
@@ -46,28 +46,19 @@ def killed_up(tmp_path: Path) -> Iterator[tuple[Path, dict[int, str]]]:
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
     env["DATUMFLOW_HOME"] = str(home)
-    home.mkdir()
-    with open(tmp_path / "up.log", "ab") as log:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "datumflow.cli.main", "up"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    before: dict[int, str] = {}
+    up = Cluster(home=home, env=env, home_flag=False)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            instance = read_instance(home)
-            before = _started_by(home)
-            running = " ".join(before.values())
-            if instance is not None and "planner" in running and "committer" in running:
-                break
-            time.sleep(0.1)
-        assert "nats-server" in " ".join(before.values()), before
-        up.send_signal(signal.SIGKILL)
-        up.wait()
+        up.start()
+        before = wait_until(
+            lambda: _started_by(home),
+            until=lambda found: all(w in " ".join(found.values()) for w in FUNCTIONS),
+            timeout=60,
+            interval=0.1,
+            what="datumflow up to start its broker and functions",
+        )
+        assert up.process is not None
+        up.process.kill()
+        up.process.wait()
         yield home, before
     finally:
         for pid in _started_by(home):
@@ -77,22 +68,22 @@ def killed_up(tmp_path: Path) -> Iterator[tuple[Path, dict[int, str]]]:
                 pass
 
 
-def _survivors(home: Path, words: tuple[str, ...], *, within: float) -> dict[int, str]:
-    deadline = time.monotonic() + within
-    while True:
-        left = {p: c for p, c in _started_by(home).items() if any(w in c for w in words)}
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
+def _none_survive(home: Path, words: tuple[str, ...], *, within: float) -> None:
+    wait_until(
+        lambda: {p: c for p, c in _started_by(home).items() if any(w in c for w in words)},
+        until=lambda left: not left,
+        timeout=within,
+        interval=0.1,
+        what=f"every process of {home} running {' or '.join(words)} to stop",
+    )
 
 
 def test_the_embedded_broker_stops_with_datumflow_up(killed_up) -> None:  # type: ignore[no-untyped-def]
     home, _ = killed_up
-    assert not _survivors(home, ("nats-server",), within=15)
+    _none_survive(home, ("nats-server",), within=15)
 
 
 def test_the_functions_stop_with_datumflow_up(killed_up) -> None:  # type: ignore[no-untyped-def]
     home, before = killed_up
     assert "planner" in " ".join(before.values())
-    left = _survivors(home, ("planner", "committer", "ingest", "worker"), within=15)
-    assert not left, left
+    _none_survive(home, ("planner", "committer", "ingest", "worker"), within=15)
