@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nats-server per test, and a real `datumflow up` around it.
+"""Shared fixtures: a real nats-server per test, and a real `datumflow up` around it; and the
+checks every test gets: no asyncio task left running when an async test ends.
 
 Every test gets its own broker on free ports with its store under the test's temporary directory;
 nothing listens on 4222 and nothing outlives the test. What test modules import (Cluster, the
@@ -20,6 +21,48 @@ from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.settings import Settings
 from tests.helpers import Cluster, cluster_env
 from tests.s3server import aws_env, moto_process, s3_endpoint  # noqa: F401 - fixtures
+
+LEFTOVER_GRACE = 1.0
+"""Seconds a task still running when its test ends gets to finish (one cancelled in a `finally`
+may need a turn or two of the loop) before it counts as left behind."""
+
+
+# -- no task left behind ------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_tasks(request: pytest.FixtureRequest) -> None:
+    """Fail an async test that leaves asyncio tasks running: a task that outlives its test runs
+    on against a broker and files that are gone, and hides a missing cancel or close. Requested
+    first (autouse), its teardown runs after every other fixture's, on the test's own loop."""
+    if request.node.get_closest_marker("asyncio") is not None:
+        request.getfixturevalue("_leftover_task_check")
+
+
+@pytest_asyncio.fixture
+async def _leftover_task_check() -> AsyncIterator[None]:
+    yield
+    current = asyncio.current_task()
+    running = {t for t in asyncio.all_tasks() if t is not current and not t.done()}
+    if running:
+        await asyncio.wait(running, timeout=LEFTOVER_GRACE)
+    left = [t for t in running if not t.done()]
+    if not left:
+        return
+    names = "\n".join(f"  {_describe(t)}" for t in left)
+    for task in left:  # the loop closes next: do not leave them to be destroyed pending
+        task.cancel()
+    await asyncio.wait(left, timeout=LEFTOVER_GRACE)
+    pytest.fail(f"the test left {len(left)} asyncio task(s) running:\n{names}", pytrace=False)
+
+
+def _describe(task: asyncio.Task[object]) -> str:
+    """The task's name, its coroutine, and where that was when the test ended."""
+    coro = task.get_coro()
+    what = getattr(coro, "__qualname__", repr(coro))
+    frames = task.get_stack(limit=1)
+    where = f" at {frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else ""
+    return f"{task.get_name()}: {what}{where}"
 
 
 # -- brokers and clusters -----------------------------------------------------------------------
