@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -267,14 +268,16 @@ async def test_the_thread_reports_each_job_and_survives_a_timeout() -> None:
 async def test_halting_a_run_stops_after_the_job_in_hand() -> None:
     thread = UserThread()
     entered = asyncio.Event()
+    release = threading.Event()
     loop = asyncio.get_running_loop()
 
-    def slow(lane: int) -> str:
+    def held(lane: int) -> str:
+        # In hand until the test has halted the run, however slow the machine.
         loop.call_soon_threadsafe(entered.set)
-        time.sleep(0.2)
+        assert release.wait(10), "the test never released the job in hand"
         return "done"
 
-    run = thread.each([slow, slow, slow])
+    run = thread.each([held, held, held])
     seen = []
 
     async def consume() -> None:
@@ -282,11 +285,16 @@ async def test_halting_a_run_stops_after_the_job_in_hand() -> None:
             seen.append((index, result))
 
     consumer = asyncio.create_task(consume())
-    await asyncio.wait_for(entered.wait(), 10)
-    run.halt()
-    await asyncio.wait_for(consumer, 10)
+    try:
+        await asyncio.wait_for(entered.wait(), 10)
+        run.halt()
+        release.set()
+        await asyncio.wait_for(consumer, 10)
+    finally:
+        release.set()
+        consumer.cancel()
+        thread.close()
     assert seen == [(0, "done")]
-    thread.close()
 
 
 # ------------------------------------------------------------------------ what a datum may name

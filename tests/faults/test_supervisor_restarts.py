@@ -7,7 +7,6 @@ back at once, however many times it died before.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -37,11 +36,7 @@ async def test_a_crash_loop_backs_off(tmp_path: Path) -> None:
     assert waits == sorted(waits) and waits[-1] > waits[0] * 4
 
 
-async def test_a_child_that_ran_fine_comes_back_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # How long a run counts as healthy; 1 s here keeps the test short.
-    monkeypatch.setattr(Child, "healthy_after", 1.0, raising=False)
+async def test_a_child_that_ran_fine_comes_back_at_once(tmp_path: Path) -> None:
     child = Child("w", ["sleep", "60"], env=dict(os.environ), log_file=tmp_path / "w.log")
     for _ in range(8):  # an early crash loop
         await child.start()
@@ -49,7 +44,15 @@ async def test_a_child_that_ran_fine_comes_back_at_once(
         await child.keep_alive()
         child.next_start = 0.0
     await child.start()
-    await asyncio.sleep(1.5)  # then a healthy run
+    await _die(child)
+    await child.keep_alive()
+    crash_loop_wait = child.next_start - time.monotonic()
+    assert crash_loop_wait > 5, f"a crash-looping child waits only {crash_loop_wait:.1f}s"
+    child.next_start = 0.0
+    await child.start()
+    # Then a healthy run: one that started `healthy_after` seconds ago, as the child's clock reads
+    # it (its start time), rather than a real wait that a busy machine could stretch or shrink.
+    child.started_at -= Child.healthy_after
     await _die(child)
     await child.keep_alive()
     wait = child.next_start - time.monotonic()
