@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +15,10 @@ from datumflow.pfs.notifications import (
     map_change,
     parse_notification,
 )
+from tests.helpers import DATA
 
-MINIO_REFERENCE = Path("/work/shared/reference/minio/object-created-put.json")
+MINIO_REFERENCE = DATA / "minio-object-created-put.json"
+"""An s3:ObjectCreated:Put notification as a MinIO server sent it, byte for byte."""
 
 
 def aws_record(event: str, key: str, **obj: Any) -> dict[str, Any]:
@@ -45,8 +46,6 @@ def minio_payload(event: str, key: str, **obj: Any) -> bytes:
 
 
 def test_minio_reference_put() -> None:
-    if not MINIO_REFERENCE.exists():
-        pytest.skip(f"MinIO reference event {MINIO_REFERENCE} is absent (shared checkout missing)")
     changes = parse_notification(MINIO_REFERENCE.read_bytes())
     assert changes == [
         ObjectChange(

@@ -1,8 +1,8 @@
 """Rendering pipelines for Kubernetes, and the kustomize base: built offline, checked by schema.
 
 Nothing here runs on a cluster. Built-in kinds are validated with kubernetes-validate (Kubernetes 1.32,
-strict: unknown fields fail); the ScaledObject with KEDA 2.20.2's own CRD schema from
-`<repo>/../shared/reference/keda`, made strict the same way.
+strict: unknown fields fail); the ScaledObject with KEDA 2.20.2's own CRD schema (kept in
+tests/data, its descriptions stripped), made strict the same way.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from datumflow.deploy.render import RenderError, render_pipeline, render_yaml
 from datumflow.errors import SpecError
 from datumflow.runtime.embedded import server_binary
 from datumflow.spec import PipelineSpec, load_spec
+from tests.helpers import DATA, REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-KEDA_CRD = SHARED / "reference" / "keda" / "scaledobjects.keda.sh.v2.20.2.yaml"
+KEDA_SCHEMA = DATA / "keda-scaledobject-v2.20.2.schema.yaml"
 KUBERNETES_VERSION = "1.32"
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -101,11 +100,7 @@ def _strict(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def scaledobject_schema() -> dict[str, Any]:
-    if not KEDA_CRD.exists():
-        pytest.skip(f"KEDA's CRD is not at {KEDA_CRD}: put a copy of shared/ beside the repo")
-    crd = yaml.safe_load(KEDA_CRD.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    return _strict(version["schema"]["openAPIV3Schema"])
+    return _strict(yaml.safe_load(KEDA_SCHEMA.read_text()))
 
 
 def validate_scaledobject(obj: dict[str, Any], schema: dict[str, Any]) -> None:
@@ -437,7 +432,7 @@ def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 def base() -> list[dict[str, Any]]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl not installed")
-    return kustomize(REPO / "manifests")
+    return kustomize(REPO_ROOT / "manifests")
 
 
 @needs_kubectl
@@ -593,7 +588,7 @@ def test_rendered_workers_fit_the_base(base: list[dict[str, Any]]) -> None:
 
 @needs_kubectl
 def test_overlay_with_keda_component() -> None:
-    objects = kustomize(REPO / "tests" / "data" / "kustomize" / "keda-overlay")
+    objects = kustomize(DATA / "kustomize" / "keda-overlay")
     auth = find(objects, "TriggerAuthentication", "datumflow-nats-monitoring")
     assert auth["apiVersion"] == "keda.sh/v1alpha1"
     assert auth["metadata"]["namespace"] == "datumflow"
@@ -612,12 +607,12 @@ def test_overlay_with_keda_component() -> None:
     for obj in objects:
         if obj["kind"] != "TriggerAuthentication":  # no schema for it here
             validate_builtin(obj)
-    keda = yaml.safe_load((REPO / "keda" / "kustomization.yaml").read_text())
+    keda = yaml.safe_load((REPO_ROOT / "keda" / "kustomization.yaml").read_text())
     assert (keda["apiVersion"], keda["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
 
 
 def test_dockerfile() -> None:
-    text = (REPO / "Dockerfile").read_text()
+    text = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
     assert re.search(r"^RUN pip install \.", text, re.M)
     assert re.search(r'^ENTRYPOINT \["datumflow"\]$', text, re.M)

@@ -252,7 +252,6 @@ def _auth_case(kind: str, tmp_path: Path) -> tuple[str, dict[str, str], list[str
             [token],
         )
     if kind == "nkey-mutual-tls":
-        pytest.importorskip("nkeys", reason="NKEY authentication needs nats-py[nkeys]")
         pki = make_pki(tmp_path / "pki")
         user = new_nkey("user")
         seed = user.seed.decode()
@@ -271,7 +270,6 @@ def _auth_case(kind: str, tmp_path: Path) -> tuple[str, dict[str, str], list[str
         }
         return config, env, [seed]
     if kind == "creds-file":
-        pytest.importorskip("nkeys", reason="creds files need nats-py[nkeys]")
         config, creds = operator_setup(tmp_path)
         seed = next(line for line in Path(creds).read_text().splitlines() if line.startswith("SU"))
         return config, {"DATUMFLOW_NATS_CREDS": creds}, [seed]
@@ -386,7 +384,6 @@ async def test_connect_errors_name_the_problem_not_the_secret(
 
 
 def test_nkey_seed_may_be_a_file(tmp_path: Path) -> None:
-    pytest.importorskip("nkeys")
     user = new_nkey("user")
     seed_file = tmp_path / "user.nk"
     seed_file.write_bytes(user.seed)
