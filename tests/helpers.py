@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import msgspec
+import nats
 
-from datumflow.broker.messages import FileRef
+from datumflow.broker.messages import DatumResult, DatumResults, FileRef
 from datumflow.broker.records import JobInfo
 from datumflow.cli.context import Api, open_api
 from datumflow.pfs import manifest
@@ -334,3 +335,27 @@ async def wait_job_done(
                 cluster.log(f"worker-{pipeline}-0"),
             )
             raise
+
+
+async def results_of(cluster: Cluster, pipeline: str, job: str = "") -> list[DatumResult]:
+    """Every datum result of the pipeline (of one job, if named) in the results stream, in stream
+    order; results sent together in one message come one by one. Read as `list datum` reads them,
+    by an ordered consumer that acknowledges nothing."""
+    assert cluster.settings is not None
+    nc = await nats.connect(cluster.settings.nats_url)
+    out: list[DatumResult] = []
+    try:
+        sub = await nc.jetstream().subscribe(f"df.result.{pipeline}.>", ordered_consumer=True)
+        # Up to the last message there now: the consumer says how many are left after each.
+        pending = (await sub.consumer_info()).num_pending
+        while pending:
+            msg = await sub.next_msg(timeout=30)
+            if msg.subject.endswith(".set"):
+                out += msgspec.json.decode(msg.data, type=DatumResults).results
+            else:
+                out.append(msgspec.json.decode(msg.data, type=DatumResult))
+            pending = msg.metadata.num_pending
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return [r for r in out if not job or r.job == job]

@@ -13,7 +13,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 
 from datumflow.broker import subjects
@@ -30,6 +29,7 @@ from tests.helpers import (
     eventually,
     output_files,
     put_files,
+    results_of,
     wait_job_done,
 )
 
@@ -109,26 +109,6 @@ def test_a_command_takes_one_datum_at_a_time_unless_told() -> None:
 # -------------------------------------------------------------------------------------- end to end
 
 
-async def _results(cluster: Cluster, pipeline: str) -> list[DatumResult]:
-    """Every result of the pipeline in the results stream, in order."""
-    nc = await nats.connect(cluster.server.url)
-    try:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(f"df.result.{pipeline}.>", stream=subjects.RESULTS_STREAM)
-        out = []
-        while True:
-            try:
-                msgs = await sub.fetch(batch=256, timeout=1)
-            except (TimeoutError, nats.errors.TimeoutError):
-                break
-            for msg in msgs:
-                out.append(msgspec.json.decode(msg.data, type=DatumResult))
-                await msg.ack()
-        return out
-    finally:
-        await nc.close()
-
-
 async def _marked_pipeline(
     cluster: Cluster, tmp_path: Path, marks: Path, *, files: int, seconds: float, **spec: object
 ) -> dict[str, bytes]:
@@ -168,7 +148,7 @@ async def test_sets_of_number_kept_alive_together(make_cluster, tmp_path: Path) 
     assert len(found) == 10 and len({m.datum for m in found}) == 10  # each datum ran once
     sets = Counter((m.pid, m.batch) for m in found)
     assert max(sets.values()) == 5 and all(n <= 5 for n in sets.values()), sets
-    assert {r.attempts for r in await _results(cluster, "sets")} == {1}
+    assert {r.attempts for r in await results_of(cluster, "sets")} == {1}
 
 
 @pytest.mark.asyncio
@@ -203,7 +183,7 @@ async def test_worker_killed_in_the_middle_of_a_set(make_cluster, tmp_path: Path
     assert await output_files(cluster, "sets") == data
 
     # One result per datum: a redone datum is counted once.
-    results = await _results(cluster, "sets")
+    results = await results_of(cluster, "sets")
     assert sorted(r.datum for r in results) == sorted({r.datum for r in results})
     assert len(results) == 20
     redelivered = {r.datum for r in results if r.attempts >= 2}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, shared_cluster
+from tests.helpers import Cluster, shared_cluster
 
 PIPELINE = {
     "pipeline": {"name": "copy"},

@@ -14,8 +14,15 @@ import nats
 import pytest
 
 from datumflow.broker import subjects
-from datumflow.broker.messages import DatumResult, DeadLetter
-from tests.helpers import Cluster, create_pipeline, eventually, jobs_of, wait_job_done
+from datumflow.broker.messages import DeadLetter
+from tests.helpers import (
+    Cluster,
+    create_pipeline,
+    eventually,
+    jobs_of,
+    results_of,
+    wait_job_done,
+)
 from tests.s3cluster import copy_pipeline, repo_files, s3_cluster
 from tests.s3server import (
     aws_notification,
@@ -71,22 +78,6 @@ def fed(
 async def commits_of(cluster: Cluster, repo: str) -> list:
     async with cluster.api() as api:
         return await api.repos.list_commits(repo)
-
-
-async def results_of(cluster: Cluster, pipeline: str) -> list[DatumResult]:
-    """Every datum result of the pipeline in the results stream (what `list datum` reads)."""
-    nc = await nats.connect(cluster.server.url)
-    try:
-        sub = await nc.jetstream().subscribe(f"df.result.{pipeline}.>", ordered_consumer=True)
-        out = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except (TimeoutError, nats.errors.TimeoutError):
-                return out
-            out.append(msgspec.json.decode(msg.data, type=DatumResult))
-    finally:
-        await nc.close()
 
 
 async def test_notifications_become_commits_that_pipelines_run_in_place(
