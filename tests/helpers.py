@@ -21,8 +21,10 @@ from typing import TypeVar
 
 import msgspec
 import nats
+from nats.js import JetStreamContext
 
-from datumflow.broker.messages import DatumResult, DatumResults, FileRef
+from datumflow.broker import subjects
+from datumflow.broker.messages import DatumResult, DatumResults, DeadLetter, FileRef
 from datumflow.broker.records import JobInfo
 from datumflow.cli.context import Api, open_api
 from datumflow.pfs import manifest
@@ -344,6 +346,7 @@ async def results_of(cluster: Cluster, pipeline: str, job: str = "") -> list[Dat
     assert cluster.settings is not None
     nc = await nats.connect(cluster.settings.nats_url)
     out: list[DatumResult] = []
+    sub = None
     try:
         sub = await nc.jetstream().subscribe(f"df.result.{pipeline}.>", ordered_consumer=True)
         # Up to the last message there now: the consumer says how many are left after each.
@@ -355,7 +358,31 @@ async def results_of(cluster: Cluster, pipeline: str, job: str = "") -> list[Dat
             else:
                 out.append(msgspec.json.decode(msg.data, type=DatumResult))
             pending = msg.metadata.num_pending
-        await sub.unsubscribe()
     finally:
-        await nc.close()
+        await _close(nc, sub)
     return [r for r in out if not job or r.job == job]
+
+
+async def dead_letters(
+    url: str, function: str, count: int, *, timeout: float = 20
+) -> list[DeadLetter]:
+    """The first `count` dead letters of a function in the dead-letter stream, waiting at most
+    `timeout` for each."""
+    nc = await nats.connect(url)
+    sub = None
+    try:
+        sub = await nc.jetstream().subscribe(subjects.dead(function), ordered_consumer=True)
+        return [
+            msgspec.json.decode((await sub.next_msg(timeout=timeout)).data, type=DeadLetter)
+            for _ in range(count)
+        ]
+    finally:
+        await _close(nc, sub)
+
+
+async def _close(nc: nats.NATS, sub: JetStreamContext.PushSubscription | None) -> None:
+    # Unsubscribe first: an ordered consumer's heartbeat check would outlive the connection by up
+    # to two heartbeat intervals.
+    if sub is not None:
+        await sub.unsubscribe()
+    await nc.close()

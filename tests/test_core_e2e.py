@@ -13,10 +13,11 @@ import nats
 import pytest
 
 from datumflow.broker import subjects
-from datumflow.broker.messages import CommitEvent, DeadLetter, FileRef
+from datumflow.broker.messages import CommitEvent, FileRef
 from tests.helpers import (
     Cluster,
     create_pipeline,
+    dead_letters,
     eventually,
     output_files,
     put_files,
@@ -157,14 +158,10 @@ async def test_garbage_on_the_commit_subject_is_dead_lettered(
     nc = await nats.connect(cluster.server.url)
     try:
         js = nc.jetstream()
-        dead = await js.subscribe(subjects.dead("planner"), durable="test-dead")
         await js.publish(subjects.commit("src"), b"\x00not json at all")
         await js.publish(subjects.commit("src"), b'{"v": 99, "repo": "src", "commit": "abc"}')
         await js.publish(subjects.commit("src"), b'{"repo": "src"}')
-        letters = [
-            msgspec.json.decode((await dead.next_msg(timeout=20)).data, type=DeadLetter)
-            for _ in range(3)
-        ]
+        letters = await dead_letters(cluster.server.url, "planner", 3)
         reasons = " | ".join(letter.reason for letter in letters)
         assert "not valid JSON" in reasons
         assert "v=99" in reasons

@@ -9,15 +9,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
 import nats
 import pytest
 
-from datumflow.broker import subjects
-from datumflow.broker.messages import DeadLetter
 from tests.helpers import (
     Cluster,
     create_pipeline,
+    dead_letters,
     eventually,
     jobs_of,
     results_of,
@@ -120,12 +118,9 @@ async def test_notifications_become_commits_that_pipelines_run_in_place(
 
     # The same notifications again, and a malformed one: no new commit, no new job; the malformed
     # one is dead-lettered. The sentinel after them shows they were all handled.
-    nc = await nats.connect(cluster.server.url)
-    dead = await nc.jetstream().subscribe(subjects.dead("ingest"), ordered_consumer=True)
     await bucket.notify(minio_notification(records[0]), aws_notification(records[2], records[3]))
     await bucket.notify(b'{"Records": [{"eventName": "s3:ObjectCreated:Put"}]}')
-    letter = msgspec.json.decode((await dead.next_msg(timeout=20)).data, type=DeadLetter)
-    await nc.close()
+    [letter] = await dead_letters(cluster.server.url, "ingest", 1)
     assert letter.function == "ingest" and "Records[0] has no 's3'" in letter.reason
 
     sentinel = bucket.put("cam/sentinel.txt", b"last\n")

@@ -8,17 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote_plus
 
-import msgspec
-import nats
 import pytest
 import pytest_asyncio
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.ingest_stream import INGEST_DURABLE, INGEST_STREAM, ensure_ingest_stream
-from datumflow.broker.messages import DeadLetter, FileRef, ObjectSource
+from datumflow.broker.messages import FileRef, ObjectSource
 from datumflow.broker.records import CommitInfo
 from datumflow.functions.ingest import Ingest, IngestOptions
 from datumflow.functions.ingest_changes import sequencer_key
@@ -26,7 +23,7 @@ from datumflow.pfs.bucket_sources import BucketSources, check_subject, parse_buc
 from datumflow.pfs.repos import Repos
 from datumflow.storage.s3 import S3Store
 from tests import s3server
-from tests.helpers import eventually
+from tests.helpers import dead_letters, eventually
 from tests.s3server import (
     FaultProxy,
     aws_notification,
@@ -182,18 +179,6 @@ def _unquote(key: str) -> str:
     return unquote_plus(key)
 
 
-async def dead_letters(broker: Broker, count: int) -> list[DeadLetter]:
-    nc = await nats.connect(broker.nc.connected_url.geturl())
-    try:
-        sub = await nc.jetstream().subscribe(subjects.dead("ingest"), ordered_consumer=True)
-        return [
-            msgspec.json.decode((await sub.next_msg(timeout=20)).data, type=DeadLetter)
-            for _ in range(count)
-        ]
-    finally:
-        await nc.close()
-
-
 async def test_bad_notifications_are_dead_lettered_and_lose_nothing_else(
     harness: Harness,
 ) -> None:
@@ -209,7 +194,7 @@ async def test_bad_notifications_are_dead_lettered_and_lose_nothing_else(
     await harness.publish(aws_notification(file_a, under_a, elsewhere))
     await harness.settle()
 
-    letters = await dead_letters(harness.broker, 4)
+    letters = await dead_letters(harness.broker.nc.connected_url.geturl(), "ingest", 4)
     reasons = sorted(letter.reason for letter in letters)
     assert any("not JSON" in r for r in reasons), reasons
     assert any("no 'Records' list" in r for r in reasons), reasons
