@@ -19,7 +19,7 @@ from datumflow.broker.kv import Records
 from datumflow.broker.records import PipelineInfo
 from datumflow.deploy.watch import pipeline_events
 from datumflow.spec import load_spec
-from tests.conftest import Cluster, eventually
+from tests.helpers import Cluster, eventually
 
 pytestmark = pytest.mark.asyncio
 

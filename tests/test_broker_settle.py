@@ -5,6 +5,7 @@ settling."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -22,7 +23,7 @@ from datumflow.broker.streams import read_subjects
 from datumflow.errors import BrokerError, PermanentError, TemporaryError
 from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.settings import Settings
-from tests.conftest import eventually
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -64,9 +65,13 @@ async def _publish(broker: Broker, count: int) -> None:
 async def _take(sub: Puller, count: int, *, within: float = 10.0) -> list[Msg]:
     """`count` messages, waiting up to `within` seconds for them."""
     got: list[Msg] = []
-    deadline = time.monotonic() + within
-    while len(got) < count and time.monotonic() < deadline:
-        got += await sub.fetch(batch=count - len(got), wait=min(1.0, deadline - time.monotonic()))
+
+    async def fetch() -> int:
+        got.extend(await sub.fetch(batch=count - len(got), wait=1.0))
+        return len(got)
+
+    with contextlib.suppress(AssertionError):  # the assertion below says how many came
+        await eventually(fetch, until=lambda n: n >= count, timeout=within, interval=0)
     assert len(got) == count, f"{len(got)} of {count} messages came within {within}s"
     return got
 

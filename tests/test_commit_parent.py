@@ -11,7 +11,7 @@ import pytest
 
 from datumflow.broker import subjects
 from datumflow.broker.messages import CommitEvent, DeadLetter, FileRef
-from tests.conftest import Cluster, eventually
+from tests.helpers import Cluster, eventually
 
 pytestmark = pytest.mark.asyncio
 

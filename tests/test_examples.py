@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from datumflow.functions.worker.sandbox import choose_mode
-from tests.conftest import REPO_ROOT, Cluster, shared_cluster
+from tests.helpers import REPO_ROOT, Cluster, shared_cluster
 
 EXAMPLES = REPO_ROOT / "examples"
 # `datumflow` and `python3` as a user's activated virtualenv gives them: this interpreter's.

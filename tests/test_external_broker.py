@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from datumflow.runtime.embedded import EmbeddedServer
-from tests.conftest import Cluster, cluster_env
+from tests.helpers import Cluster, cluster_env
 
 PIPELINE = {
     "pipeline": {"name": "upper"},

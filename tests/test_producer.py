@@ -25,8 +25,8 @@ from datumflow.broker import subjects
 from datumflow.broker.messages import DeadLetter
 from datumflow.spec import load_spec
 from tests import s3server
-from tests.conftest import REPO_ROOT, Cluster, eventually, shared_cluster
-from tests.s3cluster import copy_pipeline, repo_files, use_s3, wait_jobs
+from tests.helpers import REPO_ROOT, Cluster, eventually, shared_cluster, wait_job_done
+from tests.s3cluster import copy_pipeline, repo_files, use_s3
 from tests.s3server import DUMMY_KEY, DUMMY_SECRET, make_bucket
 
 EXAMPLE = REPO_ROOT / "examples" / "producer-js"
@@ -132,7 +132,7 @@ async def test_a_node_producer_commits_files_in_place(
     published = json.loads(out)
     assert published["stream"] == subjects.COMMITS_STREAM and not published["duplicate"]
 
-    [job] = await wait_jobs(cluster, "copied")
+    [job] = await wait_job_done(cluster, "copied")
     assert job.state == "success", job.reason
     assert (job.data_total, job.data_processed) == (3, 3)
     assert await repo_files(cluster, "copied") == {f"/{n}": d for n, d in files.items()}
@@ -165,7 +165,7 @@ async def test_a_node_producer_commits_files_in_place(
         )
     )
     assert appended["parent"] == published["commit"]
-    second = (await wait_jobs(cluster, "copied", count=2))[1]
+    second = (await wait_job_done(cluster, "copied", count=2))[0]
     assert second.state == "success", second.reason
     assert (second.data_total, second.data_processed, second.data_skipped) == (4, 1, 3)
     assert await repo_files(cluster, "copied") == {

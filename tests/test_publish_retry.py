@@ -19,7 +19,7 @@ from datumflow.broker.topology import ensure_topology
 from datumflow.errors import BrokerError
 from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.settings import Settings
-from tests.conftest import eventually
+from tests.helpers import eventually
 from tests.natscluster import NatsCluster, stream_info
 
 pytestmark = pytest.mark.asyncio

@@ -21,7 +21,7 @@ from datumflow.broker.topology import BUCKETS, SHARED_CONSUMERS, STREAMS, ensure
 from datumflow.errors import TopologyRefused
 from datumflow.runtime.embedded import EmbeddedServer, free_port
 from datumflow.settings import Settings
-from tests.conftest import eventually
+from tests.helpers import eventually
 from tests.natscluster import NatsCluster
 
 pytestmark = pytest.mark.asyncio
