@@ -24,7 +24,6 @@ import pytest
 from datumflow.broker import subjects
 from datumflow.broker.messages import DeadLetter
 from datumflow.spec import load_spec
-from tests import s3server
 from tests.helpers import REPO_ROOT, Cluster, eventually, shared_cluster, wait_job_done
 from tests.s3cluster import copy_pipeline, repo_files, use_s3
 from tests.s3server import DUMMY_KEY, DUMMY_SECRET, make_bucket
@@ -33,8 +32,6 @@ EXAMPLE = REPO_ROOT / "examples" / "producer-js"
 NODE = shutil.which("node")
 NPM = shutil.which("npm")
 
-aws_env = s3server.aws_env
-moto_process = s3server.moto_process
 
 pytestmark = [
     pytest.mark.skipif(

@@ -26,9 +26,8 @@ import pytest_asyncio
 from datumflow.broker import subjects
 from datumflow.cli.context import Api, open_api
 from datumflow.settings import Settings
-from tests import s3server
-from tests.conftest import eventually
 from tests.faults import harness
+from tests.helpers import create_pipeline, eventually, put_files
 from tests.hosts import Hosts, hosts, unavailable
 from tests.natscluster import NatsCluster, Node, stream_info
 from tests.s3server import DUMMY_KEY, DUMMY_SECRET, make_bucket
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 
 HOSTS = ["n1", "n2", "n3", "s3", "cp", "w1"]
 NATS_HOSTS = HOSTS[:3]
-aws_env = s3server.aws_env  # the test process reads the bucket too
 
 DATUMS = 200
 ACK_WAIT = "10"
@@ -177,9 +175,9 @@ async def test_a_job_survives_the_sigkill_of_its_stream_leader(
     marks = tmp_path / "marks"
     marks.mkdir()
     data = harness.make_dataset(DATUMS, seed=11)
-    await harness.put_dataset(d, "data", data)  # type: ignore[arg-type]
+    await put_files(d, "data", data.files)  # type: ignore[arg-type]
     spec = harness.pipeline_spec("twice", repo="data", marks=marks, parallelism=2)
-    harness.create_pipeline(d, tmp_path, spec)  # type: ignore[arg-type]
+    create_pipeline(d, tmp_path, spec)  # type: ignore[arg-type]
     for _ in range(2):
         d.datumflow("w1", "worker", "--pipeline", "twice")
 
@@ -188,7 +186,7 @@ async def test_a_job_survives_the_sigkill_of_its_stream_leader(
         assert (await stream_info(d.nats.url, stream)).config.num_replicas == 3
 
     async def progressed() -> bool:
-        jobs = await harness.jobs_of(d, "twice")  # type: ignore[arg-type]
+        jobs = await harness.jobs_if_reachable(d, "twice")  # type: ignore[arg-type]
         return bool(jobs) and jobs[0].data_processed >= DATUMS // 5  # type: ignore[index]
 
     await eventually(progressed, timeout=60, what="a fifth of the job done")

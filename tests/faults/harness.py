@@ -94,6 +94,21 @@ async def jobs_if_reachable(cluster: Cluster, pipeline: str) -> list[JobInfo] | 
         return None
 
 
+async def wait_for_job(cluster: Cluster, pipeline: str, *, timeout: float) -> JobInfo:
+    """The pipeline's newest job once it is done, asked through any broker outage."""
+    try:
+        jobs = await eventually(
+            lambda: jobs_if_reachable(cluster, pipeline),
+            until=lambda jobs: bool(jobs) and jobs[0].done,
+            timeout=timeout,
+            interval=0.2,
+            what=f"the job of {pipeline} to finish",
+        )
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}\n{diagnostics(cluster, pipeline)}") from None
+    return jobs[0]
+
+
 def diagnostics(cluster: Cluster, pipeline: str) -> str:
     parts = []
     for name in ("up", "planner", "committer", f"worker-{pipeline}-0", f"worker-{pipeline}-1"):
