@@ -19,7 +19,7 @@ from datumflow.broker.kv import Records
 from datumflow.broker.records import PipelineInfo
 from datumflow.deploy.watch import pipeline_events
 from datumflow.spec import load_spec
-from tests.helpers import Cluster, eventually
+from tests.helpers import Cluster, create_pipeline, eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -43,9 +43,7 @@ async def test_an_idle_up_holds_a_constant_number_of_consumers(
         "input": {"pfs": {"repo": "idle", "glob": "/*"}},
         "transform": {"cmd": ["sh", "-c", "cp -r /pfs/idle/. /pfs/out/"]},
     }
-    path = tmp_path / "idle-copy.json"
-    path.write_text(json.dumps(spec))
-    cluster.cli("create", "pipeline", "-f", str(path))
+    create_pipeline(cluster, tmp_path, spec)
     monitor = cluster.server.monitor
 
     async def planner_running() -> bool:

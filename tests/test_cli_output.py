@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Cluster, shared_cluster
+from tests.helpers import Cluster, create_pipeline, shared_cluster
 
 PIPELINE = {
     "pipeline": {"name": "copy"},
@@ -27,9 +27,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str
     with shared_cluster(root) as cluster:
         cluster.cli("create", "repo", "letters")
         cluster.cli("put", "file", "letters@master:/a.txt", "-f", "-", input=b"a\n")
-        spec = root / "copy.json"
-        spec.write_text(json.dumps(PIPELINE))
-        cluster.cli("create", "pipeline", "-f", str(spec))
+        create_pipeline(cluster, root, PIPELINE)
         cluster.cli("wait", "commit", "letters@master", "--timeout", "120")
         jobs = json.loads(cluster.cli("list", "job", "-p", "copy", "--json").stdout)
         assert jobs and jobs[0]["state"] == "success", jobs

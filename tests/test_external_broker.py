@@ -5,11 +5,10 @@ JetStream's consumer info instead of /jsz."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from datumflow.runtime.embedded import EmbeddedServer
-from tests.helpers import Cluster, cluster_env
+from tests.helpers import Cluster, cluster_env, create_pipeline
 
 PIPELINE = {
     "pipeline": {"name": "upper"},
@@ -36,9 +35,7 @@ def test_up_on_a_broker_without_monitoring_scales_workers_and_finishes_jobs(
         cluster.start()
         cluster.cli("create", "repo", "words")
         cluster.cli("put", "file", "words@master:/w.txt", "-f", "-", input=b"hello\n")
-        spec = tmp_path / "upper.json"
-        spec.write_text(json.dumps(PIPELINE))
-        cluster.cli("create", "pipeline", "-f", str(spec))
+        create_pipeline(cluster, tmp_path, PIPELINE)
         cluster.cli("wait", "commit", "words@master", "--timeout", "60")
         assert cluster.cli("get", "file", "upper@master:/w.txt").stdout == "HELLO\n"
         assert "reading lag" not in cluster.log("up"), cluster.log("up")

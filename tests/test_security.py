@@ -29,7 +29,7 @@ from datumflow.functions.worker import sandbox
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import EmbeddedServer, read_instance
 from datumflow.settings import Settings
-from tests.helpers import Cluster, cluster_env
+from tests.helpers import Cluster, cluster_env, create_pipeline
 from tests.pki import make_pki, new_nkey, operator_setup
 
 ENV_DUMP = {
@@ -429,17 +429,15 @@ async def test_user_code_cannot_read_the_workers_credentials(make_cluster, tmp_p
         "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < \"$f\"; done 2>/dev/null"
         " | grep -c '^DATUMFLOW_NATS_TOKEN=' > /pfs/out/readable; true"
     )
-    spec = tmp_path / "snoop.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "pipeline": {"name": "snoop"},
-                "input": {"pfs": {"repo": "src", "glob": "/*"}},
-                "transform": {"cmd": ["sh", "-c", snoop]},
-            }
-        )
+    create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "snoop"},
+            "input": {"pfs": {"repo": "src", "glob": "/*"}},
+            "transform": {"cmd": ["sh", "-c", snoop]},
+        },
     )
-    cluster.cli("create", "pipeline", "-f", str(spec))
     cluster.cli("wait", "commit", "src@master", "--timeout", "60")
     readable = int(cluster.cli("get", "file", "snoop@master:/readable").stdout.strip())
     assert readable == 0, f"user code read the broker token from {readable} processes"
