@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import msgspec
 import nats
 
 from datumflow.runtime.embedded import free_port, server_binary
+from tests.helpers import eventually
 
 CLUSTER_NAME = "df-test"
 
@@ -154,8 +154,8 @@ class NatsCluster:
 
     async def wait_healthy(self, *, timeout: float = 60.0) -> None:
         """Until every running node reports JetStream healthy and the cluster has a meta leader."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        async def healthy() -> bool:
             for node in self.nodes:
                 if node.process is not None and node.process.poll() is not None:
                     raise RuntimeError(
@@ -163,10 +163,11 @@ class NatsCluster:
                         f" {node.log_file.read_text(errors='replace')[-2000:]}"
                     )
             checks = [asyncio.to_thread(n.healthy) for n in self.nodes if n.running]
-            if all(await asyncio.gather(*checks)):
-                return
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"the nats cluster was not healthy within {timeout:.0f}s")
+            return all(await asyncio.gather(*checks))
+
+        await eventually(
+            healthy, timeout=timeout, interval=0.2, what="every node of the nats cluster healthy"
+        )
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -174,16 +175,19 @@ class NatsCluster:
 
     async def leader(self, stream: str, *, timeout: float = 30.0) -> str:
         """The name of the node leading `stream` (from $JS.API.STREAM.INFO's cluster info)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        async def leader() -> str:
             # Asked of the running nodes only, briefly: this also times elections.
             running = ",".join(node.url for node in self.nodes if node.running)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # while the cluster settles, anything may fail
                 info = await stream_info(running, stream, timeout=1.0)
-                if info.cluster is not None and info.cluster.leader:
+                if info.cluster is not None:
                     return info.cluster.leader
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"stream {stream} had no leader within {timeout:.0f}s")
+            return ""
+
+        return await eventually(
+            leader, timeout=timeout, interval=0.1, what=f"stream {stream} to have a leader"
+        )
 
 
 class _Peer(msgspec.Struct):
