@@ -198,9 +198,12 @@ def plain_strings(command: Any, ctx: Any) -> None:
         if getattr(param, "_runtime_param", False) is not None or descriptor is None:
             continue
         if descriptor.annotation in (str, bool) and not param.multiple and param.nargs == 1:
-            param._runtime_param = PassThroughRuntimeParam(
-                annotation=descriptor.annotation, parameter_info=descriptor.parameter_info
-            )
+            try:
+                param._runtime_param = PassThroughRuntimeParam(
+                    annotation=descriptor.annotation, parameter_info=descriptor.parameter_info
+                )
+            except TypeError:
+                return  # another shape of that private class: leave typer's own checker be
 
 
 def lazy_group(group: str) -> type[TyperGroup]:
