@@ -69,3 +69,15 @@ def test_listed_help_is_the_commands_own(group: str, name: str) -> None:
     function = getattr(importlib.import_module(f"datumflow.cli.{lazy.module}"), lazy.function)
     first = (inspect.getdoc(function) or "").split("\n\n")[0].replace("\n", " ")
     assert lazy.help == first, f"datumflow {group} {name}: update COMMANDS in cli/main.py"
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("lgos", "logs"), ("list rpo", "repo")])
+def test_a_typo_of_a_command_not_loaded_yet_is_still_suggested(typed: str, meant: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "datumflow.cli.main", *typed.split()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"Did you mean '{meant}'?" in result.stderr, result.stderr

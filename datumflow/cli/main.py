@@ -9,6 +9,7 @@ against the function's docstring.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any, ClassVar, NamedTuple
 
@@ -230,7 +231,18 @@ def lazy_group(group: str) -> type[TyperGroup]:
         def resolve_command(self, ctx: Any, args: list[str]) -> Any:
             if args and args[0] in self.table and args[0] not in self.commands:
                 self.commands[args[0]] = load(self.table[args[0]], args[0])
-            name, command, rest = super().resolve_command(ctx, args)
+            try:
+                name, command, rest = super().resolve_command(ctx, args)
+            except Exception as exc:
+                # typer suggests among the commands built so far; a typo of one still in the
+                # table deserves the same "Did you mean" (a usage error has a `message`).
+                message = getattr(exc, "message", None)
+                if isinstance(message, str) and args and "Did you mean" not in message:
+                    matches = difflib.get_close_matches(args[0], self.list_commands(ctx))
+                    if matches:
+                        shown = ", ".join(repr(m) for m in matches)
+                        exc.message = f"{message.rstrip('.')}. Did you mean {shown}?"  # type: ignore[attr-defined]
+                raise
             if command is not None and not isinstance(command, TyperGroup):
                 plain_strings(command, ctx)
             return name, command, rest
