@@ -6,6 +6,7 @@ function calls `ensure_topology` at start and never depends on who came first.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from nats.js.api import (
@@ -21,8 +22,8 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import Broker, broker_errors
-from datumflow.errors import TopologyRefused
+from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
+from datumflow.errors import BrokerError, TopologyRefused
 from datumflow.spec import PipelineSpec, input_leaves
 
 DAY = 24 * 3600.0
@@ -162,6 +163,31 @@ async def refuse_unkeepable(broker: Broker, *, replicas: int) -> None:
         )
 
 
+LEADER_PATIENCE = 30.0
+"""Seconds a replicated stream just created or upgraded may take to elect its first leader."""
+
+
+async def wait_for_leader(broker: Broker, stream: str) -> None:
+    """Until `stream` has a leader. A replicated stream just created or upgraded
+    has none for a moment, and a write to it then draws "no responders": a function that starts
+    on a new cluster would fail its first write to a bucket."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LEADER_PATIENCE
+    while True:
+        try:
+            info = await asyncio.wait_for(broker.js.stream_info(stream), 2.0)
+            if info.cluster is None or info.cluster.leader:
+                return
+        except (*TRANSIENT, APIError):
+            pass
+        if loop.time() > deadline:
+            raise BrokerError(
+                f"stream {stream} has no leader {LEADER_PATIENCE:.0f}s after it was declared:"
+                " check that a majority of the broker's servers are up"
+            )
+        await asyncio.sleep(0.1)
+
+
 async def replicas_of(broker: Broker, stream: str) -> int:
     """How many replicas `stream` has now; 0 if it does not exist."""
     try:
@@ -183,6 +209,8 @@ async def ensure_stream(broker: Broker, config: StreamConfig, *, replicas: int) 
             await broker.js.update_stream(config)
     except APIError as exc:
         raise _refused(config.name or "", have=have, replicas=replicas, exc=exc) from exc
+    if replicas > 1:
+        await wait_for_leader(broker, config.name or "")
 
 
 async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int) -> None:
@@ -200,6 +228,8 @@ async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int
     except APIError as exc:
         have = 0 if info is None else info.config.num_replicas or 1
         raise _refused(stream, have=have, replicas=replicas, exc=exc) from exc
+    if replicas > 1:
+        await wait_for_leader(broker, stream)
 
 
 def _refused(stream: str, *, have: int, replicas: int, exc: APIError) -> TopologyRefused:
