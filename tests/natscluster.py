@@ -58,7 +58,7 @@ class Node:
     def route(self) -> str:
         return f"nats-route://{self.host}:{self.cluster_port}"
 
-    def config(self, routes: list[str], *, extra: str = "") -> Path:
+    def config(self, routes: list[str], *, extra: str = "", jetstream: str = "") -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         path = self.store_dir.parent / f"{self.name}.conf"
         path.write_text(
@@ -71,6 +71,7 @@ class Node:
                     "max_payload: 8388608",
                     "jetstream {",
                     f"  store_dir: {json.dumps(str(self.store_dir))}",
+                    f"  {jetstream}",
                     "}",
                     "cluster {",
                     f"  name: {CLUSTER_NAME}",
@@ -117,14 +118,20 @@ class Node:
 
 
 class NatsCluster:
-    def __init__(self, nodes: list[Node], *, extra_config: str = "") -> None:
+    def __init__(self, nodes: list[Node], *, extra_config: str = "", jetstream: str = "") -> None:
         self.nodes = nodes
         self.extra_config = extra_config
+        self.jetstream = jetstream
+        """More lines of each server's jetstream block, e.g. "sync_interval: always"."""
 
     @classmethod
-    def on_loopback(cls, root: Path, size: int = 3, *, extra_config: str = "") -> NatsCluster:
+    def on_loopback(
+        cls, root: Path, size: int = 3, *, extra_config: str = "", jetstream: str = ""
+    ) -> NatsCluster:
         return cls(
-            [Node(name=f"n{i + 1}", root=root) for i in range(size)], extra_config=extra_config
+            [Node(name=f"n{i + 1}", root=root) for i in range(size)],
+            extra_config=extra_config,
+            jetstream=jetstream,
         )
 
     @property
@@ -137,7 +144,7 @@ class NatsCluster:
 
     def start_node(self, node: Node) -> None:
         routes = [other.route for other in self.nodes if other is not node]
-        config = node.config(routes, extra=self.extra_config)
+        config = node.config(routes, extra=self.extra_config, jetstream=self.jetstream)
         with open(node.log_file, "ab") as log:
             node.process = subprocess.Popen(
                 [*node.launcher, server_binary(), "-c", str(config)],

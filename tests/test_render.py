@@ -511,6 +511,7 @@ def test_base_nats_config_is_what_nats_server_accepts(
     for i in range(replicas):
         assert f"nats://nats-{i}.nats-headless:6222" in config
     assert "store_dir: /data" in config
+    assert "sync_interval: always" in config
     path = tmp_path / "nats-server.conf"
     path.write_text(config.replace("store_dir: /data", f"store_dir: {tmp_path / 'data'}"))
     checked = subprocess.run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -224,3 +225,81 @@ async def test_a_job_survives_the_sigkill_of_its_stream_leader(
         return len(peers) == 2 and all(p.current for p in peers)
 
     await eventually(rejoined, timeout=60, what=f"{leader.name} to rejoin the stream")
+
+
+def _from_host(nats: NatsCluster, address: str) -> int:
+    """Messages the broker's servers have received from clients at `address` (their /connz)."""
+    total = 0
+    for node in nats.nodes:
+        if not node.running:
+            continue
+        url = f"http://{node.host}:{node.monitor_port}/connz?limit=1024"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            connz = json.load(resp)
+        total += sum(c["in_msgs"] for c in connz.get("connections") or [] if c["ip"] == address)
+    return total
+
+
+async def test_late_results_of_a_worker_host_cut_off_change_nothing(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The host of two workers is cut off the network for longer than ack_wait while they hold
+    datums: those are given to the workers of another host, the job ends without them, and when
+    the host comes back its late results and acks (which NATS accepts) change nothing."""
+    d = deployment
+    started = time.monotonic()
+    d.datumflow("cp", "up")
+    await eventually(
+        lambda: asyncio.to_thread(lambda: (d.root / "cp" / "instance.json").exists()),
+        what="datumflow up on cp",
+    )
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    data = harness.make_dataset(DATUMS, seed=12)
+    await put_files(d, "data", data.files)  # type: ignore[arg-type]
+    spec = harness.pipeline_spec("twice", repo="data", marks=marks, parallelism=2)
+    # A tenth of a second per datum: the workers of the cut host surely hold one when it is cut.
+    spec["transform"]["cmd"][-1] = "sleep 0.1; " + spec["transform"]["cmd"][-1]
+    create_pipeline(d, tmp_path, spec)  # type: ignore[arg-type]
+    for _ in range(2):
+        d.datumflow("w1", "worker", "--pipeline", "twice")
+
+    async def progressed() -> bool:
+        jobs = await harness.jobs_if_reachable(d, "twice")  # type: ignore[arg-type]
+        return bool(jobs) and jobs[0].data_processed >= DATUMS // 5  # type: ignore[index]
+
+    await eventually(progressed, timeout=60, what="a fifth of the job done")
+    w1 = d.lab["w1"]
+    w1.cut()
+    cut = time.monotonic()
+    before = await asyncio.to_thread(_from_host, d.nats, w1.address)
+    job = await harness.wait_for_job(d, "twice", timeout=120)  # type: ignore[arg-type]
+    assert time.monotonic() - cut > float(ACK_WAIT), "the job ended before a redelivery"
+    w1.heal()
+    await eventually(
+        lambda: asyncio.to_thread(lambda: _from_host(d.nats, w1.address) > before),
+        timeout=60,
+        what="the cut-off host's late messages to reach the broker",
+    )
+    figures = await harness.verify_exact(
+        d,  # type: ignore[arg-type]
+        "twice",
+        data,
+        job,
+        marks=marks,
+        scenario="worker host cut off past ack_wait",
+        faults={"worker host link cut": 1},
+        started=started,
+    )
+    # The datums the cut-off workers held ran twice, once there and once elsewhere.
+    assert figures.rerun_datums >= 1, figures
+    async with d.api() as api:
+        (after,) = [j for j in await api.pipelines.list_jobs("twice") if j.id == job.id]
+    assert after == job
+    log.warning(
+        "worker host cut for %.1fs; %d datums ran twice; job of %d datums in %.1fs",
+        time.monotonic() - cut,
+        figures.rerun_datums,
+        DATUMS,
+        figures.seconds,
+    )

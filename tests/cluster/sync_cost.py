@@ -1,0 +1,118 @@
+"""What JetStream's `sync_interval: always` costs datumflow, measured by hand (not a test):
+
+    .venv/bin/python -m tests.cluster.sync_cost [--datums 2000] [--rounds 2]
+
+A three-node nats-server cluster on loopback, every stream on all three (DATUMFLOW_REPLICAS=3),
+`datumflow up` on it with a pipeline whose in-process function does nothing, so that the broker
+is what the datums wait on. Each round runs one job with nats-server's default (a flush to disk
+every 2 minutes) and one with `sync_interval: always` (an fsync after every write, on each
+server), alternately, and prints datums/s from the commit to the job's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from datumflow.broker.messages import FileRef
+from datumflow.cli.context import open_api
+from datumflow.settings import Settings
+from tests.natscluster import NatsCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = {"default": "", "always": "sync_interval: always"}
+
+
+def _start_up(env: dict[str, str], *, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "datumflow.cli.main", "up"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def one_job(root: Path, *, datums: int, jetstream: str) -> float:
+    """datums/s of one job of `datums` no-op datums on a fresh cluster."""
+    nats = NatsCluster.on_loopback(root / "nats", jetstream=jetstream)
+    nats.start()
+    home = root / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
+    env.update(
+        DATUMFLOW_HOME=str(home),
+        DATUMFLOW_NATS_URL=nats.url,
+        DATUMFLOW_REPLICAS="3",
+        DATUMFLOW_STORAGE=(root / "objects").as_uri(),
+        PYTHONPATH=str(ROOT),
+    )
+    up: subprocess.Popen[bytes] | None = None
+    try:
+        await nats.wait_healthy()
+        home.mkdir(parents=True)
+        up = _start_up(env, log=root / "up.log")
+        settings = Settings(
+            home=str(home), nats_url=nats.url, replicas=3, storage=env["DATUMFLOW_STORAGE"]
+        )
+        async with open_api(settings) as api:
+            await api.repos.create_repo("in")
+            key, size = await api.store.put_bytes(b"datum\n")
+            spec = root / "noop.json"
+            spec.write_text(
+                '{"pipeline": {"name": "noop"}, "input": {"pfs": {"repo": "in", "glob": "/*"}},'
+                ' "transform": {"function": "bench.work:df_noop"},'
+                ' "parallelism_spec": {"constant": 2}}'
+            )
+            await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "datumflow.cli.main", "create", "pipeline", "-f", str(spec)],
+                env=env,
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+            refs = [FileRef(path=f"/f{i:07d}", size=size, hash=key) for i in range(datums)]
+            started = time.monotonic()
+            await api.repos.commit_files("in", "master", puts=refs)
+            deadline = started + 900
+            while time.monotonic() < deadline:
+                jobs = await api.pipelines.list_jobs("noop")
+                if jobs and jobs[0].done:
+                    assert jobs[0].state == "success", jobs[0]
+                    return datums / (time.monotonic() - started)
+                await asyncio.sleep(0.25)
+        raise RuntimeError("the job did not finish within 15 minutes")
+    finally:
+        if up is not None:
+            up.send_signal(signal.SIGTERM)
+            up.wait(timeout=60)
+        nats.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--datums", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    for round_ in range(args.rounds):
+        for name, jetstream in SETTINGS.items():
+            with tempfile.TemporaryDirectory(prefix="df-sync-") as tmp:
+                rate = await one_job(Path(tmp), datums=args.datums, jetstream=jetstream)
+            rates[name].append(rate)
+            load = os.getloadavg()[0]
+            print(f"round {round_ + 1} {name}: {rate:.0f} datums/s (load {load:.1f})", flush=True)
+    for name, values in rates.items():
+        print(f"{name}: " + ", ".join(f"{v:.0f}" for v in values) + " datums/s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
