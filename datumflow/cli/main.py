@@ -187,8 +187,9 @@ def plain_strings(command: Any, ctx: Any) -> None:
     Some typer releases check every option's value with a pydantic TypeAdapter, built on first
     use: importing pydantic for that is about 90 ms of a command's start, for a string that click
     already parsed. Those releases keep the checker in `_runtime_param`, made when still None; a
-    pass-through checker put there first makes the same decision for `str` and `bool` (a value of that type is accepted; None is never checked).
-    Other releases have no such attribute, and this does nothing.
+    pass-through checker put there first makes the same decision for `str` and `bool` (a value
+    of that type is accepted; None is never checked). Other releases have no such attribute, and
+    this does nothing.
     """
     try:
         from typer._coercion import PassThroughRuntimeParam
