@@ -60,6 +60,8 @@ class Transform(_Strict, kw_only=True):
     image: str = ""
     function: str = ""
     """datumflow: `module:function` called in-process once per datum, instead of `cmd`."""
+    datum_batching: bool = False
+    """`cmd` runs once per worker and asks for each datum (datumflow.batching)."""
 
 
 class ParallelismSpec(_Strict, kw_only=True):
@@ -212,6 +214,11 @@ def validate(spec: PipelineSpec) -> None:
     _validate_input(spec.input, "input")
     if not spec.transform.cmd and not spec.transform.function:
         raise SpecError("transform.cmd: required (the command to run for each datum)")
+    if spec.transform.datum_batching and spec.transform.function:
+        raise SpecError(
+            "transform.datum_batching: for transform.cmd, whose process asks for each datum;"
+            " a transform.function is called once per datum already: unset one of them"
+        )
     p = spec.parallelism_spec
     if p.constant < 0:
         raise SpecError(f"parallelism_spec.constant: must be >= 0, got {p.constant}")

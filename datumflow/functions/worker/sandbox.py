@@ -145,9 +145,13 @@ async def run(
     timeout: float | None,
     on_output: Callable[[bytes], Awaitable[None]] | None = None,
     run_as: RunAs | None = None,
+    kill: asyncio.Event | None = None,
+    keep_log: bool = True,
 ) -> Outcome:
     """Run `cmd` with the datum's layout, as `run_as` if given (the layout's `out` must be
-    theirs); kill it and all its children at `timeout`."""
+    theirs); kill it and all its children at `timeout`, or once `kill` is set (the Outcome's
+    returncode is None either way). Without `keep_log` every chunk of output goes to
+    `on_output` alone, uncapped: a process that outlives one datum has no log of its own."""
     preexec = (
         _bind_pfs(str(layout).encode(), run_as) if mode == "namespace" else _orphan_guard(run_as)
     )
@@ -178,6 +182,10 @@ async def run(
         nonlocal dropped
         assert proc.stdout is not None
         while chunk := await proc.stdout.read(65536):
+            if not keep_log:
+                if on_output is not None:
+                    await on_output(chunk)
+                continue
             if on_output is not None and len(log) < LOG_CAP:
                 await on_output(chunk[: LOG_CAP - len(log)])
             room = LOG_CAP - len(log)
@@ -198,7 +206,7 @@ async def run(
     try:
         # The exit itself, not proc.wait(): that one also waits for the output pipe to close,
         # which a child left holding it would put off forever, past any datum_timeout.
-        await asyncio.wait_for(asyncio.shield(protocol.exited), timeout=timeout)
+        await asyncio.wait_for(_exit_or_kill(protocol.exited, kill), timeout=timeout)
         returncode: int | None = proc.returncode
     except TimeoutError:
         returncode = None
@@ -235,6 +243,20 @@ def _pipe_inode(transport: asyncio.SubprocessTransport) -> int:
         return os.fstat(file.fileno()).st_ino if file is not None else 0
     except OSError:
         return 0
+
+
+async def _exit_or_kill(exited: asyncio.Future[None], kill: asyncio.Event | None) -> None:
+    """Returns when the process exits; raises TimeoutError once `kill` is set before that."""
+    if kill is None:
+        await asyncio.shield(exited)
+        return
+    killing = asyncio.ensure_future(kill.wait())
+    try:
+        await asyncio.wait({exited, killing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        killing.cancel()
+    if not exited.done():
+        raise TimeoutError
 
 
 async def _drain(

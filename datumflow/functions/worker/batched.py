@@ -1,0 +1,371 @@
+"""`transform.datum_batching`: the user code started once per worker, asking for each datum.
+
+The code runs in the sandbox like any command (its own mount namespace with /pfs bound to this
+worker's batch layout, the user it is switched to, an environment without credentials) and loops
+on `next datum` (datumflow.batching), which connects to a Unix socket of this worker's: a call
+reports the datum in hand done, or failed, and waits until the worker has laid out the next one.
+
+- The socket is in a directory of its own under the temporary directory (mode 0700, owned by the
+  user the code runs as): reachable from the code's namespace, which changes only /pfs, and by
+  no other user. Its path is in `$DF_BATCH_SOCKET`.
+- The layout directory stays the same from datum to datum (it is what the code's /pfs is bound
+  to): it is emptied and filled in place, never replaced.
+- A datum ends with the code's next call (success, or failure with its `--error`), with the code's
+  exit (0: success, else failure), or at `datum_timeout` (the code's process tree is killed).
+  After an exit or a kill the code is started again for the next datum.
+- The code's output goes to the datum in hand, when it arrives; output between datums goes to
+  the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+from datumflow.batching import SOCKET_VAR
+from datumflow.broker import subjects
+from datumflow.broker.messages import DatumResult, DatumStats, DatumTask
+from datumflow.broker.records import PipelineInfo
+from datumflow.errors import PermanentError
+from datumflow.functions.worker import sandbox
+from datumflow.functions.worker.attempt import MakeResult, Retry, upload
+from datumflow.functions.worker.commands import Commands
+from datumflow.spec import Transform, parse_duration
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR = 64 << 10
+"""Bytes of a `next datum --error` message kept."""
+
+Call = tuple[str, asyncio.StreamWriter]
+"""A `next datum` call waiting for its answer: the error it reported (empty: done) and where to
+answer."""
+
+
+class _Exited(msgspec.Struct):
+    outcome: sandbox.Outcome
+
+
+class _Session:
+    """One run of the user code: its process, its socket, the datum it holds."""
+
+    def __init__(self, *, transform: Transform, layout: Path, sockets: Path) -> None:
+        self.transform = transform
+        self.layout = layout
+        self.sockets = sockets
+        self.events: asyncio.Queue[Call | _Exited] = asyncio.Queue()
+        self.waiting: asyncio.StreamWriter | None = None
+        """The call to answer with the next datum."""
+        self.kill = asyncio.Event()
+        self.process: asyncio.Task[sandbox.Outcome] | None = None
+        self.server: asyncio.Server | None = None
+        self.live = ""
+        """The log subject of the datum in hand; empty between datums."""
+        self.log = bytearray()
+        self.dropped = 0
+        self.started = time.monotonic()
+
+    @property
+    def socket(self) -> Path:
+        return self.sockets / "next"
+
+    def take_log(self) -> bytes:
+        out = bytes(self.log)
+        if self.dropped:
+            out += f"\n[datumflow: {self.dropped} more bytes of output dropped]\n".encode()
+        self.log, self.dropped = bytearray(), 0
+        return out
+
+    def keep(self, chunk: bytes) -> None:
+        room = max(sandbox.LOG_CAP - len(self.log), 0)
+        self.log.extend(chunk[:room])
+        self.dropped += max(len(chunk) - room, 0)
+
+    async def call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = bytearray()
+        try:
+            # The request ends where the caller shuts its side down.
+            while chunk := await reader.read(65536):
+                data.extend(chunk[: max(MAX_ERROR - len(data), 0)])
+            error = data.decode(errors="replace")
+        except OSError:
+            writer.close()
+            return
+        self.events.put_nowait((error, writer))
+
+    async def answer(self, env: dict[str, str] | None) -> None:
+        """Answer the waiting call: the next datum's variables, or None for no more datums."""
+        writer, self.waiting = self.waiting, None
+        if writer is None:
+            return
+        if env is None:
+            answer = b"N"
+        else:
+            answer = b"D" + "\0".join(f"{k}={v}" for k, v in env.items()).encode()
+        with contextlib.suppress(OSError):
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    async def next_event(self, timeout: float | None) -> Call | _Exited | None:
+        """The code's next call, or its exit; None at `timeout`."""
+        try:
+            return await asyncio.wait_for(self.events.get(), timeout=timeout)
+        except TimeoutError:
+            return None
+
+    async def end(self, *, grace: float) -> sandbox.Outcome | None:
+        """Tell a waiting call there are no more datums, let the code exit within `grace`, kill
+        its process tree past that; remove the socket."""
+        await self.answer(None)
+        outcome = None
+        if self.process is not None:
+            done, _ = await asyncio.wait({self.process}, timeout=grace)
+            if not done:
+                self.kill.set()
+            with contextlib.suppress(Exception):
+                outcome = await self.process
+        if self.server is not None:
+            self.server.close()
+        while not self.events.empty():
+            event = self.events.get_nowait()
+            if not isinstance(event, _Exited):
+                event[1].close()
+        await asyncio.to_thread(shutil.rmtree, self.sockets, True)
+        return outcome
+
+
+class Batched:
+    """The datums of a datum-batching pipeline, handed one by one to its running user code."""
+
+    def __init__(self, *, commands: Commands, grace: float = 5.0) -> None:
+        self.commands = commands
+        self.grace = grace
+        self._session: _Session | None = None
+
+    async def run(
+        self, task: DatumTask, info: PipelineInfo, attempt: int, make: MakeResult
+    ) -> DatumResult:
+        """Hand `task` to the running code (started first if need be) and wait for it to say
+        it is done; raises Retry when the attempt failed and tries remain."""
+        spec = info.spec
+        timeout = parse_duration(spec.datum_timeout, field="datum_timeout")
+        stats = DatumStats()
+        session = await self._session_for(info)
+        try:
+            if session.waiting is None:
+                # A code just started: its first call, within the datum's time limit too.
+                event = await session.next_event(timeout)
+                if not isinstance(event, tuple):
+                    return await self._failed(
+                        task, info, attempt, make, stats, session, event, asked=False
+                    )
+                session.waiting = event[1]
+            layout = session.layout
+            t0 = time.monotonic()
+            await asyncio.to_thread(_empty, layout)
+            try:
+                stats.download_bytes = await self.commands.download(task, layout)
+            except PermanentError as exc:
+                return make("failed", error=f"downloading the datum's inputs: {exc}", stats=stats)
+            stats.download_time = time.monotonic() - t0
+            if self.commands.run_as is not None:
+                os.chown(layout / "out", *self.commands.run_as)
+            session.live = subjects.logs(task.pipeline, task.job, task.datum)
+            t1 = time.monotonic()
+            await session.answer(self._datum_env(task))
+            event = await session.next_event(timeout)
+            stats.process_time = time.monotonic() - t1
+            if isinstance(event, tuple) and not event[0]:
+                session.waiting = event[1]
+                logs = await self._store_log(session)
+                return await upload(self.commands.store, layout / "out", stats, make, logs=logs)
+            if isinstance(event, _Exited) and (
+                event.outcome.returncode == 0
+                or event.outcome.returncode in spec.transform.accept_return_code
+            ):
+                self._session = None
+                logs = await self._store_log(session)
+                await session.end(grace=0)
+                return await upload(self.commands.store, layout / "out", stats, make, logs=logs)
+            return await self._failed(task, info, attempt, make, stats, session, event, asked=True)
+        except Retry:
+            raise
+        except BaseException:
+            # Cancelled (the worker is stopping) or broken: the code may be in the middle of the
+            # datum, which goes back to the stream; it must not go on writing into the layout.
+            if self._session is session and session.live:
+                self._session = None
+                session.kill.set()
+                await session.end(grace=0)
+            raise
+        finally:
+            session.live = ""
+
+    async def _failed(
+        self,
+        task: DatumTask,
+        info: PipelineInfo,
+        attempt: int,
+        make: MakeResult,
+        stats: DatumStats,
+        session: _Session,
+        event: Call | _Exited | None,
+        *,
+        asked: bool,
+    ) -> DatumResult:
+        spec = info.spec
+        if isinstance(event, tuple):
+            session.waiting = event[1]  # the code lives on, and waits for the next datum
+            error = f"the user code reported the datum failed: {event[0]}"
+        else:
+            # Exited or timed out: the code is started again for the next datum.
+            self._session = None
+            if event is None:
+                session.kill.set()
+            outcome = await session.end(grace=0)
+            if event is None:
+                error = (
+                    f"the datum ran longer than datum_timeout ({spec.datum_timeout}) and was killed"
+                )
+            else:
+                code = outcome.returncode if outcome is not None else None
+                error = f"the user code exited with code {code}"
+                if not asked:
+                    error += " before asking for a datum with next datum"
+        data = bytes(session.log)
+        logs = await self._store_log(session)
+        tail = data[-400:].decode(errors="replace").strip()
+        if tail and not isinstance(event, tuple):
+            error += f": {tail}"
+        if spec.transform.err_cmd and asked:
+            recovered = await self.commands.user_code(
+                task, info, session.layout, spec.transform.err_cmd, spec.transform.err_stdin
+            )
+            if recovered.returncode == 0:
+                return make("recovered", error=error, logs=logs, stats=stats)
+        if attempt < spec.datum_tries:
+            raise Retry(error)
+        return make("failed", error=error, logs=logs, stats=stats)
+
+    async def _store_log(self, session: _Session) -> str:
+        data = session.take_log()
+        if not data:
+            return ""
+        key, _ = await self.commands.store.put_bytes(data)
+        return key
+
+    def _datum_env(self, task: DatumTask) -> dict[str, str]:
+        root = self._root(self._session.layout if self._session else Path("/pfs"))
+        env = {inp.name: f"{root}/{inp.name}{inp.root.rstrip('/') or ''}" for inp in task.inputs}
+        env.update(PACH_JOB_ID=task.job, PACH_DATUM_ID=task.datum)
+        return env
+
+    def _root(self, layout: Path) -> str:
+        return "/pfs" if self.commands.mode in ("namespace", "direct") else str(layout)
+
+    async def _session_for(self, info: PipelineInfo) -> _Session:
+        """The running code of this spec's transform, started if there is none (or it was
+        started for another transform: an updated pipeline)."""
+        transform = info.spec.transform
+        session = self._session
+        if session is not None and session.transform == transform:
+            return session
+        await self.close()
+        session = await self._start(info)
+        self._session = session
+        return session
+
+    async def _start(self, info: PipelineInfo) -> _Session:
+        spec = info.spec
+        commands = self.commands
+        if commands.mode == "direct":
+            layout = Path("/pfs")
+        else:
+            layout = commands.scratch / "batch" / "pfs"
+        layout.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_empty, layout)
+        (layout / "out").mkdir(exist_ok=True)
+        # Short (a socket path holds at most 107 bytes) and reachable from the code's namespace.
+        sockets = Path(tempfile.mkdtemp(prefix=f"datumflow-batch-{os.getpid()}-"))
+        session = _Session(transform=spec.transform, layout=layout, sockets=sockets)
+        session.server = await asyncio.start_unix_server(session.call, path=str(session.socket))
+        if commands.run_as is not None:
+            os.chown(sockets, *commands.run_as)
+            os.chown(session.socket, *commands.run_as)
+            os.chown(layout / "out", *commands.run_as)
+        root = self._root(layout)
+        extra = dict(spec.transform.env)
+        extra.update(
+            PFS=root,
+            PACH_PIPELINE_NAME=spec.pipeline.name,
+            PACH_OUTPUT_DIR=f"{root}/out",
+        )
+        extra[SOCKET_VAR] = str(session.socket)
+        stdin = spec.transform.stdin
+        text = ("\n".join(stdin) + "\n").encode() if stdin else b""
+        broker = commands.broker
+
+        async def output(chunk: bytes) -> None:
+            session.keep(chunk)
+            if session.live:
+                with contextlib.suppress(Exception):  # live lines only: lost if no one listens
+                    await broker.publish_core(session.live, chunk)
+
+        def exited(process: asyncio.Task[sandbox.Outcome]) -> None:
+            if process.cancelled() or process.exception() is not None:
+                outcome = sandbox.Outcome(returncode=None, log=b"", elapsed=0.0)
+            else:
+                outcome = process.result()
+            session.events.put_nowait(_Exited(outcome))
+
+        session.process = asyncio.create_task(
+            sandbox.run(
+                spec.transform.cmd,
+                stdin=text,
+                env=sandbox.user_environment(extra),
+                layout=layout,
+                mode=commands.mode,
+                timeout=None,
+                on_output=output,
+                run_as=commands.run_as,
+                kill=session.kill,
+                keep_log=False,
+            )
+        )
+        session.process.add_done_callback(exited)
+        log.info("datum batching: started the user code of %s", spec.pipeline.name)
+        return session
+
+    async def close(self) -> None:
+        """No more datums: the code is told so, and given the grace period to exit."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.end(grace=self.grace)
+
+
+def _empty(layout: Path) -> None:
+    """Everything under the layout removed but `out` itself (emptied), which the code may have
+    as its working directory; the layout stays, as the code's /pfs is bound to it."""
+    for entry in os.scandir(layout):
+        if entry.name == "out" and entry.is_dir(follow_symlinks=False):
+            for child in os.scandir(entry.path):
+                _remove(child)
+            continue
+        _remove(entry)
+
+
+def _remove(entry: os.DirEntry[str]) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)

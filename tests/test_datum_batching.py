@@ -1,0 +1,253 @@
+"""transform.datum_batching end to end: user code started once per worker, looping on next datum,
+against a real `datumflow up` (one for the module; each test has its own repo and pipeline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    Cluster,
+    create_pipeline,
+    dead,
+    eventually,
+    jobs_of,
+    output_files,
+    put_files,
+    shared_cluster,
+    wait_job_done,
+)
+
+pytestmark = pytest.mark.asyncio
+
+NEXT_DATUM = str(Path(sys.executable).parent / "datumflow-next-datum")
+
+# The user code: loads once (marks its start), then loops on next_datum. What a datum's content
+# says it does: "fail" reports the datum failed, "exit" exits 4 with the datum in hand, "hang"
+# hangs, "hold" waits while $MARKS/hold exists; anything else is uppercased into /pfs/out.
+CODE = """
+import os, sys, time
+from pathlib import Path
+from datumflow.batching import next_datum
+
+marks = Path(os.environ["MARKS"])
+with open(marks / "starts", "a") as f:
+    f.write(f"{os.getpid()}\\n")
+error = ""
+while (env := next_datum(error=error)) is not None:
+    error = ""
+    src = Path(env["nums"])
+    data = src.read_text()
+    with open(marks / "runs", "a") as f:
+        f.write(src.name + "\\n")
+    assert not os.listdir(os.environ["PFS"] + "/out"), "out is not empty"
+    if data == "fail":
+        error = "cannot take " + src.name
+        continue
+    if data == "exit":
+        print("giving up on", src.name, flush=True)
+        sys.exit(4)
+    if data == "hang":
+        (marks / "hung").write_text(str(os.getpid()))
+        time.sleep(1000)
+    if data == "hold":
+        (marks / "holding").touch()
+        while (marks / "hold").exists():
+            time.sleep(0.02)
+    Path(os.environ["PFS"], "out", src.name).write_text(data.upper())
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with shared_cluster(tmp_path_factory.mktemp("batching-e2e"), DATUMFLOW_ACK_WAIT="2") as shared:
+        yield shared
+
+
+def batching_spec(name: str, repo: str, marks: Path, **fields: object) -> dict:
+    code = marks.parent / "code.py"
+    code.write_text(CODE)
+    transform = {
+        "cmd": [sys.executable, str(code)],
+        "env": {"MARKS": str(marks)},
+        "datum_batching": True,
+    }
+    transform.update(fields.pop("transform", {}))  # type: ignore[call-overload]
+    return {
+        "pipeline": {"name": name},
+        "input": {"pfs": {"repo": repo, "glob": "/*", "name": "nums"}},
+        "transform": transform,
+        **fields,
+    }
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def runs(marks: Path) -> list[str]:
+    return sorted(lines(marks / "runs"))
+
+
+def datums_of(cluster: Cluster, target: str) -> list[dict]:
+    return json.loads(cluster.cli("list", "datum", target, "--json").stdout)
+
+
+def states(cluster: Cluster, pipeline: str, job: str) -> dict[str, str]:
+    return {d["files"][0]["path"]: d["state"] for d in datums_of(cluster, f"{pipeline}@{job}")}
+
+
+@pytest.fixture
+def marks(tmp_path: Path) -> Path:
+    path = tmp_path / "marks"
+    path.mkdir()
+    return path
+
+
+async def test_one_process_runs_every_datum(cluster: Cluster, tmp_path: Path, marks: Path) -> None:
+    files = {f"/f{i:02d}": f"datum {i}".encode() for i in range(36)}
+    await put_files(cluster, "many", files)
+    create_pipeline(
+        cluster, tmp_path, batching_spec("upper", "many", marks, parallelism_spec={"constant": 1})
+    )
+    [job] = await wait_job_done(cluster, "upper")
+    assert job.state == "success", job.reason
+    assert (job.data_total, job.data_processed, job.data_failed) == (36, 36, 0)
+    assert await output_files(cluster, "upper") == {p: d.upper() for p, d in files.items()}
+    assert runs(marks) == sorted(p.lstrip("/") for p in files)
+    assert len(lines(marks / "starts")) == 1  # loaded once, for every datum
+
+
+async def test_a_shell_loop_on_the_command(cluster: Cluster, tmp_path: Path) -> None:
+    files = {f"/s{i}": f"{i}\n".encode() for i in range(5)}
+    await put_files(cluster, "shelled", files)
+    create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "shelly"},
+            "input": {"pfs": {"repo": "shelled", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    f'while vars=$("{NEXT_DATUM}"); do eval "$vars";'
+                    ' cp "$shelled" "$PFS/out/$(basename "$shelled").copy"; done;'
+                    f" [ $? -eq 3 ] || exit 1",
+                ],
+                "datum_batching": True,
+            },
+        },
+    )
+    [job] = await wait_job_done(cluster, "shelly")
+    assert job.state == "success", job.reason
+    assert await output_files(cluster, "shelly") == {f"{p}.copy": d for p, d in files.items()}
+
+
+async def test_a_datum_reported_failed(cluster: Cluster, tmp_path: Path, marks: Path) -> None:
+    files = {"/a": b"a", "/bad": b"fail", "/c": b"c"}
+    await put_files(cluster, "reported", files)
+    create_pipeline(cluster, tmp_path, batching_spec("reporting", "reported", marks, datum_tries=2))
+    [job] = await wait_job_done(cluster, "reporting")
+    assert job.state == "failure"
+    assert (job.data_total, job.data_processed, job.data_failed) == (3, 2, 1)
+    assert "the user code reported the datum failed: cannot take bad" in job.reason
+    assert runs(marks) == ["a", "bad", "bad", "c"]  # datum_tries attempts of the failed one
+    assert len(lines(marks / "starts")) == 1  # reporting a failure keeps the code running
+    assert states(cluster, "reporting", job.id) == {
+        "/a": "success",
+        "/bad": "failed",
+        "/c": "success",
+    }
+
+
+async def test_the_code_exiting_fails_its_datum_and_restarts(
+    cluster: Cluster, tmp_path: Path, marks: Path
+) -> None:
+    files = {f"/f{i}": f"{i}".encode() for i in range(6)} | {"/quit": b"exit"}
+    await put_files(cluster, "exits", files)
+    recovered = marks / "recovered"
+    spec = batching_spec(
+        "exiting",
+        "exits",
+        marks,
+        datum_tries=1,
+        transform={"err_cmd": ["sh", "-c", f'ls "$PFS/nums" >> {recovered}; exit 1']},
+    )
+    create_pipeline(cluster, tmp_path, spec)
+    [job] = await wait_job_done(cluster, "exiting")
+    assert job.state == "failure"
+    assert (job.data_total, job.data_processed, job.data_failed) == (7, 6, 1)
+    assert "the user code exited with code 4: giving up on quit" in job.reason
+    assert lines(recovered) == ["quit"]  # err_cmd ran, in the failed datum's layout
+    assert runs(marks) == sorted(["quit", *(p.lstrip("/") for p in files if p != "/quit")])
+    starts = len(lines(marks / "starts"))
+    assert starts in (1, 2)  # restarted for the datums after it, if any came after it
+    assert states(cluster, "exiting", job.id) == {
+        p: "failed" if p == "/quit" else "success" for p in files
+    }
+
+
+async def test_datum_timeout_kills_the_hung_datum_alone(
+    cluster: Cluster, tmp_path: Path, marks: Path
+) -> None:
+    files = {f"/f{i}": f"{i}".encode() for i in range(5)} | {"/stuck": b"hang"}
+    await put_files(cluster, "hangs", files)
+    create_pipeline(
+        cluster,
+        tmp_path,
+        batching_spec("hanging", "hangs", marks, datum_tries=1, datum_timeout="1s"),
+    )
+    [job] = await wait_job_done(cluster, "hanging")
+    assert job.state == "failure"
+    assert (job.data_total, job.data_processed, job.data_failed) == (6, 5, 1)
+    assert "ran longer than datum_timeout (1s) and was killed" in job.reason
+    assert states(cluster, "hanging", job.id) == {
+        p: "failed" if p == "/stuck" else "success" for p in files
+    }
+    await eventually(lambda: dead(int((marks / "hung").read_text())), what="the hung code's end")
+
+
+async def test_worker_killed_mid_batch_redoes_only_what_was_not_done(
+    cluster: Cluster, tmp_path: Path, marks: Path
+) -> None:
+    files = {f"/f{i:02d}": f"{i}".encode() for i in range(20)} | {"/held": b"hold"}
+    # The order datums come in is not the test's to choose: one in 21 runs the held datum may
+    # come first, with nothing done before it, and the test says so rather than pass vacuously.
+    (marks / "hold").touch()
+    await put_files(cluster, "crashes", files)
+    create_pipeline(
+        cluster,
+        tmp_path,
+        batching_spec("crashing", "crashes", marks, datum_set_spec={"number": 40}),
+    )
+    # The whole input in one set: the code is on /held; wait until every datum it reported done
+    # is counted, then kill its worker.
+    await eventually((marks / "holding").exists, what="the held datum")
+    done = len(runs(marks)) - 1
+    assert done >= 1, "the held datum came first: nothing done to keep"
+
+    async def counted() -> bool:
+        jobs = await jobs_of(cluster, "crashing")
+        return bool(jobs) and jobs[0].data_processed == done
+
+    await eventually(counted, what=f"{done} datums counted")
+    [pid] = cluster.worker_pids("crashing")
+    (marks / "hold").unlink()
+    os.kill(pid, signal.SIGKILL)
+
+    [job] = await wait_job_done(cluster, "crashing", timeout=60)
+    assert job.state == "success", job.reason
+    assert (job.data_total, job.data_processed, job.data_failed) == (21, 21, 0)
+    assert await output_files(cluster, "crashing") == {p: d.upper() for p, d in files.items()}
+    ran = runs(marks)
+    # The datum in hand ran twice; every datum reported done before the kill, once.
+    assert ran.count("held") == 2
+    assert sorted(set(ran)) == sorted(p.lstrip("/") for p in files)
+    assert len(ran) == len(files) + 1
