@@ -196,6 +196,28 @@ class NatsCluster:
             leader, timeout=timeout, interval=0.1, what=f"stream {stream} to have a leader"
         )
 
+    async def consumer_leader(self, stream: str, consumer: str, *, timeout: float = 30.0) -> str:
+        """The name of the node leading the durable `consumer` of `stream`."""
+
+        async def leader() -> str:
+            running = [node.url for node in self.nodes if node.running]
+            with contextlib.suppress(Exception):  # while the cluster settles, anything may fail
+                nc = await nats.connect(running, connect_timeout=2, max_reconnect_attempts=1)
+                try:
+                    answer = await nc.request(
+                        f"$JS.API.CONSUMER.INFO.{stream}.{consumer}", b"", timeout=1.0
+                    )
+                finally:
+                    await nc.close()
+                info = msgspec.json.decode(answer.data, type=_ConsumerInfo)
+                if info.cluster is not None:
+                    return info.cluster.leader
+            return ""
+
+        return await eventually(
+            leader, timeout=timeout, interval=0.1, what=f"consumer {consumer} to have a leader"
+        )
+
 
 class _Peer(msgspec.Struct):
     name: str
@@ -205,6 +227,10 @@ class _Peer(msgspec.Struct):
 class _ClusterInfo(msgspec.Struct):
     leader: str = ""
     replicas: list[_Peer] = []
+
+
+class _ConsumerInfo(msgspec.Struct):
+    cluster: _ClusterInfo | None = None
 
 
 class _Config(msgspec.Struct):

@@ -18,6 +18,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
@@ -167,34 +168,35 @@ LEADER_PATIENCE = 30.0
 """Seconds a replicated stream just created or upgraded may take to elect its first leader."""
 
 
-async def wait_for_leader(broker: Broker, stream: str) -> None:
-    """Until `stream` has a leader. A replicated stream just created or upgraded
-    has none for a moment, and a write to it then draws "no responders": a function that starts
-    on a new cluster would fail its first write to a bucket."""
+async def stream_info(broker: Broker, stream: str, *, leader: bool = False) -> StreamInfo | None:
+    """The stream's info, None if it does not exist; with `leader`, only once it has a leader.
+
+    A replicated stream that someone has just created or upgraded has no leader for a moment:
+    nobody answers about it, and a write to it draws "no responders". So this asks again, briefly
+    each time, for up to LEADER_PATIENCE seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LEADER_PATIENCE
     while True:
         try:
             info = await asyncio.wait_for(broker.js.stream_info(stream), 2.0)
-            if info.cluster is None or info.cluster.leader:
-                return
-        except (*TRANSIENT, APIError):
+            if not leader or info.cluster is None or info.cluster.leader:
+                return info
+        except NotFoundError:
+            return None
+        except TRANSIENT:
             pass
         if loop.time() > deadline:
             raise BrokerError(
-                f"stream {stream} has no leader {LEADER_PATIENCE:.0f}s after it was declared:"
-                " check that a majority of the broker's servers are up"
+                f"stream {stream} has had no leader for {LEADER_PATIENCE:.0f}s: check that a"
+                " majority of the broker's servers are up"
             )
         await asyncio.sleep(0.1)
 
 
 async def replicas_of(broker: Broker, stream: str) -> int:
     """How many replicas `stream` has now; 0 if it does not exist."""
-    try:
-        info = await broker.js.stream_info(stream)
-    except NotFoundError:
-        return 0
-    return info.config.num_replicas or 1
+    info = await stream_info(broker, stream)
+    return 0 if info is None else info.config.num_replicas or 1
 
 
 async def ensure_stream(broker: Broker, config: StreamConfig, *, replicas: int) -> None:
@@ -210,16 +212,13 @@ async def ensure_stream(broker: Broker, config: StreamConfig, *, replicas: int) 
     except APIError as exc:
         raise _refused(config.name or "", have=have, replicas=replicas, exc=exc) from exc
     if replicas > 1:
-        await wait_for_leader(broker, config.name or "")
+        await stream_info(broker, config.name or "", leader=True)
 
 
 async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int) -> None:
     """Declare a KV bucket with at least `replicas` replicas, upgrading an existing one in place."""
     stream = subjects.kv_stream(config.bucket)
-    try:
-        info = await broker.js.stream_info(stream)
-    except NotFoundError:
-        info = None
+    info = await stream_info(broker, stream)
     try:
         if info is None:
             await broker.js.create_key_value(dataclasses.replace(config, replicas=replicas))
@@ -229,7 +228,7 @@ async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int
         have = 0 if info is None else info.config.num_replicas or 1
         raise _refused(stream, have=have, replicas=replicas, exc=exc) from exc
     if replicas > 1:
-        await wait_for_leader(broker, stream)
+        await stream_info(broker, stream, leader=True)
 
 
 def _refused(stream: str, *, have: int, replicas: int, exc: APIError) -> TopologyRefused:

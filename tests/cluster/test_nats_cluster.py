@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 HOSTS = ["n1", "n2", "n3", "s3", "cp", "w1"]
 NATS_HOSTS = HOSTS[:3]
 
-DATUMS = 200
+DATUMS = 300
 ACK_WAIT = "10"
 
 
@@ -163,7 +163,7 @@ async def deployment(lab: Hosts, tmp_path: Path, aws_env: None) -> AsyncIterator
         nats.stop()
 
 
-async def test_a_job_survives_the_sigkill_of_its_stream_leader(
+async def test_a_job_survives_the_sigkill_of_its_stream_leader_then_its_consumer_leader(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     d = deployment
@@ -178,6 +178,8 @@ async def test_a_job_survives_the_sigkill_of_its_stream_leader(
     data = harness.make_dataset(DATUMS, seed=11)
     await put_files(d, "data", data.files)  # type: ignore[arg-type]
     spec = harness.pipeline_spec("twice", repo="data", marks=marks, parallelism=2)
+    # A twentieth of a second per datum: the job still runs when the second fault comes.
+    spec["transform"]["cmd"][-1] = "sleep 0.05; " + spec["transform"]["cmd"][-1]
     create_pipeline(d, tmp_path, spec)  # type: ignore[arg-type]
     for _ in range(2):
         d.datumflow("w1", "worker", "--pipeline", "twice")
@@ -186,11 +188,17 @@ async def test_a_job_survives_the_sigkill_of_its_stream_leader(
     for stream in (subjects.DATUMS_STREAM, subjects.RESULTS_STREAM, subjects.COMMITS_STREAM):
         assert (await stream_info(d.nats.url, stream)).config.num_replicas == 3
 
-    async def progressed() -> bool:
+    async def processed() -> int:
         jobs = await harness.jobs_if_reachable(d, "twice")  # type: ignore[arg-type]
-        return bool(jobs) and jobs[0].data_processed >= DATUMS // 5  # type: ignore[index]
+        return jobs[0].data_processed if jobs else 0
 
-    await eventually(progressed, timeout=60, what="a fifth of the job done")
+    async def rejoined(stream: str) -> bool:
+        info = await stream_info(d.nats.url, stream)
+        peers = info.cluster.replicas if info.cluster else []
+        return len(peers) == 2 and all(p.current for p in peers)
+
+    # The stream's leader, a fifth of the way through; restarted once another is elected.
+    await eventually(lambda: _at_least(processed, DATUMS // 5), timeout=60, what="a fifth done")
     leader = d.nats.node(await d.nats.leader(subjects.DATUMS_STREAM))
     killed = time.monotonic()
     leader.kill()
@@ -198,6 +206,23 @@ async def test_a_job_survives_the_sigkill_of_its_stream_leader(
     election = time.monotonic() - killed
     assert new_leader != leader.name
     d.nats.start_node(leader)
+    await eventually(
+        lambda: rejoined(subjects.DATUMS_STREAM),
+        timeout=60,
+        what=f"{leader.name} to rejoin the stream",
+    )
+
+    # Then the leader of the workers' consumer (which may be another server), with the job still
+    # running; restarted at once.
+    durable = subjects.worker_consumer("twice")
+    assert await processed() < DATUMS, "the job ended before the second fault"
+    consumer_leader = d.nats.node(await d.nats.consumer_leader(subjects.DATUMS_STREAM, durable))
+    killed = time.monotonic()
+    consumer_leader.kill()
+    new_consumer_leader = await d.nats.consumer_leader(subjects.DATUMS_STREAM, durable, timeout=60)
+    consumer_election = time.monotonic() - killed
+    assert new_consumer_leader != consumer_leader.name
+    d.nats.start_node(consumer_leader)
 
     job = await harness.wait_for_job(d, "twice", timeout=180)  # type: ignore[arg-type]
     figures = await harness.verify_exact(
@@ -206,25 +231,31 @@ async def test_a_job_survives_the_sigkill_of_its_stream_leader(
         data,
         job,
         marks=marks,
-        scenario="stream leader SIGKILL",
-        faults={"DF_DATUMS leader SIGKILL": 1},
+        scenario="stream leader, then consumer leader SIGKILL",
+        faults={"DF_DATUMS leader SIGKILL": 1, "worker consumer leader SIGKILL": 1},
         started=started,
     )
     log.warning(
-        "DF_DATUMS leader %s killed; %s elected after %.1fs; job of %d datums in %.1fs",
+        "DF_DATUMS leader %s killed, %s elected after %.1fs; consumer leader %s killed, %s"
+        " elected after %.1fs; job of %d datums in %.1fs",
         leader.name,
         new_leader,
         election,
+        consumer_leader.name,
+        new_consumer_leader,
+        consumer_election,
         DATUMS,
         figures.seconds,
     )
+    await eventually(
+        lambda: rejoined(subjects.DATUMS_STREAM),
+        timeout=60,
+        what=f"{consumer_leader.name} to rejoin the stream",
+    )
 
-    async def rejoined() -> bool:
-        info = await stream_info(d.nats.url, subjects.DATUMS_STREAM)
-        peers = info.cluster.replicas if info.cluster else []
-        return len(peers) == 2 and all(p.current for p in peers)
 
-    await eventually(rejoined, timeout=60, what=f"{leader.name} to rejoin the stream")
+async def _at_least(count: Callable[[], Awaitable[int]], least: int) -> bool:
+    return await count() >= least
 
 
 def _from_host(nats: NatsCluster, address: str) -> int:
