@@ -3,9 +3,12 @@ against a real `datumflow up` (one for the module; each test has its own repo an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,3 +254,49 @@ async def test_worker_killed_mid_batch_redoes_only_what_was_not_done(
     assert ran.count("held") == 2
     assert sorted(set(ran)) == sorted(p.lstrip("/") for p in files)
     assert len(ran) == len(files) + 1
+
+
+async def test_next_datum_outside_a_worker_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DF_BATCH_SOCKET"}
+    result = await asyncio.to_thread(
+        subprocess.run, [NEXT_DATUM], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "$DF_BATCH_SOCKET is not set" in result.stderr
+    assert "transform.datum_batching" in result.stderr
+
+
+async def test_the_code_as_another_user_reaches_its_socket(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        pytest.skip("run as root: only then is there another user to run user code as")
+    # The client from a Python that user can run (this one may live in a home of root's), and
+    # this checkout's datumflow package, all the client needs besides the standard library.
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    if python is None:
+        pytest.skip("no system python3 for the user code to run the client with")
+    cluster = make_cluster(DATUMFLOW_USER_CODE_USER="nobody")
+    files = {f"/u{i}": b"x" for i in range(3)}
+    await put_files(cluster, "users", files)
+    create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "switched"},
+            "input": {"pfs": {"repo": "users", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    f'while vars=$({python} -m datumflow.batching next); do eval "$vars";'
+                    ' echo "$(id -un) $(stat -c "%U %a" "$(dirname "$DF_BATCH_SOCKET")")"'
+                    ' > "/pfs/out/$(basename "$users")"; done',
+                ],
+                "env": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                "datum_batching": True,
+            },
+        },
+    )
+    [job] = await wait_job_done(cluster, "switched")
+    assert job.state == "success", job.reason
+    # The code ran as nobody, and the socket's directory is nobody's alone.
+    assert await output_files(cluster, "switched") == {p: b"nobody nobody 700\n" for p in files}
