@@ -64,6 +64,7 @@ while (env := next_datum(error=error)) is not None:
         while (marks / "hold").exists():
             time.sleep(0.02)
     Path(os.environ["PFS"], "out", src.name).write_text(data.upper())
+(marks / "bye").write_text(str(os.getpid()))
 """
 
 
@@ -254,6 +255,23 @@ async def test_worker_killed_mid_batch_redoes_only_what_was_not_done(
     assert ran.count("held") == 2
     assert sorted(set(ran)) == sorted(p.lstrip("/") for p in files)
     assert len(ran) == len(files) + 1
+
+
+async def test_a_stopping_worker_tells_the_code_there_are_no_more(
+    cluster: Cluster, tmp_path: Path, marks: Path
+) -> None:
+    await put_files(cluster, "stops", {"/a": b"a", "/b": b"b"})
+    create_pipeline(cluster, tmp_path, batching_spec("stopping", "stops", marks))
+    [job] = await wait_job_done(cluster, "stopping")
+    assert job.state == "success", job.reason
+    [code] = lines(marks / "starts")
+    assert not (marks / "bye").exists()  # between datums, the code waits in next_datum
+    # SIGTERM, as a pod's worker gets it: next_datum returns None, and the code ends its loop.
+    [pid] = cluster.worker_pids("stopping")
+    os.kill(pid, signal.SIGTERM)
+    await eventually(lambda: (marks / "bye").exists(), what="the code's end of loop")
+    assert (marks / "bye").read_text() == code
+    await eventually(lambda: dead(int(code)), what="the code's exit")
 
 
 async def test_next_datum_outside_a_worker_says_so() -> None:

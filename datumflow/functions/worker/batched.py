@@ -277,7 +277,10 @@ class Batched:
         started for another transform: an updated pipeline)."""
         transform = info.spec.transform
         session = self._session
-        if session is not None and session.transform == transform:
+        # A code that exited between datums (its loop ended without a call of ours to end it)
+        # cannot take this one: its waiting call is dead, and its exit says nothing of it.
+        alive = session is not None and session.process is not None and not session.process.done()
+        if session is not None and alive and session.transform == transform:
             return session
         await self.close()
         session = await self._start(info)
