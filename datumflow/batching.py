@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = next_datum(error=error)
     except BatchingError as exc:
-        print(f"datumflow-next-datum: {exc}", file=sys.stderr)
+        print(f"next datum: {exc}", file=sys.stderr)
         return FAILED
     if env is None:
         return NO_MORE

@@ -128,7 +128,7 @@ async def test_one_process_runs_every_datum(cluster: Cluster, tmp_path: Path, ma
     assert len(lines(marks / "starts")) == 1  # loaded once, for every datum
 
 
-async def test_a_shell_loop_on_the_command(cluster: Cluster, tmp_path: Path) -> None:
+async def test_a_shell_loop_on_the_cli_command(cluster: Cluster, tmp_path: Path) -> None:
     files = {f"/s{i}": f"{i}\n".encode() for i in range(5)}
     await put_files(cluster, "shelled", files)
     create_pipeline(
@@ -141,8 +141,8 @@ async def test_a_shell_loop_on_the_command(cluster: Cluster, tmp_path: Path) -> 
                 "cmd": [
                     "sh",
                     "-c",
-                    f'while vars=$("{NEXT_DATUM}"); do eval "$vars";'
-                    ' cp "$shelled" "$PFS/out/$(basename "$shelled").copy"; done;'
+                    f'while vars=$("{sys.executable}" -m datumflow.cli.main next datum);'
+                    ' do eval "$vars"; cp "$shelled" "$PFS/out/$(basename "$shelled").copy"; done;'
                     f" [ $? -eq 3 ] || exit 1",
                 ],
                 "datum_batching": True,

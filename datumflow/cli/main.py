@@ -37,6 +37,7 @@ GROUPS: dict[str, str] = {
     "get": "Get a file out of a repo.",
     "wait": "Wait for a job, or for a commit and everything downstream of it.",
     "render": "Print Kubernetes objects for kubectl.",
+    "next": "Ask the worker for the next datum (user code of datum-batching pipelines).",
 }
 
 COMMANDS: dict[str, dict[str, Lazy]] = {
@@ -122,6 +123,13 @@ COMMANDS: dict[str, dict[str, Lazy]] = {
             "deploy_commands",
             "render_pipeline_command",
             "Print a pipeline's worker Deployment and KEDA ScaledObject as YAML, for `kubectl apply -f -`.",
+        ),
+    },
+    "next": {
+        "datum": Lazy(
+            "next_commands",
+            "next_datum",
+            "Report the datum in hand done (or failed) and wait for the next; exit 3 when none is left.",
         ),
     },
     "": {
