@@ -42,6 +42,8 @@ from datumflow.spec import Transform, parse_duration
 
 log = logging.getLogger(__name__)
 
+PREFIX = "datumflow-batch-"
+"""Socket directories are `<tmp>/datumflow-batch-<worker pid>-<random>`."""
 MAX_ERROR = 64 << 10
 """Bytes of a `next datum --error` message kept."""
 
@@ -298,7 +300,8 @@ class Batched:
         await asyncio.to_thread(_empty, layout)
         (layout / "out").mkdir(exist_ok=True)
         # Short (a socket path holds at most 107 bytes) and reachable from the code's namespace.
-        sockets = Path(tempfile.mkdtemp(prefix=f"datumflow-batch-{os.getpid()}-"))
+        await asyncio.to_thread(_remove_stale, Path(tempfile.gettempdir()))
+        sockets = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
         session = _Session(transform=spec.transform, layout=layout, sockets=sockets)
         session.server = await asyncio.start_unix_server(session.call, path=str(session.socket))
         if commands.run_as is not None:
@@ -372,3 +375,21 @@ def _remove(entry: os.DirEntry[str]) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry.path)
+
+
+def _remove_stale(tmp: Path) -> None:
+    """Socket directories of workers that were killed (SIGKILL leaves them): nobody else does."""
+    for path in tmp.glob(f"{PREFIX}*-*"):
+        pid = path.name[len(PREFIX) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
