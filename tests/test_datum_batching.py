@@ -33,7 +33,8 @@ NEXT_DATUM = str(Path(sys.executable).parent / "datumflow-next-datum")
 
 # The user code: loads once (marks its start), then loops on next_datum. What a datum's content
 # says it does: "fail" reports the datum failed, "exit" exits 4 with the datum in hand, "hang"
-# hangs, "hold" waits while $MARKS/hold exists; anything else is uppercased into /pfs/out.
+# hangs; anything else is uppercased into /pfs/out. While $MARKS/hold exists, the eleventh datum
+# of a process waits (naming itself in $MARKS/holding) until it is gone.
 CODE = """
 import os, sys, time
 from pathlib import Path
@@ -43,8 +44,10 @@ marks = Path(os.environ["MARKS"])
 with open(marks / "starts", "a") as f:
     f.write(f"{os.getpid()}\\n")
 error = ""
+count = 0
 while (env := next_datum(error=error)) is not None:
     error = ""
+    count += 1
     src = Path(env["nums"])
     data = src.read_text()
     with open(marks / "runs", "a") as f:
@@ -59,8 +62,8 @@ while (env := next_datum(error=error)) is not None:
     if data == "hang":
         (marks / "hung").write_text(str(os.getpid()))
         time.sleep(1000)
-    if data == "hold":
-        (marks / "holding").touch()
+    if count == 11 and (marks / "hold").exists():
+        (marks / "holding").write_text(src.name)
         while (marks / "hold").exists():
             time.sleep(0.02)
     Path(os.environ["PFS"], "out", src.name).write_text(data.upper())
@@ -221,9 +224,7 @@ async def test_datum_timeout_kills_the_hung_datum_alone(
 async def test_worker_killed_mid_batch_redoes_only_what_was_not_done(
     cluster: Cluster, tmp_path: Path, marks: Path
 ) -> None:
-    files = {f"/f{i:02d}": f"{i}".encode() for i in range(20)} | {"/held": b"hold"}
-    # The order datums come in is not the test's to choose: one in 21 runs the held datum may
-    # come first, with nothing done before it, and the test says so rather than pass vacuously.
+    files = {f"/f{i:02d}": f"{i}".encode() for i in range(21)}
     (marks / "hold").touch()
     await put_files(cluster, "crashes", files)
     create_pipeline(
@@ -231,29 +232,33 @@ async def test_worker_killed_mid_batch_redoes_only_what_was_not_done(
         tmp_path,
         batching_spec("crashing", "crashes", marks, datum_set_spec={"number": 40}),
     )
-    # The whole input in one set: the code is on /held; wait until every datum it reported done
-    # is counted, then kill its worker.
-    await eventually((marks / "holding").exists, what="the held datum")
-    done = len(runs(marks)) - 1
-    assert done >= 1, "the held datum came first: nothing done to keep"
+    # The whole input in one set: ten datums reported done, the eleventh in hand. Once the ten
+    # are counted, kill the worker.
+    holding = marks / "holding"
+    held = await eventually(
+        lambda: holding.read_text() if holding.exists() else "", what="the held datum"
+    )
 
     async def counted() -> bool:
         jobs = await jobs_of(cluster, "crashing")
-        return bool(jobs) and jobs[0].data_processed == done
+        return bool(jobs) and jobs[0].data_processed == 10
 
-    await eventually(counted, what=f"{done} datums counted")
+    await eventually(counted, what="ten datums counted")
     [pid] = cluster.worker_pids("crashing")
-    (marks / "hold").unlink()
     os.kill(pid, signal.SIGKILL)
+    # Released once its worker is gone (its code goes with it), for the code started next.
+    await eventually(lambda: dead(pid), what="the killed worker's end")
+    (marks / "hold").unlink()
 
     [job] = await wait_job_done(cluster, "crashing", timeout=60)
     assert job.state == "success", job.reason
     assert (job.data_total, job.data_processed, job.data_failed) == (21, 21, 0)
     assert await output_files(cluster, "crashing") == {p: d.upper() for p, d in files.items()}
     ran = runs(marks)
-    # The datum in hand ran twice; every datum reported done before the kill, once.
-    assert ran.count("held") == 2
+    # The datum in hand ran twice; every other, the ten reported done before the kill among
+    # them, once.
     assert sorted(set(ran)) == sorted(p.lstrip("/") for p in files)
+    assert [name for name in set(ran) if ran.count(name) > 1] == [held]
     assert len(ran) == len(files) + 1
 
 
