@@ -53,6 +53,8 @@ PUBLISH_PATIENCE = 60.0
 """Seconds a publish is retried before it fails: long enough for a stream's leader election
 (4 to 9 s after a leader dies) and a server restart, well inside the streams' 120 s
 de-duplication window, so that every retry of one message is stored at most once."""
+PING_INTERVAL = 5.0
+"""Seconds between the client's pings to its server (see `connect`)."""
 PUBLISH_ATTEMPT = 5.0
 """Seconds one attempt waits for the stream's answer: a request sent to a leader that has just
 died is never answered, and the next attempt finds the new one."""
@@ -255,6 +257,11 @@ async def connect(*, settings: Settings, name: str, reconnect: bool = True) -> B
         "max_reconnect_attempts": 2 if reconnect else 1,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
+        # A server that dies with its host, or is cut off, sends nothing: the connection is seen
+        # to be dead only when pings go unanswered, after 2 x 120 s by nats-py's defaults. At
+        # these, a client moves to another server of a cluster within about 15 s.
+        "ping_interval": PING_INTERVAL,
+        "max_outstanding_pings": 3,
         "allow_reconnect": reconnect,
     }
     errors: list[Exception] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
 
 from nats.js.api import (
     AckPolicy,
@@ -137,7 +138,10 @@ async def ensure_topology(broker: Broker, *, replicas: int | None = None) -> Non
         for stream, consumer in SHARED_CONSUMERS:
             # A durable consumer left at 0 replicas takes its stream's, and the server scales it
             # with the stream when that is upgraded: one setting for both.
-            await broker.js.add_consumer(stream, consumer)
+            await _patiently(
+                f"declaring consumer {consumer.durable_name}",
+                lambda s=stream, c=consumer: broker.js.add_consumer(s, c),
+            )
 
 
 # Replicas: a stream or bucket is created with as many as asked, and an existing one with fewer
@@ -201,34 +205,70 @@ async def replicas_of(broker: Broker, stream: str) -> int:
 
 async def ensure_stream(broker: Broker, config: StreamConfig, *, replicas: int) -> None:
     """Declare `config` with at least `replicas` replicas, upgrading an existing stream in place."""
-    have = await replicas_of(broker, config.name or "")
+    name = config.name or ""
+    have = await replicas_of(broker, name)
     config = dataclasses.replace(config, num_replicas=max(have, replicas))
-    try:
+
+    async def declare() -> None:
         try:
             await broker.js.add_stream(config)
         except BadRequestError:
             # Same name, different config (an older datumflow, fewer replicas): bring it up to date.
             await broker.js.update_stream(config)
+
+    try:
+        await _patiently(f"declaring stream {name}", declare)
     except APIError as exc:
-        raise _refused(config.name or "", have=have, replicas=replicas, exc=exc) from exc
+        if have >= replicas:
+            raise  # not about replicas
+        raise _refused(name, have=have, replicas=replicas, exc=exc) from exc
     if replicas > 1:
-        await stream_info(broker, config.name or "", leader=True)
+        await stream_info(broker, name, leader=True)
 
 
 async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int) -> None:
     """Declare a KV bucket with at least `replicas` replicas, upgrading an existing one in place."""
     stream = subjects.kv_stream(config.bucket)
     info = await stream_info(broker, stream)
+    have = 0 if info is None else info.config.num_replicas or 1
+    if info is not None and have >= replicas:
+        return
     try:
         if info is None:
-            await broker.js.create_key_value(dataclasses.replace(config, replicas=replicas))
-        elif (info.config.num_replicas or 1) < replicas:
-            await broker.js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+            bucket = dataclasses.replace(config, replicas=replicas)
+            await _patiently(
+                f"declaring bucket {config.bucket}", lambda: broker.js.create_key_value(bucket)
+            )
+        else:
+            upgraded = dataclasses.replace(info.config, num_replicas=replicas)
+            await _patiently(
+                f"declaring bucket {config.bucket}", lambda: broker.js.update_stream(upgraded)
+            )
     except APIError as exc:
-        have = 0 if info is None else info.config.num_replicas or 1
         raise _refused(stream, have=have, replicas=replicas, exc=exc) from exc
     if replicas > 1:
         await stream_info(broker, stream, leader=True)
+
+
+async def _patiently(what: str, call: Callable[[], Awaitable[object]]) -> None:
+    """Call `call` until the broker answers it, for up to LEADER_PATIENCE seconds: JetStream
+    answers "temporarily unavailable" while its servers re-form a cluster (a server back from a
+    partition), and nobody answers about a stream while it elects a leader."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LEADER_PATIENCE
+    delay = 0.1
+    while True:
+        try:
+            await call()
+            return
+        except TRANSIENT as exc:
+            if loop.time() > deadline:
+                raise BrokerError(
+                    f"{what}: the broker did not answer for {LEADER_PATIENCE:.0f}s"
+                    f" ({type(exc).__name__}); check that a majority of its servers are up"
+                ) from exc
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def _refused(stream: str, *, have: int, replicas: int, exc: APIError) -> TopologyRefused:

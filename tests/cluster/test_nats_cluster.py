@@ -334,3 +334,77 @@ async def test_late_results_of_a_worker_host_cut_off_change_nothing(
         DATUMS,
         figures.seconds,
     )
+
+
+async def test_a_job_survives_its_stream_leader_partitioned_for_30s(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The host of the DF_DATUMS leader is cut off the network for 30 s mid-job: the two others
+    elect a leader, the clients of the cut-off server move to them, and when the host comes back
+    its server rejoins as a follower."""
+    d = deployment
+    started = time.monotonic()
+    d.datumflow("cp", "up")
+    await eventually(
+        lambda: asyncio.to_thread(lambda: (d.root / "cp" / "instance.json").exists()),
+        what="datumflow up on cp",
+    )
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    data = harness.make_dataset(DATUMS, seed=13)
+    await put_files(d, "data", data.files)  # type: ignore[arg-type]
+    spec = harness.pipeline_spec("twice", repo="data", marks=marks, parallelism=2)
+    create_pipeline(d, tmp_path, spec)  # type: ignore[arg-type]
+    for _ in range(2):
+        d.datumflow("w1", "worker", "--pipeline", "twice")
+
+    async def processed() -> int:
+        jobs = await harness.jobs_if_reachable(d, "twice")  # type: ignore[arg-type]
+        return jobs[0].data_processed if jobs else 0
+
+    await eventually(lambda: _at_least(processed, DATUMS // 5), timeout=60, what="a fifth done")
+    leader = d.nats.node(await d.nats.leader(subjects.DATUMS_STREAM))
+    host = d.lab[leader.name]
+    host.cut()
+    cut = time.monotonic()
+    try:
+        # Asked of the two others: they elect a leader of their own while the third is away.
+        others = [n for n in d.nats.nodes if n is not leader]
+        survivors = NatsCluster(others)
+        new_leader = await survivors.leader(subjects.DATUMS_STREAM, timeout=60)
+        election = time.monotonic() - cut
+        assert new_leader != leader.name
+        await eventually(
+            lambda: asyncio.sleep(0, time.monotonic() - cut >= 30), timeout=60, what="30 s"
+        )
+    finally:
+        host.heal()
+
+    job = await harness.wait_for_job(d, "twice", timeout=180)  # type: ignore[arg-type]
+    figures = await harness.verify_exact(
+        d,  # type: ignore[arg-type]
+        "twice",
+        data,
+        job,
+        marks=marks,
+        scenario="stream leader partitioned 30 s",
+        faults={"DF_DATUMS leader host cut off for 30 s": 1},
+        started=started,
+    )
+
+    async def rejoined() -> bool:
+        info = await stream_info(d.nats.url, subjects.DATUMS_STREAM)
+        peers = info.cluster.replicas if info.cluster else []
+        return len(peers) == 2 and all(p.current for p in peers)
+
+    await eventually(rejoined, timeout=60, what=f"{leader.name} to rejoin the stream")
+    log.warning(
+        "DF_DATUMS leader %s cut off for 30 s, %s elected after %.1fs; %d datums ran twice;"
+        " job of %d datums in %.1fs",
+        leader.name,
+        new_leader,
+        election,
+        figures.rerun_datums,
+        DATUMS,
+        figures.seconds,
+    )
