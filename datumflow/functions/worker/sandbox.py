@@ -250,13 +250,18 @@ async def _exit_or_kill(exited: asyncio.Future[None], kill: asyncio.Event | None
     if kill is None:
         await asyncio.shield(exited)
         return
-    killing = asyncio.ensure_future(kill.wait())
+    killing: asyncio.Future[None] = asyncio.ensure_future(_set(kill))
     try:
         await asyncio.wait({exited, killing}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         killing.cancel()
     if not exited.done():
         raise TimeoutError
+
+
+async def _set(event: asyncio.Event) -> None:
+    """Until `event` is set; a coroutine of None, to be waited on beside the exit future."""
+    await event.wait()
 
 
 async def _drain(
