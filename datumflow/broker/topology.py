@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 
 from nats.js.api import (
@@ -140,7 +141,7 @@ async def ensure_topology(broker: Broker, *, replicas: int | None = None) -> Non
             # with the stream when that is upgraded: one setting for both.
             await _patiently(
                 f"declaring consumer {consumer.durable_name}",
-                lambda s=stream, c=consumer: broker.js.add_consumer(s, c),
+                functools.partial(broker.js.add_consumer, stream, consumer),
             )
 
 
