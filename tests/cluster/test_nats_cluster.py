@@ -408,3 +408,67 @@ async def test_a_job_survives_its_stream_leader_partitioned_for_30s(
         DATUMS,
         figures.seconds,
     )
+
+
+async def test_a_job_survives_a_rolling_restart_of_the_three_servers(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Each nats-server in turn is stopped (SIGTERM) and started again, the next only once the
+    restarted one has caught up with the datums stream, as an upgrade of the cluster would go."""
+    d = deployment
+    started = time.monotonic()
+    d.datumflow("cp", "up")
+    await eventually(
+        lambda: asyncio.to_thread(lambda: (d.root / "cp" / "instance.json").exists()),
+        what="datumflow up on cp",
+    )
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    data = harness.make_dataset(DATUMS, seed=14)
+    await put_files(d, "data", data.files)  # type: ignore[arg-type]
+    spec = harness.pipeline_spec("twice", repo="data", marks=marks, parallelism=2)
+    # A tenth of a second per datum: the job runs through the restarts.
+    spec["transform"]["cmd"][-1] = "sleep 0.1; " + spec["transform"]["cmd"][-1]
+    create_pipeline(d, tmp_path, spec)  # type: ignore[arg-type]
+    for _ in range(2):
+        d.datumflow("w1", "worker", "--pipeline", "twice")
+
+    async def processed() -> int:
+        jobs = await harness.jobs_if_reachable(d, "twice")  # type: ignore[arg-type]
+        return jobs[0].data_processed if jobs else 0
+
+    async def caught_up() -> bool:
+        info = await stream_info(d.nats.url, subjects.DATUMS_STREAM)
+        peers = info.cluster.replicas if info.cluster else []
+        return len(peers) == 2 and all(p.current for p in peers)
+
+    await eventually(lambda: _at_least(processed, DATUMS // 10), timeout=60, what="a tenth done")
+    done_at_start = await processed()
+    assert done_at_start < DATUMS, "the job ended before the restarts"
+    rolled = time.monotonic()
+    for node in d.nats.nodes:
+        node.stop()
+        d.nats.start_node(node)
+        await d.nats.wait_healthy()
+        await eventually(caught_up, timeout=60, what=f"{node.name} to catch up")
+    rolling = time.monotonic() - rolled
+
+    job = await harness.wait_for_job(d, "twice", timeout=180)  # type: ignore[arg-type]
+    figures = await harness.verify_exact(
+        d,  # type: ignore[arg-type]
+        "twice",
+        data,
+        job,
+        marks=marks,
+        scenario="rolling restart of the three servers",
+        faults={"nats-server stopped and started": 3},
+        started=started,
+    )
+    log.warning(
+        "rolling restart in %.1fs, from %d of %d datums done; %d datums ran twice; job in %.1fs",
+        rolling,
+        done_at_start,
+        DATUMS,
+        figures.rerun_datums,
+        figures.seconds,
+    )
