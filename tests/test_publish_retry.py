@@ -10,10 +10,12 @@ import logging
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, connect
+from datumflow.broker.kv import Records
 from datumflow.broker.outbox import Outbox
 from datumflow.broker.topology import ensure_topology
 from datumflow.errors import BrokerError
@@ -160,6 +162,44 @@ async def test_a_publish_outlives_the_stream_leader(tmp_path: Path) -> None:
                 return len(peers) == 2 and all(p.current for p in peers)
 
             await eventually(caught_up, timeout=60, what="the old leader to catch up")
+        finally:
+            await broker.close()
+    finally:
+        cluster.stop()
+
+
+class _Note(msgspec.Struct):
+    text: str
+
+
+async def test_kv_writes_outlive_their_buckets_leader(tmp_path: Path) -> None:
+    """The leader of a bucket's stream is SIGKILLed: a create, a put, a compare-and-set and a
+    delete made while the two others elect a new one each land once the election is over (the
+    "no responders" they draw meanwhile means the write was not applied, so it is sent again)."""
+    cluster = NatsCluster.on_loopback(tmp_path / "nats")
+    cluster.start()
+    try:
+        await cluster.wait_healthy()
+        broker = await connect(settings=Settings(nats_url=cluster.url, replicas=3), name="t")
+        try:
+            await ensure_topology(broker)
+            notes = Records(broker, bucket=subjects.JOBS_BUCKET, type=_Note)
+            assert await notes.create("kept", _Note(text="one"))
+            await notes.put("gone", _Note(text="soon deleted"))
+            _, revision = await notes.get("kept")
+            stream = subjects.kv_stream(subjects.JOBS_BUCKET)
+            leader = cluster.node(await cluster.leader(stream))
+            killed = time.monotonic()
+            leader.kill()
+            assert await notes.create("new", _Note(text="created"))
+            gap = time.monotonic() - killed
+            await notes.swap("kept", _Note(text="two"), revision=revision)
+            await notes.put("put", _Note(text="put"))
+            await notes.delete("gone")
+            log.warning("a KV create landed %.1fs after its bucket's leader was killed", gap)
+            assert await cluster.leader(stream) != leader.name
+            assert await notes.keys() == ["kept", "new", "put"]
+            assert [n.text for n in await notes.all()] == ["two", "created", "put"]
         finally:
             await broker.close()
     finally:

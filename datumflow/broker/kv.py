@@ -4,19 +4,25 @@ leave nothing behind on the server, and watches (`watch`) that speak datumflow's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, NamedTuple, TypeVar
 
 import msgspec
 import nats.errors
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
+from datumflow.broker.connection import PUBLISH_PATIENCE, TRANSIENT, Broker, broker_errors
 from datumflow.errors import BrokerError, Conflict, NotFound
 
 R = TypeVar("R", bound=msgspec.Struct)
+T = TypeVar("T")
 
 GETS_AT_ONCE = 64
 """Keys read concurrently by a listing: one burst of requests, not one round trip per key."""
@@ -70,7 +76,7 @@ class Records(Generic[R]):
         kv = await self.broker.kv(self.bucket)
         async with broker_errors(f"creating {self.bucket}/{key}"):
             try:
-                await kv.create(key, msgspec.json.encode(record))
+                await _unless_unheard(lambda: kv.create(key, msgspec.json.encode(record)))
             except KeyWrongLastSequenceError:
                 return False
         return True
@@ -78,14 +84,16 @@ class Records(Generic[R]):
     async def put(self, key: str, record: R) -> None:
         kv = await self.broker.kv(self.bucket)
         async with broker_errors(f"writing {self.bucket}/{key}"):
-            await kv.put(key, msgspec.json.encode(record))
+            await _unless_unheard(lambda: kv.put(key, msgspec.json.encode(record)))
 
     async def swap(self, key: str, record: R, *, revision: int) -> int:
         """Compare-and-set: write only if the record is still at `revision`; Conflict otherwise."""
         kv = await self.broker.kv(self.bucket)
         async with broker_errors(f"updating {self.bucket}/{key}"):
             try:
-                return await kv.update(key, msgspec.json.encode(record), last=revision)
+                return await _unless_unheard(
+                    lambda: kv.update(key, msgspec.json.encode(record), last=revision)
+                )
             except KeyWrongLastSequenceError:
                 raise Conflict(f"{self.bucket}/{key} changed under us") from None
 
@@ -107,7 +115,7 @@ class Records(Generic[R]):
         kv = await self.broker.kv(self.bucket)
         async with broker_errors(f"deleting {self.bucket}/{key}"):
             try:
-                await kv.delete(key)
+                await _unless_unheard(lambda: kv.delete(key))
             except KeyNotFoundError:
                 pass
 
@@ -169,6 +177,25 @@ class Records(Generic[R]):
                 if not found or len(names) >= page.total:
                     break
         return names
+
+
+async def _unless_unheard(write: Callable[[], Awaitable[T]]) -> T:
+    """Make a KV write, again while the bucket's stream plainly did not hear it: "no responders"
+    (the stream has no leader, as during an election after a server was lost) or "temporarily
+    unavailable". Neither applied the write, so sending it again is safe even for a create or a
+    compare-and-set. A write that got no answer at all may have been applied: that one is not
+    sent again here, and comes out as BrokerError for the caller's own retry."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PUBLISH_PATIENCE
+    delay = 0.05
+    while True:
+        try:
+            return await write()
+        except (NoStreamResponseError, ServiceUnavailableError):
+            if loop.time() > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 async def _value(kv: KeyValue, key: str) -> bytes | None:
