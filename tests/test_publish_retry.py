@@ -180,15 +180,22 @@ async def test_kv_writes_outlive_their_buckets_leader(tmp_path: Path) -> None:
     cluster.start()
     try:
         await cluster.wait_healthy()
-        broker = await connect(settings=Settings(nats_url=cluster.url, replicas=3), name="t")
+        setup = await connect(settings=Settings(nats_url=cluster.url, replicas=3), name="setup")
         try:
-            await ensure_topology(broker)
+            await ensure_topology(setup)
+            stream = subjects.kv_stream(subjects.JOBS_BUCKET)
+            leader = cluster.node(await cluster.leader(stream))
+        finally:
+            await setup.close()
+        # Connected to the two others: a write is then never lost with a dying connection (one
+        # that got no answer at all may have been applied, and is not sent again).
+        others = ",".join(node.url for node in cluster.nodes if node is not leader)
+        broker = await connect(settings=Settings(nats_url=others, replicas=3), name="t")
+        try:
             notes = Records(broker, bucket=subjects.JOBS_BUCKET, type=_Note)
             assert await notes.create("kept", _Note(text="one"))
             await notes.put("gone", _Note(text="soon deleted"))
             _, revision = await notes.get("kept")
-            stream = subjects.kv_stream(subjects.JOBS_BUCKET)
-            leader = cluster.node(await cluster.leader(stream))
             killed = time.monotonic()
             leader.kill()
             assert await notes.create("new", _Note(text="created"))
