@@ -33,7 +33,9 @@ from tests.hosts import Hosts, hosts, unavailable
 from tests.natscluster import NatsCluster, Node, stream_info
 from tests.s3server import DUMMY_KEY, DUMMY_SECRET, make_bucket
 
-pytestmark = pytest.mark.asyncio
+# A job of a few hundred datums through a fault and its recovery: about a minute when the machine
+# is quiet, twice that when it is not.
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]
 log = logging.getLogger(__name__)
 
 HOSTS = ["n1", "n2", "n3", "s3", "cp", "w1"]
