@@ -46,7 +46,8 @@ def next_datum(*, error: str = "") -> dict[str, str] | None:
             " transform.datum_batching, run by its worker"
         )
     # The wire: the error (NUL-free) and a shut-down write side; the answer is b"D" and the
-    # variables as NUL-separated `name=value`, or b"N" for no more datums. No json: it imports
+    # variables as NUL-separated `name=value`, b"N" for no more datums, or b"E" and why the call
+    # is refused. No json: it imports
     # `re`, which alone costs more than the round trip.
     request = error.replace("\0", " ").encode()
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -63,6 +64,8 @@ def next_datum(*, error: str = "") -> dict[str, str] | None:
         conn.close()
     if reply[:1] == b"N":
         return None
+    if reply[:1] == b"E":
+        raise BatchingError(reply[1:].decode(errors="replace"))
     if reply[:1] != b"D":
         raise BatchingError("the worker closed the connection without a datum: it is stopping")
     env = dict(entry.split("=", 1) for entry in reply[1:].decode().split("\0") if entry)

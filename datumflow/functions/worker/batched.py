@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgspec
-
 from datumflow.batching import SOCKET_VAR
 from datumflow.broker import subjects
 from datumflow.broker.messages import DatumResult, DatumStats, DatumTask
@@ -37,112 +35,14 @@ from datumflow.broker.records import PipelineInfo
 from datumflow.errors import PermanentError
 from datumflow.functions.worker import sandbox
 from datumflow.functions.worker.attempt import MakeResult, Retry, upload
+from datumflow.functions.worker.batch_session import Call, Exited, Session
 from datumflow.functions.worker.commands import Commands
-from datumflow.spec import Transform, parse_duration
+from datumflow.spec import parse_duration
 
 log = logging.getLogger(__name__)
 
 PREFIX = "datumflow-batch-"
 """Socket directories are `<tmp>/datumflow-batch-<worker pid>-<random>`."""
-MAX_ERROR = 64 << 10
-"""Bytes of a `next datum --error` message kept."""
-
-Call = tuple[str, asyncio.StreamWriter]
-"""A `next datum` call waiting for its answer: the error it reported (empty: done) and where to
-answer."""
-
-
-class _Exited(msgspec.Struct):
-    outcome: sandbox.Outcome
-
-
-class _Session:
-    """One run of the user code: its process, its socket, the datum it holds."""
-
-    def __init__(self, *, transform: Transform, layout: Path, sockets: Path) -> None:
-        self.transform = transform
-        self.layout = layout
-        self.sockets = sockets
-        self.events: asyncio.Queue[Call | _Exited] = asyncio.Queue()
-        self.waiting: asyncio.StreamWriter | None = None
-        """The call to answer with the next datum."""
-        self.kill = asyncio.Event()
-        self.process: asyncio.Task[sandbox.Outcome] | None = None
-        self.server: asyncio.Server | None = None
-        self.live = ""
-        """The log subject of the datum in hand; empty between datums."""
-        self.log = bytearray()
-        self.dropped = 0
-        self.started = time.monotonic()
-
-    @property
-    def socket(self) -> Path:
-        return self.sockets / "next"
-
-    def take_log(self) -> bytes:
-        out = bytes(self.log)
-        if self.dropped:
-            out += f"\n[datumflow: {self.dropped} more bytes of output dropped]\n".encode()
-        self.log, self.dropped = bytearray(), 0
-        return out
-
-    def keep(self, chunk: bytes) -> None:
-        room = max(sandbox.LOG_CAP - len(self.log), 0)
-        self.log.extend(chunk[:room])
-        self.dropped += max(len(chunk) - room, 0)
-
-    async def call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = bytearray()
-        try:
-            # The request ends where the caller shuts its side down.
-            while chunk := await reader.read(65536):
-                data.extend(chunk[: max(MAX_ERROR - len(data), 0)])
-            error = data.decode(errors="replace")
-        except OSError:
-            writer.close()
-            return
-        self.events.put_nowait((error, writer))
-
-    async def answer(self, env: dict[str, str] | None) -> None:
-        """Answer the waiting call: the next datum's variables, or None for no more datums."""
-        writer, self.waiting = self.waiting, None
-        if writer is None:
-            return
-        if env is None:
-            answer = b"N"
-        else:
-            answer = b"D" + "\0".join(f"{k}={v}" for k, v in env.items()).encode()
-        with contextlib.suppress(OSError):
-            writer.write(answer)
-            await writer.drain()
-        writer.close()
-
-    async def next_event(self, timeout: float | None) -> Call | _Exited | None:
-        """The code's next call, or its exit; None at `timeout`."""
-        try:
-            return await asyncio.wait_for(self.events.get(), timeout=timeout)
-        except TimeoutError:
-            return None
-
-    async def end(self, *, grace: float) -> sandbox.Outcome | None:
-        """Tell a waiting call there are no more datums, let the code exit within `grace`, kill
-        its process tree past that; remove the socket."""
-        await self.answer(None)
-        outcome = None
-        if self.process is not None:
-            done, _ = await asyncio.wait({self.process}, timeout=grace)
-            if not done:
-                self.kill.set()
-            with contextlib.suppress(Exception):
-                outcome = await self.process
-        if self.server is not None:
-            self.server.close()
-        while not self.events.empty():
-            event = self.events.get_nowait()
-            if not isinstance(event, _Exited):
-                event[1].close()
-        await asyncio.to_thread(shutil.rmtree, self.sockets, True)
-        return outcome
 
 
 class Batched:
@@ -151,7 +51,7 @@ class Batched:
     def __init__(self, *, commands: Commands, grace: float = 5.0) -> None:
         self.commands = commands
         self.grace = grace
-        self._session: _Session | None = None
+        self._session: Session | None = None
 
     async def run(
         self, task: DatumTask, info: PipelineInfo, attempt: int, make: MakeResult
@@ -190,7 +90,7 @@ class Batched:
                 session.waiting = event[1]
                 logs = await self._store_log(session)
                 return await upload(self.commands.store, layout / "out", stats, make, logs=logs)
-            if isinstance(event, _Exited) and (
+            if isinstance(event, Exited) and (
                 event.outcome.returncode == 0
                 or event.outcome.returncode in spec.transform.accept_return_code
             ):
@@ -219,8 +119,8 @@ class Batched:
         attempt: int,
         make: MakeResult,
         stats: DatumStats,
-        session: _Session,
-        event: Call | _Exited | None,
+        session: Session,
+        event: Call | Exited | None,
         *,
         asked: bool,
     ) -> DatumResult:
@@ -258,7 +158,7 @@ class Batched:
             raise Retry(error)
         return make("failed", error=error, logs=logs, stats=stats)
 
-    async def _store_log(self, session: _Session) -> str:
+    async def _store_log(self, session: Session) -> str:
         data = session.take_log()
         if not data:
             return ""
@@ -274,7 +174,7 @@ class Batched:
     def _root(self, layout: Path) -> str:
         return "/pfs" if self.commands.mode in ("namespace", "direct") else str(layout)
 
-    async def _session_for(self, info: PipelineInfo) -> _Session:
+    async def _session_for(self, info: PipelineInfo) -> Session:
         """The running code of this spec's transform, started if there is none (or it was
         started for another transform: an updated pipeline)."""
         transform = info.spec.transform
@@ -289,7 +189,7 @@ class Batched:
         self._session = session
         return session
 
-    async def _start(self, info: PipelineInfo) -> _Session:
+    async def _start(self, info: PipelineInfo) -> Session:
         spec = info.spec
         commands = self.commands
         if commands.mode == "direct":
@@ -302,7 +202,7 @@ class Batched:
         # Short (a socket path holds at most 107 bytes) and reachable from the code's namespace.
         await asyncio.to_thread(_remove_stale, Path(tempfile.gettempdir()))
         sockets = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
-        session = _Session(transform=spec.transform, layout=layout, sockets=sockets)
+        session = Session(transform=spec.transform, layout=layout, sockets=sockets)
         session.server = await asyncio.start_unix_server(session.call, path=str(session.socket))
         if commands.run_as is not None:
             os.chown(sockets, *commands.run_as)
@@ -331,7 +231,7 @@ class Batched:
                 outcome = sandbox.Outcome(returncode=None, log=b"", elapsed=0.0)
             else:
                 outcome = process.result()
-            session.events.put_nowait(_Exited(outcome))
+            session.events.put_nowait(Exited(outcome))
 
         session.process = asyncio.create_task(
             sandbox.run(
