@@ -21,6 +21,7 @@ from datumflow.cli.context import emit_json, fail, settings_of
 from datumflow.errors import DatumflowError
 from datumflow.functions.committer import Committer
 from datumflow.functions.planner import Planner
+from datumflow.functions.worker.proctree import alive
 from datumflow.functions.worker.sandbox import choose_mode
 from datumflow.functions.worker.worker import Worker, default_scratch, user_code_run_as
 from datumflow.runtime import secure
@@ -62,7 +63,7 @@ def up(
         )
     home = Path(settings.home).resolve()
     existing = read_instance(home)
-    if existing is not None and _alive(existing.pid):
+    if existing is not None and alive(existing.pid):
         fail(
             f"datumflow is already running for {home} (pid {existing.pid}); `datumflow down` stops it"
         )
@@ -134,27 +135,17 @@ def up(
         fail(str(exc))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def down(ctx: typer.Context, timeout: float = typer.Option(60, "--timeout")) -> None:
     """Stop the datumflow started with `up --detach`."""
     home = Path(settings_of(ctx).home).resolve()
     instance = read_instance(home)
-    if instance is None or not _alive(instance.pid):
+    if instance is None or not alive(instance.pid):
         fail(f"no datumflow is running for {home}")
     os.kill(instance.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(instance.pid) and time.monotonic() < deadline:
+    while alive(instance.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(instance.pid):
+    if alive(instance.pid):
         fail(f"datumflow (pid {instance.pid}) did not stop within {timeout:.0f}s")
     typer.echo("datumflow is down")
 

@@ -37,6 +37,7 @@ from datumflow.functions.worker import sandbox
 from datumflow.functions.worker.attempt import MakeResult, Retry, upload
 from datumflow.functions.worker.batch_session import Call, Exited, Session
 from datumflow.functions.worker.commands import Commands
+from datumflow.functions.worker.proctree import alive
 from datumflow.spec import parse_duration
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,8 @@ class Batched:
         session = self._session
         # A code that exited between datums (its loop ended without a call of ours to end it)
         # cannot take this one: its waiting call is dead, and its exit says nothing of it.
-        alive = session is not None and session.process is not None and not session.process.done()
-        if session is not None and alive and session.transform == transform:
+        running = session is not None and session.process is not None and not session.process.done()
+        if session is not None and running and session.transform == transform:
             return session
         await self.close()
         session = await self._start(info)
@@ -281,15 +282,5 @@ def _remove_stale(tmp: Path) -> None:
     """Socket directories of workers that were killed (SIGKILL leaves them): nobody else does."""
     for path in tmp.glob(f"{PREFIX}*-*"):
         pid = path.name[len(PREFIX) :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

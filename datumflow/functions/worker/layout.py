@@ -27,6 +27,7 @@ from pathlib import Path
 import msgspec
 
 from datumflow.broker.messages import DatumTask
+from datumflow.functions.worker.proctree import alive
 
 SMALL = 1 << 20
 """A datum with at most this many input bytes is laid out in memory."""
@@ -201,17 +202,7 @@ def _remove_stale(memory: Path) -> None:
     """Layouts left in memory by workers that were killed: nobody else removes them."""
     for path in memory.glob("datumflow-*-*"):
         pid = path.name.split("-")[1]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

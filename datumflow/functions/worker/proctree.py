@@ -11,6 +11,17 @@ import os
 import signal
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (it may be another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def pipe_holders(inode: int) -> set[int]:
     """Processes other than this one with the pipe `inode` open."""
     if not inode:
