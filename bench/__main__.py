@@ -2,7 +2,7 @@
 
 python -m bench                      # everything (about 3 minutes on 2 CPUs)
 python -m bench --scale 0.1          # a tenth of the datums, for a quick look
-python -m bench --only noop,cpu      # some scenarios: noop, cpu, sleep, ceiling, planning, cli
+python -m bench --only noop,cpu      # some scenarios: noop, cpu, sleep, ceiling, planning, cli, idle
 python -m bench --systems datumflow  # some systems: datumflow, celery, pool
 python -m bench --json out.json      # the measures as JSON too
 python -m bench --repeat 3           # each scenario three times, the median reported
@@ -26,7 +26,7 @@ import msgspec
 from bench import deps, report
 from bench.scenarios import PLANNING_BIG, PLANNING_FILES, Measure, scenarios
 
-ALL = ("noop", "cpu", "sleep", "ceiling", "planning", "cli")
+ALL = ("noop", "cpu", "sleep", "ceiling", "planning", "cli", "idle")
 
 
 def _versions(redis_binary: str) -> dict[str, str]:
@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
 
             latencies = cli_latency.run(work=work, repeat=max(args.repeat, 5))
             print(cli_latency.table(latencies))
+        if "idle" in only and "datumflow" in systems:
+            from bench import idle_cpu
+
+            print(idle_cpu.table(idle_cpu.run(work=work)))
         if args.json:
             args.json.write_bytes(msgspec.json.encode(measures))
     finally:
