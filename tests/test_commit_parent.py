@@ -5,6 +5,8 @@ producer never saw."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import nats
 import pytest
@@ -90,3 +92,43 @@ async def test_two_producers_racing_on_one_parent_one_wins_one_is_dead_lettered(
         assert await head_of(cluster, "shared") == winner
     finally:
         await nc.close()
+
+
+async def test_one_event_adopted_twice_at_once_is_one_commit_and_no_refusal(
+    cluster: Cluster,
+) -> None:
+    """The planner adopts each event from two consumers at once (its own and each pipeline's),
+    one a little behind the other: the later one must find the commit made, not refuse it as a
+    parent that is no longer the head, nor withdraw the record the branch now points at."""
+    async with cluster.api() as api:
+        await api.repos.create_repo("twice")
+        key, size = await api.store.put_bytes(b"base\n")
+        head = await api.repos.commit_files(
+            "twice", "master", puts=[FileRef(path="/base.txt", size=size, hash=key)]
+        )
+
+        async def later(event: CommitEvent, lag: float) -> object:
+            await asyncio.sleep(lag)
+            return await api.repos.adopt(event)
+
+        # The second adoption lags by 0 to 15 ms: across the window in which the first has
+        # recorded the commit and is moving the branch.
+        for round_ in range(16):
+            key, size = await api.store.put_bytes(f"{round_}\n".encode())
+            event = CommitEvent(
+                repo="twice",
+                branch="master",
+                commit=f"{round_:032d}",
+                parent=head.id,
+                files=[FileRef(path=f"/{round_}.txt", size=size, hash=key)],
+                origin="external",
+            )
+            first, second = await asyncio.gather(
+                api.repos.adopt(event), later(event, round_ / 1000)
+            )
+            assert first.id == second.id == event.commit  # type: ignore[attr-defined]
+            info = await api.repos.inspect_commit("twice", event.commit)
+            assert info.parent == head.id
+            assert await head_of(cluster, "twice") == event.commit
+            head = info
+        assert len(await api.repos.files(head)) == 17

@@ -142,6 +142,9 @@ class Repos:
                 base = await self.commits.find(f"{repo}.{current.head}")
             except NotFound:
                 current, revision, base = None, 0, None
+            if commit_id and base is not None and base.id == commit_id:
+                # Another consumer of the same event made this very commit meanwhile: done.
+                return base
             if parent is not None:
                 await self._check_parent(repo, branch, commit_id, parent, base)
             files = {} if replace else {f.path: f for f in await self.files(base)}
@@ -182,9 +185,11 @@ class Repos:
                 else:
                     await self.branches.swap(branch_key, head, revision=revision)
             except Conflict:
-                if parent is not None:
+                if parent is not None and await self._head_id(branch_key) != info.id:
                     # Our record names a head that is gone: withdraw it, so that the refusal
-                    # below leaves no commit behind that no branch will ever reach.
+                    # below leaves no commit behind that no branch will ever reach. (When the
+                    # branch is at this very commit, another consumer of the same event moved
+                    # it there from our record: the record stays, and the loop returns it.)
                     await self.commits.delete(f"{repo}.{info.id}")
                 continue  # someone else committed first: rebase on their head
             if announce:
@@ -208,6 +213,13 @@ class Repos:
             " producer read the branch. Its changes were not applied; build them again on"
             f" {head.id if head else 'the empty branch'} and send a new event with that parent"
         )
+
+    async def _head_id(self, branch_key: str) -> str:
+        try:
+            current, _ = await self.branches.get(branch_key)
+        except NotFound:
+            return ""
+        return current.head
 
     async def _move_head(self, branch_key: str, info: CommitInfo) -> bool:
         """Point the branch at `info` if it still points at its parent; True if we moved it."""
