@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,6 +27,11 @@ from datumflow.storage.faulty import FaultyStore, parse_faults
 from datumflow.storage.retrying import RetryingStore
 
 log = logging.getLogger(__name__)
+
+ORPHAN_GRACE = 8.0
+"""Seconds an orphaned function (its `datumflow up` died) has to stop once told to, before it
+exits anyway. With its parent alive, the parent keeps its own deadline (`up` kills a child past
+it, as Kubernetes does a container)."""
 
 Body = Callable[[Broker, ObjectStore, asyncio.Event], Awaitable[None]]
 
@@ -69,8 +76,20 @@ async def connect_patiently(*, settings: Settings, name: str, patience: float = 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
+    parent = os.getppid()
+
+    def told_to_stop() -> None:
+        stop.set()
+        if os.getppid() != parent:
+            # `datumflow up` died (its death sent this signal) and nobody will kill us past a
+            # deadline: one that waits on a broker that died with it must not linger. What it
+            # held is unacked, and comes back to the next one.
+            exit_later = threading.Timer(ORPHAN_GRACE, os._exit, args=(1,))
+            exit_later.daemon = True
+            exit_later.start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, told_to_stop)
 
 
 async def open_function_store(*, settings: Settings, function: str) -> ObjectStore:

@@ -311,7 +311,8 @@ async def test_late_results_of_a_worker_host_cut_off_change_nothing(
     w1.heal()
     await eventually(
         lambda: asyncio.to_thread(lambda: _from_host(d.nats, w1.address) > before),
-        timeout=60,
+        # The cut-off clients find their servers again only after giving the old connection up.
+        timeout=120,
         what="the cut-off host's late messages to reach the broker",
     )
     figures = await harness.verify_exact(
