@@ -157,6 +157,19 @@ class JobPlanned(_Wire, kw_only=True):
     data_total: int
 
 
+class RerunRequest(_Wire, kw_only=True):
+    """Published on `df.rerun.<pipeline>`, Nats-Msg-Id = rerun:<pipeline>:<job>: run the failed
+    datums of a finished job again, in a new job on the same input commits (`pfs/reruns.py`).
+
+    It travels in the commit stream, through the pipeline's planner consumer, so that it is
+    planned in turn with the pipeline's commit events: one job at a time."""
+
+    v: int = VERSION
+    pipeline: str
+    job: str
+    """The job whose failed datums run again: the pipeline's newest when it was asked."""
+
+
 class DeadLetter(_Wire, kw_only=True):
     """Published on `df.dead.<function>`: a message we could not use, and why."""
 

@@ -80,6 +80,8 @@ class JobInfo(_Record, kw_only=True):
     finished: float = 0.0
     datums: str = ""
     """Object key of the job's datum index (id, hash, state, output) once it has finished."""
+    rerun_of: str = ""
+    """For a rerun of a job's failed datums (`datumflow rerun job`): the job rerun."""
 
     @property
     def done(self) -> bool:

@@ -27,6 +27,7 @@ COMMITS_CONSUMER = "df-commits"
 INGEST_DEFAULT = "df.ingest.>"
 """Publish bucket notifications here (`df.ingest.<anything>`) when no mapping names a subject."""
 COMMITS_ALL = "df.commit.>"
+RERUNS_ALL = "df.rerun.>"
 DATUMS_ALL = "df.datum.>"
 RESULTS_ALL = "df.result.>"
 JOBS_ALL = "df.job.>"
@@ -61,6 +62,15 @@ def reserved(subject: str) -> bool:
 
 def commit(repo: str) -> str:
     return f"df.commit.{repo}"
+
+
+def rerun(pipeline: str) -> str:
+    """Requests to rerun a job's failed datums (messages.RerunRequest), in the commit stream."""
+    return f"df.rerun.{pipeline}"
+
+
+def is_rerun(subject: str) -> bool:
+    return subject.startswith("df.rerun.")
 
 
 def datum(pipeline: str) -> str:

@@ -39,7 +39,7 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 STREAMS = [
     StreamConfig(
         name=subjects.COMMITS_STREAM,
-        subjects=[subjects.COMMITS_ALL],
+        subjects=[subjects.COMMITS_ALL, subjects.RERUNS_ALL],
         retention=RetentionPolicy.LIMITS,
         max_age=30 * DAY,
         duplicate_window=DUPLICATE_WINDOW,
@@ -312,7 +312,8 @@ def planner_consumer_config(spec: PipelineSpec) -> ConsumerConfig:
     repos = sorted({leaf.repo for leaf in input_leaves(spec.input)})
     return ConsumerConfig(
         durable_name=subjects.planner_consumer(spec.name),
-        filter_subjects=[subjects.commit(repo) for repo in repos],
+        # Its commit events, and the requests to rerun one of its jobs: planned in turn.
+        filter_subjects=[subjects.commit(repo) for repo in repos] + [subjects.rerun(spec.name)],
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=CONTROL_ACK_WAIT,
         # One commit event at a time: a pipeline's jobs are planned, and so committed, in order.
@@ -350,6 +351,20 @@ async def ensure_pipeline_consumers(
                 subjects.COMMITS_STREAM, subjects.planner_consumer(spec.name)
             )
             await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
+
+
+async def ensure_rerun_subject(broker: Broker, spec: PipelineSpec) -> None:
+    """The pipeline's planner consumer reads its rerun requests: one made by an older datumflow
+    is brought up to date in place (the server keeps its position)."""
+    try:
+        async with broker_errors(f"declaring the planner consumer of pipeline {spec.name}"):
+            await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
+    except BadRequestError as exc:
+        raise TopologyRefused(
+            f"the planner consumer of pipeline {spec.name} cannot take rerun requests"
+            f" ({exc.description}): update the pipeline once (`datumflow update pipeline -f"
+            " SPEC`), then rerun"
+        ) from exc
 
 
 async def delete_pipeline_consumers(broker: Broker, name: str) -> None:

@@ -36,6 +36,7 @@ GROUPS: dict[str, str] = {
     "put": "Put files into a repo.",
     "get": "Get a file out of a repo.",
     "wait": "Wait for a job, or for a commit and everything downstream of it.",
+    "rerun": "Run a job's failed datums again.",
     "render": "Print Kubernetes objects for kubectl.",
     "next": "Ask the worker for the next datum (user code of datum-batching pipelines).",
 }
@@ -116,6 +117,13 @@ COMMANDS: dict[str, dict[str, Lazy]] = {
             "pps_commands",
             "wait_commit",
             "Wait until a branch head and every job downstream of it are done; exit 1 if one failed.",
+        ),
+    },
+    "rerun": {
+        "job": Lazy(
+            "rerun_commands",
+            "rerun_job",
+            "Run the failed datums of a finished job again, keeping the outputs of the others.",
         ),
     },
     "render": {

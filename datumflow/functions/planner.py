@@ -39,6 +39,7 @@ from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobHead, JobIn
 from datumflow.broker.settle import Msg, keep_alive
 from datumflow.broker.streams import purge_subject
 from datumflow.errors import NotFound, PermanentError
+from datumflow.functions.rerun_planning import plan_rerun
 from datumflow.pfs import manifest
 from datumflow.pfs.datums import Leaf, datum_hash, job_datums
 from datumflow.pfs.pipelines import Pipelines, job_key
@@ -114,6 +115,8 @@ class Planner:
 
     async def _adopt_loop(self, stop: asyncio.Event) -> None:
         async def adopt(msg: Msg) -> None:
+            if subjects.is_rerun(msg.subject):
+                return  # a pipeline's own planner consumer plans it
             event = decode(msg.data, CommitEvent, what="commit event")
             await self.repos.adopt(event)
 
@@ -128,7 +131,10 @@ class Planner:
 
     async def _pipeline_loop(self, name: str, halt: asyncio.Event) -> None:
         async def handle(msg: Msg) -> None:
-            await self.plan(name, msg)
+            if subjects.is_rerun(msg.subject):
+                await plan_rerun(self, name, msg)
+            else:
+                await self.plan(name, msg)
 
         await consume(
             self.broker,
@@ -155,7 +161,21 @@ class Planner:
                 commits.append(commit)
             else:
                 commits.append(await self.repos.head(leaf.repo, leaf.branch))
-        job_id = make_job_id(info, commits)
+        await self.plan_job(info, msg, make_job_id(info, commits), commits)
+
+    async def plan_job(
+        self,
+        info: PipelineInfo,
+        msg: Msg,
+        job_id: str,
+        commits: list[CommitInfo | None],
+        *,
+        rerun_of: str = "",
+        previous: dict[str, DatumIndexEntry] | None = None,
+    ) -> None:
+        """Create the job (once), queue its datums, and mark it running. A rerun of a job's failed
+        datums names that job and skips against its datum index (`previous`)."""
+        name = info.name
         key = job_key(name, job_id)
         existing = await self.pipelines.jobs.find(key)
         if existing is not None and existing.state != "created":
@@ -172,11 +192,12 @@ class Planner:
                     CommitRef(repo=c.repo, commit=c.id, branch=c.branch) for c in commits if c
                 ],
                 created=time.time(),
+                rerun_of=rerun_of,
             )
             await self.pipelines.jobs.create(key, job)
             await self._set_head(name, job_id)
         try:
-            total = await self._queue_datums(info, job_id, commits, beat)
+            total = await self._queue_datums(info, job_id, commits, beat, previous)
         except PermanentError as exc:
             # Planning cannot succeed (a manifest gone from the store, a file list out of order):
             # end the job FAILURE rather than leave it "created", which would hold every later job
@@ -247,12 +268,17 @@ class Planner:
         return {e.datum: e for e in entries}
 
     async def _queue_datums(
-        self, info: PipelineInfo, job_id: str, commits: list[CommitInfo | None], beat: Heartbeat
+        self,
+        info: PipelineInfo,
+        job_id: str,
+        commits: list[CommitInfo | None],
+        beat: Heartbeat,
+        previous: dict[str, DatumIndexEntry] | None,
     ) -> int:
         spec = info.spec
-        previous = (
-            {} if spec.reprocess_spec == "every_job" else await self._previous_datums(spec.name)
-        )
+        if previous is None:
+            every = spec.reprocess_spec == "every_job"
+            previous = {} if every else await self._previous_datums(spec.name)
         publisher = Outbox(self.broker)
         total = 0
         with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
