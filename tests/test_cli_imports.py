@@ -62,6 +62,25 @@ app(["--home", {str(tmp_path)!r}, "list", "repo", "--json"], prog_name="datumflo
 
 
 @pytest.mark.parametrize(
+    "argv", [["wait", "job", "p@j"], ["wait", "commit", "r@master"], ["put", "file", "r@master"]]
+)
+def test_commands_with_a_progress_bar_load_rich_only_to_draw_it(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    # Their modules are loaded, and stop before connecting: rich comes only with a bar.
+    local = tmp_path / "f"
+    local.write_text("x")
+    extra = ["-f", str(local)] if argv[0] == "put" else []
+    code = f"""
+from datumflow.cli.main import app
+app(["--home", {str(tmp_path)!r}, *{argv + extra!r}], prog_name="datumflow")
+"""
+    # (pydantic may come with `--timeout`, a float option: see cli.main.plain_strings.)
+    loaded = loaded_after(code)
+    assert "nats" in loaded and "rich" not in loaded, loaded
+
+
+@pytest.mark.parametrize(
     ("group", "name"), [(g, n) for g, table in COMMANDS.items() for n in table]
 )
 def test_listed_help_is_the_commands_own(group: str, name: str) -> None:

@@ -111,10 +111,10 @@ COMMANDS: dict[str, dict[str, Lazy]] = {
     },
     "wait": {
         "job": Lazy(
-            "pps_commands", "wait_job", "Wait until a job is done; exit 1 unless it succeeded."
+            "wait_commands", "wait_job", "Wait until a job is done; exit 1 unless it succeeded."
         ),
         "commit": Lazy(
-            "pps_commands",
+            "wait_commands",
             "wait_commit",
             "Wait until a branch head and every job downstream of it are done; exit 1 if one failed.",
         ),

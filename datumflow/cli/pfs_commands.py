@@ -24,6 +24,7 @@ from datumflow.cli.context import (
     table,
     with_api,
 )
+from datumflow.cli.progress import Bars, wanted
 from datumflow.errors import DatumflowError, NotFound
 from datumflow.pfs import manifest
 from datumflow.pfs.bucket_sources import BucketSources, check_subject, parse_bucket_url, source_url
@@ -203,9 +204,18 @@ def put_file(
                 f"repo {address.repo} is the output of pipeline {repo_info.pipeline}; it is written by its jobs only"
             )
         refs: list[FileRef] = []
-        for local, path in _plan_put(file, source, address.path, full_path=full_path):
-            key, size = await api.store.put_file(local)
-            refs.append(FileRef(path=path, size=size, hash=key))
+        pairs = _plan_put(file, source, address.path, full_path=full_path)
+        total = sum(local.stat().st_size for local, _ in pairs) if recursive else 0
+        sent = 0
+        with Bars(show=recursive and wanted()) as bars:
+            counts = f"0/{len(pairs)} files, 0B/{human_size(total)}"
+            bars.set("put", label=target, done=0, total=total, counts=counts)
+            for local, path in pairs:
+                key, size = await api.store.put_file(local)
+                refs.append(FileRef(path=path, size=size, hash=key))
+                sent += size
+                counts = f"{len(refs)}/{len(pairs)} files, {human_size(sent)}/{human_size(total)}"
+                bars.set("put", label=target, done=sent, total=total, counts=counts)
         info = await api.repos.commit_files(address.repo, address.ref, puts=refs)
         typer.echo(f"{info.repo}@{info.id}: {len(refs)} file(s)", err=True)
 

@@ -1,8 +1,7 @@
-"""Pipelines, jobs and datums: `create pipeline`, `list job`, `wait commit`, `list datum`, ..."""
+"""Pipelines and jobs: `create pipeline`, `list pipeline`, `list job`, `inspect job`, ..."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ import typer
 from datumflow.broker.records import JobInfo, PipelineInfo
 from datumflow.cli.context import (
     Api,
-    address_of,
     ago,
     duration,
     emit_json,
@@ -258,85 +256,3 @@ def inspect_job(
         emit_json(info) if as_json else typer.echo(_yamlish(readable(to_plain(info))))
 
     run(with_api(settings_of(ctx), body))
-
-
-async def _wait_job(api: Api, pipeline: str, job: str, timeout: float) -> JobInfo:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = await api.pipelines.get_job(pipeline, job)
-        if info.done:
-            return info
-        if time.monotonic() > deadline:
-            raise DatumflowError(f"job {pipeline}@{job} is still {info.state} after {timeout:.0f}s")
-        await asyncio.sleep(0.1)
-
-
-def wait_job(
-    ctx: typer.Context,
-    target: str = typer.Argument(..., metavar="PIPELINE@JOB"),
-    timeout: float = typer.Option(3600, "--timeout"),
-) -> None:
-    """Wait until a job is done; exit 1 unless it succeeded."""
-    pipeline, job = _job_address(target)
-
-    async def body(api: Api) -> JobInfo:
-        return await _wait_job(api, pipeline, job, timeout)
-
-    info = run(with_api(settings_of(ctx), body))
-    typer.echo(f"{pipeline}@{job}: {info.state}" + (f": {info.reason}" if info.reason else ""))
-    if info.state != "success":
-        raise typer.Exit(1)
-
-
-async def wait_downstream(api: Api, repo: str, commit: str, *, timeout: float) -> list[JobInfo]:
-    """Wait for every job that `repo@commit` feeds, and then for the jobs their outputs feed."""
-    deadline = time.monotonic() + timeout
-    finished: list[JobInfo] = []
-    frontier = [(repo, commit)]
-    while frontier:
-        repo, commit = frontier.pop()
-        for info in await api.pipelines.list():
-            if repo not in {leaf.repo for leaf in input_leaves(info.spec.input)}:
-                continue
-            while True:
-                job = next(
-                    (
-                        j
-                        for j in await api.pipelines.list_jobs(info.name)
-                        if any(c.repo == repo and c.commit == commit for c in j.input_commits)
-                    ),
-                    None,
-                )
-                if job is not None and job.done:
-                    break
-                if time.monotonic() > deadline:
-                    raise DatumflowError(
-                        f"pipeline {info.name} has not finished {repo}@{commit} after {timeout:.0f}s"
-                    )
-                await asyncio.sleep(0.1)
-            finished.append(job)
-            if job.state == "success" and job.output_commit:
-                frontier.append((info.name, job.output_commit))
-    return finished
-
-
-def wait_commit(
-    ctx: typer.Context,
-    target: str = typer.Argument(..., metavar="REPO@BRANCH"),
-    timeout: float = typer.Option(3600, "--timeout"),
-) -> None:
-    """Wait until a branch head and every job downstream of it are done; exit 1 if one failed."""
-    address = address_of(target)
-
-    async def body(api: Api) -> list[JobInfo]:
-        head = await api.repos.inspect_commit(address.repo, address.ref)
-        return await wait_downstream(api, head.repo, head.id, timeout=timeout)
-
-    jobs = run(with_api(settings_of(ctx), body))
-    failed = [j for j in jobs if j.state != "success"]
-    for j in jobs:
-        typer.echo(
-            f"{j.pipeline}@{j.id}: {j.state}" + (f": {j.reason}" if j.reason else ""), err=True
-        )
-    if failed:
-        raise typer.Exit(1)
