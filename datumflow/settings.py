@@ -94,6 +94,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pod_namespace: str = ""
     """The pod's namespace, in Kubernetes: the worker's pod, and where the controller keeps the
     worker Deployments and ScaledObjects."""
+    metrics: str = ""
+    """Where Prometheus metrics are served (host:port; port 0: a free one), or "off" to record
+    none. Empty: `datumflow up` serves every process's metrics on 127.0.0.1 at a free port (and
+    prints the URL); a function run on its own serves none."""
+    metrics_dir: str = ""
+    """Set by `datumflow up` for its children: the directory they record metrics into, which `up`
+    serves. Empty: a function serves its own metrics (see `metrics`)."""
     storage_faults: str = ""
     """Testing only: latency, errors and crashes injected into the object store of every function
     (see datumflow.storage.faulty), e.g. "latency=0.02,jitter=0.05,errors=0.1". Empty: none."""
@@ -120,6 +127,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             value = getattr(self, field.name)
             if allowed and value not in allowed:
                 raise ValueError(_not_one_of(env_names(field.name)[0], value, allowed))
+        if self.metrics not in ("", "off"):
+            _host, sep, port = self.metrics.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535:
+                raise ValueError(
+                    f"bad datumflow setting DATUMFLOW_METRICS={self.metrics!r}: expected host:port"
+                    " (:port for every interface, port 0 for any free one), or off"
+                )
         if not 1 <= self.replicas <= 5:
             raise ValueError(
                 f"DATUMFLOW_REPLICAS={self.replicas}: JetStream keeps 1 to 5 replicas of a stream"

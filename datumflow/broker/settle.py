@@ -30,6 +30,7 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker
 from datumflow.broker.messages import MAX_MESSAGE, DeadLetter
 from datumflow.errors import BrokerError, PermanentError, TemporaryError
+from datumflow.metrics import current as current_metrics
 
 __all__ = [
     "UNEXPECTED_DELAY",
@@ -98,7 +99,11 @@ async def dead_letter(broker: Broker, *, function: str, msg: Msg, reason: str) -
     )
     msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
     seq = msg.metadata.sequence.stream if msg.reply else 0
-    await broker.publish(subjects.dead(function), letter, msg_id=f"dead:{function}:{msg_id or seq}")
+    subject = subjects.dead(function)
+    await broker.publish(subject, letter, msg_id=f"dead:{function}:{msg_id or seq}")
+    metrics = current_metrics()
+    if metrics is not None:
+        metrics.dead_letters.labels(subject=subject).inc()
 
 
 async def settle(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from datumflow import metrics
 from datumflow.cli.context import fail, settings_of
 from datumflow.deploy.controller import Controller, kubernetes_api_client
 from datumflow.deploy.render import DEFAULT_MONITOR_ENDPOINT, render_pipeline, render_yaml
@@ -163,6 +164,7 @@ async def run_controller(
         trigger_authentication=trigger_authentication,
         node_check_interval=node_check_interval,
     )
+    metrics.install(settings)
     # Patient: the controller may start before NATS in a fresh cluster.
     broker = await connect_patiently(settings=settings, name="datumflow-controller", patience=600)
     try:

@@ -115,6 +115,8 @@ def up(
                 typer.echo(
                     f"datumflow is up (pid {proc.pid}); broker {instance.nats_url}; logs in {home / 'logs'}"
                 )
+                if instance.metrics_url:
+                    typer.echo(f"metrics of every datumflow process: {instance.metrics_url}")
                 return
             if proc.poll() is not None:
                 fail(f"datumflow up exited with code {proc.returncode}; see {home / 'up.log'}")

@@ -22,6 +22,7 @@ from datumflow.broker import subjects
 from datumflow.errors import PermanentError, SpecError
 from datumflow.functions.worker.pod_cost import ANNOTATION as DELETION_COST_ANNOTATION
 from datumflow.functions.worker.pod_cost import IDLE_COST
+from datumflow.metrics import METRICS_PORT, SCRAPE_ANNOTATIONS
 from datumflow.spec import ParallelismSpec, PipelineSpec, Resources, parse_duration
 
 DEFAULT_IMAGE = "ghcr.io/datumflow/datumflow:0.1.0"
@@ -193,7 +194,10 @@ def _deployment(
             # How long the worker finishes its datum after SIGTERM; the pod's grace period is
             # this plus a margin, so the worker always gets to hand the datum back.
             {"name": "DATUMFLOW_GRACE", "value": _seconds(drain)},
+            # Live metrics (busy, redeliveries) on the port the annotations name (docs/metrics.md).
+            {"name": "DATUMFLOW_METRICS", "value": f":{METRICS_PORT}"},
         ],
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "envFrom": [
             {"configMapRef": {"name": settings_configmap}},
             # Optional: a cluster whose NATS and object store need no credentials has no Secret.
@@ -223,6 +227,7 @@ def _deployment(
                     # Changes with the transform or inputs, so updating a pipeline rolls its
                     # workers; parallelism and scaling changes do not restart anything.
                     SPEC_HASH_ANNOTATION: _spec_hash(spec),
+                    **SCRAPE_ANNOTATIONS,
                 },
             },
             "spec": {

@@ -31,7 +31,9 @@ from datumflow.broker.records import JobInfo, JobState, PipelineInfo
 from datumflow.broker.settle import Msg, settle
 from datumflow.broker.streams import purge_subject
 from datumflow.errors import BrokerError, NotFound, PermanentError
+from datumflow.functions.job_metrics import job_ended, job_progress
 from datumflow.functions.job_timeouts import JobTimeouts
+from datumflow.functions.lag_metrics import watch_backlogs
 from datumflow.functions.max_deliveries import watch_max_deliveries
 from datumflow.functions.tally import Tally, failure_reason
 from datumflow.pfs import manifest, results
@@ -75,6 +77,7 @@ class Committer:
             watch_max_deliveries(broker=self.broker, stop=stop),
             timeouts.run(stop),
             self._report_loop(stop),
+            watch_backlogs(broker=self.broker, pipelines=self.pipelines, stop=stop),
         )
 
     def _lock(self, pipeline: str, job: str) -> asyncio.Lock:
@@ -170,6 +173,7 @@ class Committer:
             return None if new == record else new
 
         await self.pipelines.jobs.update(key, update)
+        job_progress(pipeline=pipeline, tally=tally)
 
     # -- ending a job ------------------------------------------------------------------------
 
@@ -230,13 +234,14 @@ class Committer:
         """Write the job's final record with its datum index; False if it had already ended."""
         index_key, _ = await self.store.put_bytes(msgspec.json.encode(tally.index()))
         won = False
+        written: JobInfo | None = None
 
         def end(current: JobInfo) -> JobInfo | None:
-            nonlocal won
+            nonlocal won, written
             won = not current.done
             if not won:
                 return None
-            return _replace(
+            written = _replace(
                 tally.figures(current),
                 state=state,
                 reason=reason,
@@ -245,8 +250,11 @@ class Committer:
                 started=current.started or current.created,
                 datums=index_key,
             )
+            return written
 
         await self.pipelines.jobs.update(key, end)
+        if won and written is not None:
+            job_ended(pipeline=written.pipeline, tally=tally, state=state, record=written)
         return won
 
     async def kill(self, pipeline: str, job: str, *, why: str) -> bool:

@@ -40,6 +40,7 @@ from datumflow.broker.settle import Msg, keep_alive
 from datumflow.broker.streams import purge_subject
 from datumflow.errors import NotFound, PermanentError
 from datumflow.functions.rerun_planning import plan_rerun
+from datumflow.metrics import current as current_metrics
 from datumflow.pfs import manifest
 from datumflow.pfs.datums import Leaf, datum_hash, job_datums
 from datumflow.pfs.pipelines import Pipelines, job_key
@@ -196,6 +197,7 @@ class Planner:
             )
             await self.pipelines.jobs.create(key, job)
             await self._set_head(name, job_id)
+        planning = time.monotonic()
         try:
             total = await self._queue_datums(info, job_id, commits, beat, previous)
         except PermanentError as exc:
@@ -217,6 +219,12 @@ class Planner:
 
         await self.pipelines.jobs.update(key, started)
         log.info("planned job %s@%s: %d datums", name, job_id, total)
+        metrics = current_metrics()
+        if metrics is not None:
+            metrics.planned.labels(pipeline=name).inc(total)
+            seconds = time.monotonic() - planning
+            if total and seconds > 0:
+                metrics.planning_rate.labels(pipeline=name).set(total / seconds)
 
     async def _fail_planning(self, name: str, job_id: str, reason: str) -> None:
         # The datums queued before the fault go first, as for a killed job: nothing else of this
@@ -228,7 +236,11 @@ class Planner:
             what=f"removing the queued datums of {name}@{job_id}",
         )
 
+        ended = False
+
         def failed(job: JobInfo) -> JobInfo | None:
+            nonlocal ended
+            ended = not job.done
             if job.done:
                 return None
             now = time.time()
@@ -236,6 +248,9 @@ class Planner:
 
         await self.pipelines.jobs.update(job_key(name, job_id), failed)
         log.error("job %s@%s: %s", name, job_id, reason)
+        metrics = current_metrics()
+        if ended and metrics is not None:
+            metrics.jobs.labels(pipeline=name, state="failure").inc()
 
     async def _set_head(self, name: str, job_id: str) -> None:
         if await self.pipelines.heads.find(name) is None:

@@ -44,6 +44,8 @@ class Instance(msgspec.Struct, kw_only=True):
     """The S3 endpoint and region `up` was given for `storage` (credentials are not recorded:
     each command takes them from its own environment, as the AWS tools do)."""
     s3_region: str = ""
+    metrics_url: str = ""
+    """Where `up` serves the metrics of every process it runs ("" when they are off)."""
 
 
 def instance_path(home: Path) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from datumflow import metrics
 from datumflow.broker.connection import Broker, connect
 from datumflow.broker.topology import ensure_topology
 from datumflow.errors import BrokerError
@@ -106,13 +107,14 @@ async def open_function_store(*, settings: Settings, function: str) -> ObjectSto
             record_dir=settings.home_path / "faults",
         )
         log.warning("%s: injecting object store faults: %s", function, settings.storage_faults)
-        return RetryingStore(faulty)
+        return RetryingStore(faulty, function=function)
     if isinstance(store, FileStore):
         return store  # a local disk either works or fails for good; keep its fast paths
-    return RetryingStore(store)
+    return RetryingStore(store, function=function)
 
 
 async def serve(*, settings: Settings, name: str, body: Body) -> None:
+    metrics.install(settings)
     stop = asyncio.Event()
     stop_on_signals(stop)
     broker = await connect_patiently(settings=settings, name=name)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 
+from datumflow import metrics
 from datumflow.broker import subjects
 from datumflow.broker.kv import Records
 from datumflow.broker.records import PipelineInfo
@@ -50,11 +51,18 @@ class Supervisor:
         """Workers of deleted pipelines, until they have exited."""
         self.logs = self.home / "logs"
         self.run_dir = self.home / "run"
+        self.metrics_dir = self.run_dir / "metrics"
+        self.metrics: metrics.Metrics | None = None
+        self.metrics_url = ""
+        """Where `up` serves the metrics of every process it runs; "" when they are off."""
+        self._pids: set[int] = set()
 
     def _env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
         env.update(self.settings.secret_env())
         env["DATUMFLOW_HOME"] = str(self.home)
+        if self.metrics is not None:
+            env["DATUMFLOW_METRICS_DIR"] = str(self.metrics_dir)
         env.update(extra)
         return env
 
@@ -81,6 +89,11 @@ class Supervisor:
     async def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.metrics != "off":
+            self.metrics, self.metrics_url = metrics.serve_directory(
+                self.metrics_dir, address=self.settings.metrics or "127.0.0.1:0"
+            )
+            log.info("metrics of every datumflow process: %s", self.metrics_url)
         if self.embedded:
             self.server = EmbeddedServer(
                 store_dir=self.home / "nats",
@@ -104,6 +117,7 @@ class Supervisor:
             secure=self.server is not None and self.server.secured,
             s3_endpoint=self.settings.s3_endpoint,
             s3_region=self.settings.s3_region,
+            metrics_url=self.metrics_url,
         )
         instance_path(self.home).write_bytes(msgspec.json.encode(instance))
         self.broker = await connect_patiently(settings=self.settings, name="datumflow-supervisor")
@@ -136,6 +150,9 @@ class Supervisor:
             if name not in infos:
                 log.info("pipeline %s is gone; stopping its workers", name)
                 gone = self.pipelines.pop(name)
+                if self.metrics is not None:
+                    self.metrics.workers_desired.labels(pipeline=name).set(0)
+                    self.metrics.workers_running.labels(pipeline=name).set(0)
                 await self._scale(gone, 0)
                 self.retired += gone.draining
         self.retired = [c for c in self.retired if c.reap()]
@@ -156,11 +173,31 @@ class Supervisor:
                 lag = await self.lags.lag(name)
                 if lag is not None:
                     pw.lag = lag
-                    pw.desired = pw.scaler.desired(lag, now)
+                    desired = pw.scaler.desired(lag, now)
+                    if desired != pw.desired and self.metrics is not None:
+                        direction = "up" if desired > pw.desired else "down"
+                        self.metrics.scaler_decisions.labels(name, direction).inc()
+                    pw.desired = desired
                 # Else the lag is unknown: keep the workers we have, as KEDA does when its
                 # scaler fails, rather than scale down on a missing number.
             await self._scale(pw, pw.desired)
         self._write_status()
+        self._record()
+
+    def _record(self) -> None:
+        """The workers desired and running, per pipeline; the live gauges of children gone."""
+        if self.metrics is None:
+            return
+        for name, pw in self.pipelines.items():
+            self.metrics.workers_desired.labels(pipeline=name).set(pw.desired)
+            self.metrics.workers_running.labels(pipeline=name).set(pw.running)
+        children = [*self.functions, *self.retired]
+        for pw in self.pipelines.values():
+            children += pw.workers + pw.draining
+        pids = {c.process.pid for c in children if c.alive and c.process is not None}
+        for pid in self._pids - pids:
+            metrics.process_gone(self.metrics_dir, pid)
+        self._pids = pids
 
     async def _pipeline_infos(self) -> dict[str, PipelineInfo]:
         """Every pipeline now; on doubt, the ones we know. Workers are only stopped for a pipeline

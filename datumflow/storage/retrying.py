@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from datumflow.errors import StorageError
+from datumflow.metrics import current as current_metrics
 from datumflow.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class RetryingStore:
         attempts: int = 6,
         first_delay: float = 0.05,
         max_delay: float = 2.0,
+        function: str = "",
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
@@ -40,6 +42,15 @@ class RetryingStore:
         self.max_delay = max_delay
         self.retried = 0
         """How many calls were tried again (for tests and figures)."""
+        self.function = function
+        """The function this store serves, as its metrics name it."""
+
+    def _count(self, *, retry: bool) -> None:
+        metrics = current_metrics()
+        if metrics is not None:
+            metrics.store_errors.labels(function=self.function).inc()
+            if retry:
+                metrics.store_retries.labels(function=self.function).inc()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -50,6 +61,7 @@ class RetryingStore:
             try:
                 return await call()
             except StorageError as exc:
+                self._count(retry=attempt < self.attempts)
                 if attempt == self.attempts:
                     raise StorageError(f"{exc} (gave up after {attempt} attempts)") from exc
                 self.retried += 1
@@ -80,6 +92,7 @@ class RetryingStore:
             except StopAsyncIteration:
                 return
             except StorageError as exc:
+                self._count(retry=attempt < self.attempts)
                 if attempt == self.attempts:
                     raise StorageError(f"{exc} (gave up after {attempt} attempts)") from exc
                 self.retried += 1

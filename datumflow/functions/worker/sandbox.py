@@ -38,7 +38,7 @@ _MS_PRIVATE = 0x40000
 _PR_SET_PDEATHSIG = 1
 
 # Variables of datumflow itself, the object store or the broker: user code never sees them.
-_SECRET_PREFIXES = ("DATUMFLOW_", "AWS_", "NATS_", "KUBERNETES_")
+_SECRET_PREFIXES = ("DATUMFLOW_", "AWS_", "NATS_", "KUBERNETES_", "PROMETHEUS_MULTIPROC_DIR")
 
 
 class Outcome(msgspec.Struct, kw_only=True):

@@ -42,6 +42,7 @@ from datumflow.functions.worker.batched import Batched
 from datumflow.functions.worker.calls import Functions, local_objects
 from datumflow.functions.worker.commands import Commands
 from datumflow.functions.worker.reporter import Reporter
+from datumflow.metrics import current as current_metrics
 from datumflow.pfs.paths import BadPath, check_name, clean_path
 from datumflow.pfs.pipelines import Pipelines
 from datumflow.pfs.repos import Repos
@@ -257,6 +258,9 @@ class Worker:
         if busy == self._busy:
             return
         self._busy = busy
+        metrics = current_metrics()
+        if metrics is not None:
+            metrics.busy.labels(pipeline=self.pipeline).set(1 if busy else 0)
         await (self.marker.busy() if busy else self.marker.idle())
 
     async def _work(self, batch: _Set, stop: asyncio.Event) -> None:
@@ -282,6 +286,11 @@ class Worker:
 
     async def _decode(self, batch: _Set) -> list[Item]:
         items: list[Item] = []
+        metrics = current_metrics()
+        if metrics is not None:
+            again = sum(1 for msg in batch.msgs if msg.metadata.num_delivered > 1)
+            if again:
+                metrics.redeliveries.labels(pipeline=self.pipeline).inc(again)
         for msg in batch.msgs:
             try:
                 task = decode(msg.data, DatumTask, what="datum task")
