@@ -2,7 +2,7 @@
 
 python -m bench                      # everything (about 3 minutes on 2 CPUs)
 python -m bench --scale 0.1          # a tenth of the datums, for a quick look
-python -m bench --only noop,cpu      # some scenarios: noop, cpu, sleep, ceiling, planning, cli, idle
+python -m bench --only noop,cpu      # some: noop, cpu, sleep, ceiling, planning, cli, idle, metrics
 python -m bench --systems datumflow  # some systems: datumflow, celery, pool
 python -m bench --json out.json      # the measures as JSON too
 python -m bench --repeat 3           # each scenario three times, the median reported
@@ -26,7 +26,7 @@ import msgspec
 from bench import deps, report
 from bench.scenarios import PLANNING_BIG, PLANNING_FILES, Measure, scenarios
 
-ALL = ("noop", "cpu", "sleep", "ceiling", "planning", "cli", "idle")
+ALL = ("noop", "cpu", "sleep", "ceiling", "planning", "cli", "idle", "metrics")
 
 
 def _versions(redis_binary: str) -> dict[str, str]:
@@ -156,6 +156,14 @@ def main(argv: list[str] | None = None) -> None:
             from bench import idle_cpu
 
             print(idle_cpu.table(idle_cpu.run(work=work)))
+        if "metrics" in only and "datumflow" in systems:
+            from bench import metrics_cost
+
+            print(
+                metrics_cost.table(
+                    metrics_cost.run(work=work, repeat=args.repeat, scale=args.scale)
+                )
+            )
         if args.json:
             args.json.write_bytes(msgspec.json.encode(measures))
     finally:

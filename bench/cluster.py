@@ -24,8 +24,10 @@ from datumflow.settings import Settings
 
 
 class Cluster:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, **extra_env: str) -> None:
         self.home = home
+        self.extra_env = extra_env
+        """DATUMFLOW_* settings of this `datumflow up` (e.g. DATUMFLOW_METRICS="off")."""
         self.process: subprocess.Popen[bytes] | None = None
         self.settings = Settings(home=str(home))
 
@@ -35,6 +37,7 @@ class Cluster:
         # The workers import the bench's functions (transform.function = "bench.work:...").
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         env["DATUMFLOW_HOME"] = str(self.home)
+        env.update(self.extra_env)
         return env
 
     def start(self) -> Instance:
