@@ -73,18 +73,26 @@ class Node:
                     f"  store_dir: {json.dumps(str(self.store_dir))}",
                     f"  {jetstream}",
                     "}",
-                    "cluster {",
-                    f"  name: {CLUSTER_NAME}",
-                    f"  host: {self.host}",
-                    f"  port: {self.cluster_port}",
-                    f"  routes: {json.dumps(routes)}",
-                    "}",
+                    *self._cluster_block(routes),
                     extra,
                     "",
                 ]
             )
         )
         return path
+
+    def _cluster_block(self, routes: list[str]) -> list[str]:
+        """Routes to the other nodes; none for a cluster of one (a standalone server)."""
+        if not routes:
+            return []
+        return [
+            "cluster {",
+            f"  name: {CLUSTER_NAME}",
+            f"  host: {self.host}",
+            f"  port: {self.cluster_port}",
+            f"  routes: {json.dumps(routes)}",
+            "}",
+        ]
 
     @property
     def running(self) -> bool:

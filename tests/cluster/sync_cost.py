@@ -1,12 +1,15 @@
-"""What JetStream's `sync_interval: always` costs datumflow, measured by hand (not a test):
+"""What three replicas and JetStream's `sync_interval: always` cost datumflow, measured by hand
+(not a test), side by side:
 
-    .venv/bin/python -m tests.cluster.sync_cost [--datums 2000] [--rounds 2]
+    .venv/bin/python -m tests.cluster.sync_cost [--datums 2000] [--rounds 3] [--only R3,R3-always]
 
-A three-node nats-server cluster on loopback, every stream on all three (DATUMFLOW_REPLICAS=3),
-`datumflow up` on it with a pipeline whose in-process function does nothing, so that the broker
-is what the datums wait on. Each round runs one job with nats-server's default (a flush to disk
-every 2 minutes) and one with `sync_interval: always` (an fsync after every write, on each
-server), alternately, and prints datums/s from the commit to the job's end.
+Four setups: one standalone nats-server with every stream on it (DATUMFLOW_REPLICAS=1), and a
+three-node cluster on loopback with every stream on all three (DATUMFLOW_REPLICAS=3), each with
+nats-server's default (a flush to disk every 2 minutes) and with `sync_interval: always` (an fsync
+after every write, on each server). `datumflow up` runs on it with a pipeline whose in-process
+function does nothing, so that the broker is what the datums wait on. Each round runs one job on
+each setup in turn, on a fresh broker, and prints datums/s from the commit to the job's end with
+the load average; the end prints each setup's min, median and max.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import asyncio
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +31,13 @@ from datumflow.settings import Settings
 from tests.natscluster import NatsCluster
 
 ROOT = Path(__file__).resolve().parents[2]
-SETTINGS = {"default": "", "always": "sync_interval: always"}
+SETUPS = {
+    # name: (servers and replicas, lines of each server's jetstream block)
+    "R1": (1, ""),
+    "R1-always": (1, "sync_interval: always"),
+    "R3": (3, ""),
+    "R3-always": (3, "sync_interval: always"),
+}
 
 
 def _start_up(env: dict[str, str], *, log: Path) -> subprocess.Popen[bytes]:
@@ -41,16 +51,16 @@ def _start_up(env: dict[str, str], *, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def one_job(root: Path, *, datums: int, jetstream: str) -> float:
-    """datums/s of one job of `datums` no-op datums on a fresh cluster."""
-    nats = NatsCluster.on_loopback(root / "nats", jetstream=jetstream)
+async def one_job(root: Path, *, datums: int, replicas: int, jetstream: str) -> float:
+    """datums/s of one job of `datums` no-op datums on a fresh broker of `replicas` servers."""
+    nats = NatsCluster.on_loopback(root / "nats", size=replicas, jetstream=jetstream)
     nats.start()
     home = root / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
     env.update(
         DATUMFLOW_HOME=str(home),
         DATUMFLOW_NATS_URL=nats.url,
-        DATUMFLOW_REPLICAS="3",
+        DATUMFLOW_REPLICAS=str(replicas),
         DATUMFLOW_STORAGE=(root / "objects").as_uri(),
         PYTHONPATH=str(ROOT),
     )
@@ -60,7 +70,7 @@ async def one_job(root: Path, *, datums: int, jetstream: str) -> float:
         home.mkdir(parents=True)
         up = _start_up(env, log=root / "up.log")
         settings = Settings(
-            home=str(home), nats_url=nats.url, replicas=3, storage=env["DATUMFLOW_STORAGE"]
+            home=str(home), nats_url=nats.url, replicas=replicas, storage=env["DATUMFLOW_STORAGE"]
         )
         async with open_api(settings) as api:
             await api.repos.create_repo("in")
@@ -100,18 +110,29 @@ async def one_job(root: Path, *, datums: int, jetstream: str) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--datums", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default=",".join(SETUPS), help="setups, comma-separated")
     args = parser.parse_args()
-    rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    chosen = {name: SETUPS[name] for name in args.only.split(",")}
+    rates: dict[str, list[float]] = {name: [] for name in chosen}
+    loads: list[float] = []
     for round_ in range(args.rounds):
-        for name, jetstream in SETTINGS.items():
+        for name, (replicas, jetstream) in chosen.items():
             with tempfile.TemporaryDirectory(prefix="df-sync-") as tmp:
-                rate = await one_job(Path(tmp), datums=args.datums, jetstream=jetstream)
+                rate = await one_job(
+                    Path(tmp), datums=args.datums, replicas=replicas, jetstream=jetstream
+                )
             rates[name].append(rate)
             load = os.getloadavg()[0]
+            loads.append(load)
             print(f"round {round_ + 1} {name}: {rate:.0f} datums/s (load {load:.1f})", flush=True)
+    print(f"load average {min(loads):.1f} to {max(loads):.1f}")
     for name, values in rates.items():
-        print(f"{name}: " + ", ".join(f"{v:.0f}" for v in values) + " datums/s")
+        each = ", ".join(f"{v:.0f}" for v in values)
+        print(
+            f"{name}: {each} datums/s; min {min(values):.0f}, median"
+            f" {statistics.median(values):.0f}, max {max(values):.0f}"
+        )
 
 
 if __name__ == "__main__":

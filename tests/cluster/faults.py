@@ -1,0 +1,152 @@
+"""The faults the cluster tests inject, each one fault and its recovery, timed: a server SIGKILLed
+(the leader of the datums stream, of the workers' consumer, or any), a server's host cut off the
+network for a while, the three servers restarted in turn, a worker host cut off past ack_wait.
+
+Each returns once the cluster is whole again (the server back and caught up), with what it
+measured; the quick tests run each once, the long form loops over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import msgspec
+
+from datumflow.broker import subjects
+from tests.cluster.deployment import Deployment
+from tests.helpers import eventually
+from tests.natscluster import NatsCluster, Node
+
+
+class Fault(msgspec.Struct, kw_only=True):
+    """One fault injected: what, on which server, and how long until a new leader was elected."""
+
+    kind: str
+    node: str
+    new_leader: str = ""
+    election: float = 0.0
+    """Seconds from the fault to a new leader (0 where no election was timed)."""
+    at: float = 0.0
+    """When it was injected (time.monotonic())."""
+
+
+async def rejoin(d: Deployment, node: Node, *, timeout: float = 60) -> None:
+    """Until the datums stream has its three replicas again, all caught up."""
+    await eventually(
+        d.replicas_current, timeout=timeout, interval=0.2, what=f"{node.name} to rejoin"
+    )
+
+
+async def kill_stream_leader(d: Deployment, *, restart: bool = True) -> Fault:
+    """SIGKILL the leader of DF_DATUMS; time the election of another; start it again."""
+    leader = d.nats.node(await d.nats.leader(subjects.DATUMS_STREAM))
+    killed = time.monotonic()
+    leader.kill()
+    new_leader = await d.nats.leader(subjects.DATUMS_STREAM, timeout=60)
+    election = time.monotonic() - killed
+    assert new_leader != leader.name
+    if restart:
+        d.nats.start_node(leader)
+        await rejoin(d, leader)
+    return Fault(
+        kind="DF_DATUMS leader SIGKILL",
+        node=leader.name,
+        new_leader=new_leader,
+        election=election,
+        at=killed,
+    )
+
+
+async def kill_consumer_leader(d: Deployment, pipeline: str) -> Fault:
+    """SIGKILL the leader of the workers' durable consumer; time the election; start it again."""
+    durable = subjects.worker_consumer(pipeline)
+    leader = d.nats.node(await d.nats.consumer_leader(subjects.DATUMS_STREAM, durable))
+    killed = time.monotonic()
+    leader.kill()
+    new_leader = await d.nats.consumer_leader(subjects.DATUMS_STREAM, durable, timeout=60)
+    election = time.monotonic() - killed
+    assert new_leader != leader.name
+    d.nats.start_node(leader)
+    return Fault(
+        kind="worker consumer leader SIGKILL",
+        node=leader.name,
+        new_leader=new_leader,
+        election=election,
+        at=killed,
+    )
+
+
+async def kill_any_server(d: Deployment, name: str) -> Fault:
+    """SIGKILL the server `name`, leader or not, and start it again at once."""
+    node = d.nats.node(name)
+    killed = time.monotonic()
+    node.kill()
+    d.nats.start_node(node)
+    await rejoin(d, node)
+    return Fault(kind="nats-server SIGKILL", node=name, at=killed)
+
+
+async def partition_stream_leader(d: Deployment, *, seconds: float) -> Fault:
+    """Cut the host of the DF_DATUMS leader off the network for `seconds`: the two others elect
+    a leader of their own (asked of them alone), and the host comes back as a follower."""
+    leader = d.nats.node(await d.nats.leader(subjects.DATUMS_STREAM))
+    host = d.lab[leader.name]
+    host.cut()
+    cut = time.monotonic()
+    try:
+        survivors = NatsCluster([n for n in d.nats.nodes if n is not leader])
+        new_leader = await survivors.leader(subjects.DATUMS_STREAM, timeout=60)
+        election = time.monotonic() - cut
+        assert new_leader != leader.name
+        await eventually(
+            lambda: asyncio.sleep(0, time.monotonic() - cut >= seconds),
+            timeout=seconds + 60,
+            what=f"{seconds:.0f} s",
+        )
+    finally:
+        host.heal()
+    return Fault(
+        kind=f"DF_DATUMS leader host cut off for {seconds:.0f} s",
+        node=leader.name,
+        new_leader=new_leader,
+        election=election,
+        at=cut,
+    )
+
+
+async def rolling_restart(d: Deployment) -> list[Fault]:
+    """Each server in turn stopped (SIGTERM) and started, the next once it has caught up, as an
+    upgrade of the cluster would go."""
+    faults = []
+    for node in d.nats.nodes:
+        stopped = time.monotonic()
+        node.stop()
+        d.nats.start_node(node)
+        await d.nats.wait_healthy()
+        await rejoin(d, node)
+        faults.append(Fault(kind="nats-server stopped and started", node=node.name, at=stopped))
+    return faults
+
+
+def from_host(nats: NatsCluster, address: str) -> int:
+    """Messages the broker's servers have received from clients at `address` (their /connz)."""
+    total = 0
+    for node in nats.nodes:
+        if not node.running:
+            continue
+        url = f"http://{node.host}:{node.monitor_port}/connz?limit=1024"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            connz = json.load(resp)
+        total += sum(c["in_msgs"] for c in connz.get("connections") or [] if c["ip"] == address)
+    return total
+
+
+def tally(faults: list[Fault]) -> dict[str, int]:
+    """Faults by kind, as tests.faults.harness.Figures counts them."""
+    counts: dict[str, int] = {}
+    for fault in faults:
+        counts[fault.kind] = counts.get(fault.kind, 0) + 1
+    return counts
