@@ -4,12 +4,23 @@ and feeds the pipelines downstream; and every refusal, by its message."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.js.api import StreamConfig
 
+from datumflow.broker import subjects
+from datumflow.broker.connection import connect
+from datumflow.broker.topology import ensure_rerun_subject, ensure_topology, planner_consumer_config
+from datumflow.pfs.reruns import RerunRefused, rerun_failed
+from datumflow.runtime.embedded import EmbeddedServer
+from datumflow.settings import Settings
+from datumflow.spec import load_spec
 from tests.helpers import (
     Cluster,
     commit,
@@ -118,6 +129,7 @@ async def test_rerun_runs_only_the_failed_datums_and_feeds_downstream(
     await commit(cluster, "letters", {"/f": b"fff"})
     latest = (await wait_job_done(cluster, "copies", count=3))[0]
     assert (latest.data_processed, latest.data_skipped) == (1, 5), latest
+    await no_planner_dead_letters(cluster)
 
 
 async def test_rerun_refusals_name_the_cause(cluster: Cluster, tmp_path: Path) -> None:
@@ -169,3 +181,119 @@ async def test_rerun_refusals_name_the_cause(cluster: Cluster, tmp_path: Path) -
     assert "succeeded: it has no failed datums; nothing was done" in nothing.stderr
     listed = json.loads(cluster.cli("list", "job", "-p", "held", "--json").stdout)
     assert [j["id"] for j in listed] == [first]
+
+
+async def test_a_killed_job_reruns_what_it_never_finished(cluster: Cluster, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    await put_files(cluster, "timed-in", {"/a": b"a", "/b": b"b", "/s1": b"s"})
+    create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "timed"},
+            "input": {"pfs": {"repo": "timed-in", "glob": "/*"}},
+            # Files named s* wait for the test's go (60 s at most); the others run at once.
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    f'n=$(ls /pfs/timed-in); i=0; case $n in s*) while [ ! -e "{go}" ]'
+                    " && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;; esac;"
+                    " cp /pfs/timed-in/* /pfs/out/",
+                ]
+            },
+            "parallelism_spec": {"constant": 1},
+            "job_timeout": "4s",
+        },
+    )
+    [killed] = await wait_job_done(cluster, "timed", timeout=60)
+    assert killed.state == "killed", killed
+    assert killed.data_failed == 0 and killed.data_processed < 3
+    go.touch()
+    new = cluster.cli("rerun", "job", f"timed@{killed.id}", "--failed").stdout.strip()
+    rerun = (await wait_job_done(cluster, "timed", count=2))[0]
+    assert f"timed@{rerun.id}" == new and rerun.state == "success", rerun.reason
+    assert (rerun.data_processed, rerun.data_skipped) == (
+        3 - killed.data_processed,
+        killed.data_processed,
+    )
+    assert await output_files(cluster, "timed") == {"/a": b"a", "/b": b"b", "/s1": b"s"}
+    await no_planner_dead_letters(cluster)
+
+
+async def test_a_commit_before_the_rerun_wins(cluster: Cluster, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "y").touch()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    await put_files(cluster, "raced-in", {"/x": b"x", "/y": b"y"})
+    create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "raced"},
+            "input": {"pfs": {"repo": "raced-in", "glob": "/*"}},
+            "transform": {"cmd": copy_unless_broken("raced-in", marks, broken)},
+            "datum_tries": 1,
+        },
+    )
+    [failed] = await wait_job_done(cluster, "raced")
+    assert failed.state == "failure"
+    (broken / "y").unlink()
+    # A commit lands first: its job runs on the newer inputs, and the rerun of the older job is
+    # refused, whether the planner has planned that commit already (not the newest) or plans it
+    # while the rerun waits in line behind it (moved on).
+    await commit(cluster, "raced-in", {"/z": b"z"})
+    async with cluster.api() as api:
+        with pytest.raises(RerunRefused) as refused:
+            await rerun_failed(broker=api.broker, store=api.store, pipeline="raced", job=failed.id)
+    assert re.search(
+        rf"job raced@{failed.id} is not the newest job of pipeline raced"
+        rf"|pipeline raced moved on before the rerun of raced@{failed.id} started",
+        str(refused.value),
+    ), refused.value
+    jobs = await wait_job_done(cluster, "raced", count=2)
+    assert [j.rerun_of for j in jobs] == ["", ""]
+    assert jobs[0].state == "success" and jobs[0].data_processed == 3
+    assert len(await jobs_of(cluster, "raced")) == 2
+
+
+async def no_planner_dead_letters(cluster: Cluster) -> None:
+    """Rerun requests travel in the commit stream: the consumer that records external commits
+    must pass them by, not dead-letter them."""
+    assert cluster.settings is not None
+    nc = await nats.connect(cluster.settings.nats_url)
+    try:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await nc.jetstream().get_last_msg(subjects.DEAD_STREAM, subjects.dead("planner"))
+    finally:
+        await nc.close()
+
+
+async def test_a_planner_consumer_of_an_older_datumflow_is_brought_up_to_date(
+    nats_server: EmbeddedServer,
+) -> None:
+    """Streams and planner consumers made before reruns existed take rerun requests in place."""
+    spec = load_spec(
+        b'{"pipeline": {"name": "p"}, "input": {"pfs": {"repo": "r", "glob": "/*"}},'
+        b' "transform": {"cmd": ["true"]}}',
+        source="p.json",
+    )
+    broker = await connect(settings=Settings(nats_url=nats_server.url), name="test")
+    try:
+        old_stream = StreamConfig(name=subjects.COMMITS_STREAM, subjects=[subjects.COMMITS_ALL])
+        await broker.js.add_stream(old_stream)
+        old = dataclasses.replace(
+            planner_consumer_config(spec), filter_subjects=[subjects.commit("r")]
+        )
+        await broker.js.add_consumer(subjects.COMMITS_STREAM, old)
+        await ensure_topology(broker)
+        stream = await broker.js.stream_info(subjects.COMMITS_STREAM)
+        assert stream.config.subjects == [subjects.COMMITS_ALL, subjects.RERUNS_ALL]
+        await ensure_rerun_subject(broker, spec)
+        name = subjects.planner_consumer("p")
+        consumer = await broker.js.consumer_info(subjects.COMMITS_STREAM, name)
+        assert consumer.config.filter_subjects == [subjects.commit("r"), subjects.rerun("p")]
+    finally:
+        await broker.close()
