@@ -19,12 +19,15 @@ import bisect
 import os
 import shutil
 from pathlib import Path
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client import values as _values
-from prometheus_client.multiprocess import MultiProcessCollector
+from typing import TYPE_CHECKING
 
 from datumflow.settings import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Histogram
+
+# prometheus-client is imported where metrics are made or served, not with this module: every
+# layer imports it to record, and a CLI command that records nothing should not pay for it.
 
 TIME_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 """Seconds, for a datum's download, process and upload times: from no-op datums to long ones."""
@@ -44,6 +47,8 @@ class Metrics:
     """Every metric datumflow defines. Labels are pipeline-level, never job or datum ids."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         r = registry
         # -- datums and jobs: counted by the committer when a job ends (see docs/metrics.md)
         self.datums = Counter(
@@ -203,6 +208,8 @@ class Metrics:
 def metric_names() -> set[str]:
     """The names of every series the metrics define, as PromQL sees them (with the suffixes
     Prometheus adds: _total, _bucket, _sum, _count)."""
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry()
     Metrics(registry)
     names: set[str] = set()
@@ -257,6 +264,8 @@ def install(settings: Settings) -> Metrics | None:
     if not settings.metrics:
         _current = None
         return None
+    from prometheus_client import CollectorRegistry, start_http_server
+
     registry = CollectorRegistry()
     _current = Metrics(registry)
     host, port = split_address(settings.metrics)
@@ -272,6 +281,9 @@ def serve_directory(directory: Path, *, address: str) -> tuple[Metrics, str]:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     _multiprocess(directory)
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))
     host, port = split_address(address)
@@ -292,8 +304,10 @@ def _multiprocess(directory: Path) -> None:
     # prometheus-client's multiprocess values name their directory in this variable, which they
     # read when a value is made; this process's user code must not inherit it (the worker's
     # sandbox leaves it out).
+    from prometheus_client import values
+
     os.environ.update(PROMETHEUS_MULTIPROC_DIR=str(directory))
-    _values.ValueClass = _values.MultiProcessValue()
+    values.ValueClass = values.MultiProcessValue()
 
 
 def split_address(address: str) -> tuple[str, int]:
