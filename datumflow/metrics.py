@@ -240,6 +240,8 @@ def observe_many(histogram: Histogram, pipeline: str, samples: list[float]) -> N
 
 
 _current: Metrics | None = None
+served_url = ""
+"""Where this process serves its own metrics, once `install` started serving them."""
 
 
 def current() -> Metrics | None:
@@ -264,12 +266,15 @@ def install(settings: Settings) -> Metrics | None:
     if not settings.metrics:
         _current = None
         return None
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # the pod's own CPU, memory and open files
     _current = Metrics(registry)
     host, port = split_address(settings.metrics)
-    start_http_server(port, addr=host, registry=registry)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    global served_url
+    served_url = _url(host, server.server_port)
     return _current
 
 
@@ -289,8 +294,12 @@ def serve_directory(directory: Path, *, address: str) -> tuple[Metrics, str]:
     host, port = split_address(address)
     server, _ = start_http_server(port, addr=host, registry=registry)
     _current = Metrics(None)
+    return _current, _url(host, server.server_port)
+
+
+def _url(host: str, port: int) -> str:
     shown = host if host not in ("", "0.0.0.0") else "127.0.0.1"
-    return _current, f"http://{shown}:{server.server_port}/metrics"
+    return f"http://{shown}:{port}/metrics"
 
 
 def process_gone(directory: Path, pid: int) -> None:

@@ -271,6 +271,10 @@ async def test_object_store_errors_and_retries_are_counted(recorded: metrics.Met
     errors = _value(recorded.store_errors.labels(function="worker"))
     retries = _value(recorded.store_retries.labels(function="worker"))
     assert (errors, retries) == (4, 3)
+    # What a pod serves on its own: these, and its process's figures.
+    served = (_get(metrics.served_url) or b"").decode()
+    assert 'datumflow_object_store_errors_total{function="worker"} 4.0' in served
+    assert "process_cpu_seconds_total" in served
 
 
 def test_a_killed_job_counts_its_datums_without_a_result_as_killed(
