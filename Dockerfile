@@ -1,4 +1,5 @@
-# The datumflow image: the control plane (planner, committer, controller) and the worker.
+# The datumflow image: the control plane (planner, committer, controller), the console and the
+# worker.
 # A pipeline's own image starts FROM this one and adds its code (see docs/kubernetes.md).
 FROM python:3.11-slim
 

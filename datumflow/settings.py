@@ -17,7 +17,7 @@ import msgspec
 PfsMode = Literal["auto", "namespace", "direct", "env"]
 """How a worker lays out /pfs (see Settings.pfs_mode)."""
 
-SECRET_FIELDS = frozenset({"nats_password", "nats_token", "nats_nkey_seed"})
+SECRET_FIELDS = frozenset({"nats_password", "nats_token", "nats_nkey_seed", "console_token"})
 """Settings whose values are secrets (the others name files or places, which are not)."""
 
 ENV_NAMES: dict[str, tuple[str, ...]] = {
@@ -101,6 +101,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_dir: str = ""
     """Set by `datumflow up` for its children: the directory they record metrics into, which `up`
     serves. Empty: a function serves its own metrics (see `metrics`)."""
+    console_address: str = "127.0.0.1:7480"
+    """host:port the web console listens on, under `up` and `datumflow console`. Empty: `up`
+    serves no console ("off" too: an empty variable counts as unset). Beyond loopback the console
+    answers only with its token."""
+    console_token: str = ""
+    """The console's token: needed for everything when it listens beyond loopback, and for its
+    one action (rerun) everywhere. Empty: the console makes one and prints it in its URL."""
     storage_faults: str = ""
     """Testing only: latency, errors and crashes injected into the object store of every function
     (see datumflow.storage.faulty), e.g. "latency=0.02,jitter=0.05,errors=0.1". Empty: none."""
@@ -142,6 +149,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def home_path(self) -> Path:
         return Path(self.home).resolve()
+
+    @property
+    def console(self) -> bool:
+        """Whether `up` serves the web console."""
+        return self.console_address not in ("", "off")
 
     def storage_url(self) -> str:
         return self.storage or (self.home_path / "objects").as_uri()

@@ -235,6 +235,9 @@ def cluster_env(home: Path, server: EmbeddedServer, **extra: str) -> dict[str, s
         DATUMFLOW_STORAGE=(home / "objects").as_uri(),
         DATUMFLOW_ACK_WAIT="3",
         DATUMFLOW_GRACE="5",
+        # No web console but where a test asks for one (tests/test_console*.py): a process less
+        # for every `up` of the suite.
+        DATUMFLOW_CONSOLE_ADDRESS="off",
     )
     env.update(extra)
     return env

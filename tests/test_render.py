@@ -540,6 +540,30 @@ def test_base_control_plane(base: list[dict[str, Any]]) -> None:
     assert find(base, "ServiceAccount", "datumflow")["automountServiceAccountToken"] is False
 
 
+@needs_kubectl
+def test_base_console(base: list[dict[str, Any]]) -> None:
+    """The console listens beyond loopback in its pod, so its token comes from its own Secret
+    (not the one every function reads), and its Service reaches the port it listens on."""
+    deployment = find(base, "Deployment", "console")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["datumflow", "console", "--address", "0.0.0.0:7480"]
+    assert container["image"] == "ghcr.io/datumflow/datumflow:0.1.0"
+    assert {"containerPort": 7480, "name": "http"} in container["ports"]
+    assert {"secretRef": {"name": "datumflow-console", "optional": True}} in container["envFrom"]
+    assert "DATUMFLOW_CONSOLE_TOKEN" in find(base, "Secret", "datumflow-console")["stringData"]
+    for name in ("planner", "committer", "controller"):
+        (other,) = find(base, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        assert {"secretRef": {"name": "datumflow-console", "optional": True}} not in other[
+            "envFrom"
+        ]
+    service = find(base, "Service", "console")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
 def rules(obj: dict[str, Any]) -> set[tuple[str, str, str]]:
     return {
         (group, resource, verb)

@@ -178,6 +178,11 @@ COMMANDS: dict[str, dict[str, Lazy]] = {
             "controller_command",
             "Keep every pipeline's worker Deployment and ScaledObject applied (runs in the cluster).",
         ),
+        "console": Lazy(
+            "console_commands",
+            "console",
+            "Serve the web console: the DAG, jobs, datums, workers and commits, live in a browser.",
+        ),
         "schema": Lazy(
             "run_commands",
             "schema",

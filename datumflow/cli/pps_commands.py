@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from datumflow.cli.context import (
 from datumflow.errors import DatumflowError
 from datumflow.pfs.datums import check_input
 from datumflow.pfs.paths import parse_job
+from datumflow.runtime.status import read_status
 from datumflow.spec import PipelineSpec, input_leaves, load_spec
 
 
@@ -87,25 +86,9 @@ def _input_text(info: PipelineInfo) -> str:
     return ", ".join(f"{x.repo}:{x.glob}" for x in input_leaves(info.spec.input))
 
 
-# The supervisor of `datumflow up` rewrites status.json several times a second; an older one was
-# left by a supervisor that is gone, and its worker counts are not true any more.
-STATUS_FRESH_SECONDS = 10.0
-
-
 def _status(settings_home: str) -> dict[str, dict[str, Any]]:
     """Per pipeline, what the local supervisor last wrote: state, workers, desired, lag."""
-    try:
-        status = json.loads((Path(settings_home) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(status, dict):
-        return {}
-    now = time.time()
-    return {
-        name: entry
-        for name, entry in status.items()
-        if isinstance(entry, dict) and now - entry.get("updated", 0) < STATUS_FRESH_SECONDS
-    }
+    return read_status(settings_home)
 
 
 def _pipeline_view(

@@ -27,6 +27,7 @@ from datumflow.functions.worker.worker import Worker, default_scratch, user_code
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance, server_binary
 from datumflow.runtime.service import resolve, serve, stop_on_signals
+from datumflow.runtime.status import read_console_url
 from datumflow.runtime.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -117,6 +118,9 @@ def up(
                 )
                 if instance.metrics_url:
                     typer.echo(f"metrics of every datumflow process: {instance.metrics_url}")
+                if settings.console:
+                    url = _console_url(home, proc)
+                    typer.echo(f"console: {url}" if url else f"console: see {home / 'logs'}")
                 return
             if proc.poll() is not None:
                 fail(f"datumflow up exited with code {proc.returncode}; see {home / 'up.log'}")
@@ -135,6 +139,17 @@ def up(
     except DatumflowError as exc:
         # A broker that cannot keep the topology as asked, for one: the message says what to do.
         fail(str(exc))
+
+
+def _console_url(home: Path, proc: subprocess.Popen[bytes], *, patience: float = 20) -> str:
+    """The URL of the console `up` started, once it listens; "" if it did not within `patience`."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline and proc.poll() is None:
+        url = read_console_url(home)
+        if url:
+            return url
+        time.sleep(0.1)
+    return ""
 
 
 def down(ctx: typer.Context, timeout: float = typer.Option(60, "--timeout")) -> None:

@@ -27,6 +27,7 @@ from datumflow.runtime.embedded import EmbeddedServer, Instance, instance_path
 from datumflow.runtime.lag import LagReader
 from datumflow.runtime.pipeline_workers import PipelineWorkers, choose_to_stop, kill_deadline
 from datumflow.runtime.service import connect_patiently
+from datumflow.runtime.status import CONSOLE_FILE, read_console_url
 from datumflow.scaling import termination_grace_seconds
 from datumflow.settings import Settings
 
@@ -56,6 +57,8 @@ class Supervisor:
         self.metrics_url = ""
         """Where `up` serves the metrics of every process it runs; "" when they are off."""
         self._pids: set[int] = set()
+        self.console_url = ""
+        """The web console's URL, once it listens and it has been printed."""
 
     def _env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
@@ -128,6 +131,10 @@ class Supervisor:
             self._child("committer", "committer"),
             self._child("ingest", "ingest"),
         ]
+        (self.home / CONSOLE_FILE).unlink(missing_ok=True)  # a previous run's
+        if self.settings.console:
+            # The web console (datumflow.console), which writes its URL once it listens.
+            self.functions.append(self._child("console", "console", "--url-home", str(self.home)))
         for child in self.functions:
             child.stop_timeout = self.settings.grace + 5
             await child.start()
@@ -145,6 +152,7 @@ class Supervisor:
     async def tick(self) -> None:
         for child in self.functions:
             await child.keep_alive()
+        self._announce_console()
         infos = await self._pipeline_infos()
         for name in list(self.pipelines):
             if name not in infos:
@@ -239,6 +247,12 @@ class Supervisor:
         for child in pw.workers:
             await child.keep_alive()
 
+    def _announce_console(self) -> None:
+        url = read_console_url(self.home) if self.settings.console else ""
+        if url and url != self.console_url:
+            self.console_url = url
+            print(f"datumflow console: {url}", flush=True)
+
     def _write_status(self) -> None:
         status = {name: pw.status() for name, pw in self.pipelines.items()}
         tmp = self.home / "status.json.tmp"
@@ -260,3 +274,4 @@ class Supervisor:
             instance_path(self.home).unlink()
         with contextlib.suppress(FileNotFoundError):
             (self.home / "status.json").unlink()
+        (self.home / CONSOLE_FILE).unlink(missing_ok=True)

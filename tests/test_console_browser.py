@@ -1,0 +1,108 @@
+"""The console in a real browser: Debian's headless Chromium, driven by Playwright, on a running
+`datumflow up` whose job has one failing datum and slow ones. The DAG renders, the job's page
+updates while the job runs (without a reload), and the failed datum shows its error and its log.
+The last view is saved as docs/console.png, which the README shows."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from datumflow.runtime.status import read_console_url
+from tests.helpers import Cluster, create_pipeline, put_files, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "console.png"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WORDS = {f"/{w}.txt": w.encode() for w in ["alpha", "bravo", "charlie", "delta", "echo", "bad"]}
+# One datum at a time, 0.7 s each: the job runs long enough to watch its figures move.
+SLOW = (
+    'for f in /pfs/words/*; do n=$(basename "$f"); echo "reading $n"; sleep 0.7;'
+    ' if [ "$n" = bad.txt ]; then echo "cannot spell $n: no vowels left" >&2; exit 7; fi;'
+    ' tr a-z A-Z < "$f" > "/pfs/out/$n"; done'
+)
+
+needs_chromium = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None,
+    reason="chromium is not installed (Debian's package: apt-get install chromium)",
+)
+
+
+@needs_chromium
+def test_console_in_a_browser(make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    cluster = make_cluster(DATUMFLOW_CONSOLE_ADDRESS="127.0.0.1:0")
+    asyncio.run(put_files(cluster, "words", WORDS))
+    create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "shout"},
+            "input": {"pfs": {"repo": "words", "glob": "/*"}},
+            "transform": {"cmd": ["sh", "-c", SLOW]},
+            "parallelism_spec": {"constant": 1},
+            "datum_tries": 1,
+        },
+    )
+    wait_until(lambda: read_console_url(cluster.home), timeout=30, what="the console's URL")
+    url = read_console_url(cluster.home)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            args=ARGS,
+            headless=True,
+            viewport={"width": 1280, "height": 860},
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(url)
+            # The DAG: a node for the repo and one for the pipeline, joined by an edge.
+            expect(page.locator('[data-node="words"][data-kind="repo"]')).to_be_visible()
+            expect(page.locator('[data-node="shout"][data-kind="pipeline"]')).to_be_visible()
+            expect(page.locator("#dag path.edge")).to_have_count(1)
+            assert "token=" not in page.url  # taken out of the address bar
+
+            page.locator('[data-node="shout"]').click()
+            # The pipeline's page lists its job as soon as it is planned (it polls).
+            page.locator("tr[data-job]").first.click()
+            expect(page.locator("#count-total")).to_have_text("6")
+            # Marks this document: a reload would lose it.
+            page.evaluate("window.__sameDocument = true")
+            before = page.locator("#count-processed").inner_text()
+            page.wait_for_function(
+                "(before) => document.querySelector('#count-processed')?.textContent !== before",
+                arg=before,
+            )
+            expect(page.locator("h1 .state")).to_have_text("failure", timeout=30_000)
+            assert page.evaluate("window.__sameDocument") is True
+            expect(page.locator("#count-failed")).to_have_text("1")
+            expect(page.locator("#count-processed")).to_have_text("5")
+
+            # The failed datum comes first; opened, it shows its error and its log.
+            failed = page.locator("tr[data-datum]").first
+            expect(failed).to_have_attribute("data-state", "failed")
+            failed.click()
+            expect(page.locator(".datum-error")).to_contain_text("7")
+            expect(page.locator(".datum-log")).to_contain_text("cannot spell bad.txt")
+            expect(page.locator(".datum-log")).to_contain_text("reading bad.txt")
+            expect(page.locator(".detail")).to_contain_text("/bad.txt")
+            page.screenshot(path=str(SCREENSHOT), full_page=False)
+        finally:
+            browser.close()
