@@ -165,7 +165,8 @@ async def test_rerun_needs_the_token_even_on_loopback(client: TestClient[Any, An
     assert (await client.post(path, cookies={"datumflow_token": TOKEN})).status == 401
     assert (await client.post(path, headers={"X-Datumflow-Token": "wrong"})).status == 401
     allowed = await client.post(path, headers={"X-Datumflow-Token": TOKEN})
-    assert allowed.status != 401
+    assert allowed.status == 404  # let through: the job does not exist
+    assert "does not exist" in (await allowed.json())["error"]
 
 
 @pytest.mark.asyncio
@@ -247,3 +248,33 @@ def test_console_command_beyond_loopback(shared: Cluster) -> None:
         proc.wait(timeout=30)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.asyncio
+async def test_rerun_button_reruns_the_failed_datums(
+    shared: Cluster, client: TestClient[Any, Any]
+) -> None:
+    """Last in the module: it adds a job to `shout`."""
+    headers = {"X-Datumflow-Token": TOKEN}
+    [old] = (await get_json(client, "/api/jobs?pipeline=shout"))["jobs"]
+    [copied] = (await get_json(client, "/api/jobs?pipeline=copy"))["jobs"]
+    nothing = await client.post(f"/api/jobs/copy/{copied['id']}/rerun", headers=headers)
+    assert nothing.status == 200
+    assert (await nothing.json())["nothing"] is True  # it succeeded: no failed datum
+
+    response = await client.post(f"/api/jobs/shout/{old['id']}/rerun", headers=headers)
+    assert response.status == 200, await response.text()
+    done = await response.json()
+    assert (done["job"], done["rerun"], done["carried"], done["nothing"]) == (
+        old["id"],
+        1,
+        2,
+        False,
+    )
+    new = (await wait_job_done(shared, "shout", count=2))[0]
+    assert new.id == done["new_job"]
+    # b.txt fails again (the code still cannot shout it); the others were carried over.
+    assert (new.data_total, new.data_skipped, new.data_failed) == (3, 2, 1)
+    # The old job is no longer the pipeline's newest: refused, with why.
+    again = await client.post(f"/api/jobs/shout/{old['id']}/rerun", headers=headers)
+    assert again.status == 400 and "newest" in (await again.json())["error"]

@@ -1,7 +1,7 @@
 """The console in a real browser: Debian's headless Chromium, driven by Playwright, on a running
 `datumflow up` whose job has one failing datum and slow ones. The DAG renders, the job's page
-updates while the job runs (without a reload), and the failed datum shows its error and its log.
-The last view is saved as docs/console.png, which the README shows."""
+updates while the job runs (without a reload), the failed datum shows its error and its log (that
+view is saved as docs/console.png, which the README shows), and the rerun button reruns it."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-WORDS = {f"/{w}.txt": w.encode() for w in ["alpha", "bravo", "charlie", "delta", "echo", "bad"]}
-# One datum at a time, 0.7 s each: the job runs long enough to watch its figures move.
+WORDS = {f"/{w}.txt": w.encode() for w in ["alpha", "bravo", "charlie", "delta", "bad", "zulu"]}
+# One datum at a time, a fraction of a second each; zulu.txt waits for the test to open the gate,
+# so the job is surely running when its page is first shown.
 SLOW = (
-    'for f in /pfs/words/*; do n=$(basename "$f"); echo "reading $n"; sleep 0.7;'
+    'for f in /pfs/words/*; do n=$(basename "$f"); echo "reading $n"; sleep 0.3;'
+    ' if [ "$n" = zulu.txt ]; then while [ ! -e "$GATE" ]; do sleep 0.1; done; fi;'
     ' if [ "$n" = bad.txt ]; then echo "cannot spell $n: no vowels left" >&2; exit 7; fi;'
     ' tr a-z A-Z < "$f" > "/pfs/out/$n"; done'
 )
@@ -46,6 +48,7 @@ def test_console_in_a_browser(make_cluster: Callable[..., Cluster], tmp_path: Pa
     from playwright.sync_api import expect, sync_playwright
 
     cluster = make_cluster(DATUMFLOW_CONSOLE_ADDRESS="127.0.0.1:0")
+    gate = tmp_path / "gate"
     asyncio.run(put_files(cluster, "words", WORDS))
     create_pipeline(
         cluster,
@@ -53,7 +56,7 @@ def test_console_in_a_browser(make_cluster: Callable[..., Cluster], tmp_path: Pa
         {
             "pipeline": {"name": "shout"},
             "input": {"pfs": {"repo": "words", "glob": "/*"}},
-            "transform": {"cmd": ["sh", "-c", SLOW]},
+            "transform": {"cmd": ["sh", "-c", SLOW], "env": {"GATE": str(gate)}},
             "parallelism_spec": {"constant": 1},
             "datum_tries": 1,
         },
@@ -71,7 +74,7 @@ def test_console_in_a_browser(make_cluster: Callable[..., Cluster], tmp_path: Pa
         )
         try:
             page = browser.new_page()
-            page.set_default_timeout(20_000)
+            page.set_default_timeout(30_000)
             page.goto(url)
             # The DAG: a node for the repo and one for the pipeline, joined by an edge.
             expect(page.locator('[data-node="words"][data-kind="repo"]')).to_be_visible()
@@ -83,9 +86,11 @@ def test_console_in_a_browser(make_cluster: Callable[..., Cluster], tmp_path: Pa
             # The pipeline's page lists its job as soon as it is planned (it polls).
             page.locator("tr[data-job]").first.click()
             expect(page.locator("#count-total")).to_have_text("6")
+            expect(page.locator("h1 .state")).to_have_text("running")  # held by zulu.txt
             # Marks this document: a reload would lose it.
             page.evaluate("window.__sameDocument = true")
             before = page.locator("#count-processed").inner_text()
+            gate.touch()
             page.wait_for_function(
                 "(before) => document.querySelector('#count-processed')?.textContent !== before",
                 arg=before,
@@ -104,5 +109,18 @@ def test_console_in_a_browser(make_cluster: Callable[..., Cluster], tmp_path: Pa
             expect(page.locator(".datum-log")).to_contain_text("reading bad.txt")
             expect(page.locator(".detail")).to_contain_text("/bad.txt")
             page.screenshot(path=str(SCREENSHOT), full_page=False)
+
+            # The one action: rerun the failed datum. The page goes to the new job, where the
+            # five done datums are carried over (skipped) and bad.txt runs, and fails, again.
+            failed_job = page.url.split("/")[-1]
+            page.locator("#rerun").click()
+            page.wait_for_function(
+                "(old) => !location.hash.endsWith(old) && location.hash.startsWith('#/job/')",
+                arg=failed_job,
+            )
+            expect(page.locator("#count-skipped")).to_have_text("5")
+            expect(page.locator("h1 .state")).to_have_text("failure", timeout=30_000)
+            expect(page.locator("#count-failed")).to_have_text("1")
+            assert page.evaluate("window.__sameDocument") is True
         finally:
             browser.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from datumflow.console import auth
 from datumflow.console.samples import Sampler
-from datumflow.console.server import RerunAction, make_app, serve_until, start_site
+from datumflow.console.server import make_app, serve_until, start_site
 from datumflow.console.views import Views
 from datumflow.errors import DatumflowError
 from datumflow.runtime.service import connect_patiently, open_function_store
@@ -47,7 +47,6 @@ async def run_console(
     stop: asyncio.Event,
     url_home: Path | None = None,
     local_home: Path | None = None,
-    rerun: RerunAction | None = None,
     announce: Callable[[str], None] = print,
 ) -> None:
     """Serve the console on `settings.console_address` until `stop`.
@@ -65,9 +64,7 @@ async def run_console(
         try:
             views = Views(broker=broker, store=store)
             sampler = Sampler(broker=broker, home=local_home)
-            app = make_app(
-                views=views, sampler=sampler, token=token, loopback=loopback, rerun=rerun
-            )
+            app = make_app(views=views, sampler=sampler, token=token, loopback=loopback)
             runner, bound = await start_site(
                 app, host=host, port=port, fallback=url_home is not None
             )

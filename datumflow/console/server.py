@@ -11,7 +11,8 @@
     POST /api/jobs/P/J/rerun                       rerun the job's failed datums (token required)
 
 Reading follows datumflow.console.auth; errors come as JSON `{"error": ...}` with 404 for what
-does not exist, 503 when the broker does not answer, 400 for any other refusal.
+does not exist, 503 when the broker or the store does not answer (or no planner took a rerun in
+time), 400 for any other refusal.
 """
 
 from __future__ import annotations
@@ -21,32 +22,23 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from datumflow.console import auth
 from datumflow.console.samples import Sampler
 from datumflow.console.views import Views
-from datumflow.errors import BrokerError, DatumflowError, NotFound
+from datumflow.errors import DatumflowError, NotFound, TemporaryError
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"console.js": "text/javascript", "console.css": "text/css"}
 
-RerunAction = Callable[[str, str], Awaitable[dict[str, Any]]]
-"""Reruns a job's failed datums: (pipeline, job) → what was done, as JSON-ready data."""
-
 VIEWS = web.AppKey("views", Views)
 SAMPLER = web.AppKey("sampler", Sampler)
 TOKEN = web.AppKey("token", str)
 LOOPBACK = web.AppKey("loopback", bool)
-RERUN = web.AppKey("rerun", object)
-
-
-async def _no_rerun(pipeline: str, job: str) -> dict[str, Any]:
-    raise DatumflowError("rerunning failed datums is not available in this datumflow")
 
 
 @web.middleware
@@ -66,7 +58,7 @@ async def _guard(
         return await handler(request)
     except NotFound as exc:
         return _error(404, str(exc))
-    except BrokerError as exc:
+    except TemporaryError as exc:  # the broker or the store, or no planner took a rerun in time
         return _error(503, str(exc))
     except DatumflowError as exc:
         return _error(400, str(exc))
@@ -133,11 +125,8 @@ async def _files(request: web.Request) -> web.Response:
 async def _rerun(request: web.Request) -> web.Response:
     if not auth.may_act(token=request.app[TOKEN], headers=request.headers):
         return _error(401, f"rerunning needs the console's token in the {auth.TOKEN_HEADER} header")
-    action = request.app[RERUN]
-    assert callable(action)
     m = request.match_info
-    done = await action(m["pipeline"], m["job"])
-    return web.json_response(done)
+    return web.json_response(await request.app[VIEWS].rerun(m["pipeline"], m["job"]))
 
 
 def make_app(
@@ -146,7 +135,6 @@ def make_app(
     sampler: Sampler,
     token: str,
     loopback: bool,
-    rerun: RerunAction | None = None,
 ) -> web.Application:
     """The console's application: `token` guards it as datumflow.console.auth says."""
     if not token:
@@ -156,7 +144,6 @@ def make_app(
     app[SAMPLER] = sampler
     app[TOKEN] = token
     app[LOOPBACK] = loopback
-    app[RERUN] = rerun or _no_rerun
     app.router.add_get("/", _page)
     app.router.add_get("/static/{name}", _static)
     app.router.add_get("/api/dag", _dag)

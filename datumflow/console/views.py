@@ -1,5 +1,6 @@
 """What the console's pages show, read from the broker and the object store through the pfs layer:
-the DAG, a pipeline's jobs, a job's datums, a datum's log, a repo's commits and files.
+the DAG, a pipeline's jobs, a job's datums, a datum's log, a repo's commits and files; and its one
+action, rerunning a job's failed datums.
 
 Each view is plain JSON-ready data. The shaping is pure (`dag_view`, `job_view`, `datum_rows`,
 `commit_view`), so it is tested without a broker; `Views` does the reading. A job's datums come
@@ -23,6 +24,7 @@ from datumflow.errors import NotFound
 from datumflow.pfs import results
 from datumflow.pfs.pipelines import Pipelines
 from datumflow.pfs.repos import Repos
+from datumflow.pfs.reruns import NothingToRerun, rerun_failed
 from datumflow.spec import input_leaves
 from datumflow.storage.base import ObjectStore
 
@@ -249,6 +251,17 @@ class Views:
             return ""
         data = await self.store.get_bytes(result.logs)
         return data[-LOG_TAIL:].decode(errors="replace")
+
+    async def rerun(self, pipeline: str, job: str) -> dict[str, Any]:
+        """Rerun the job's failed datums (datumflow.pfs.reruns, as `datumflow rerun job
+        --failed`): the new job and its figures, or `nothing` with why for a job with none."""
+        try:
+            done = await rerun_failed(
+                broker=self.broker, store=self.store, pipeline=pipeline, job=job
+            )
+        except NothingToRerun as exc:
+            return {"pipeline": pipeline, "job": job, "nothing": True, "message": str(exc)}
+        return {**msgspec.to_builtins(done), "nothing": False, "message": ""}
 
     async def commits(self, repo: str, branch: str = "master") -> dict[str, Any]:
         info = await self.repos.get_repo(repo)

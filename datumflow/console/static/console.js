@@ -201,9 +201,12 @@ function toggleDatum(id) {
 async function rerun(pipeline, job) {
   if (!token()) { toast("Rerunning needs the console's token: open the URL `datumflow up` printed."); return; }
   try {
+    const button = document.getElementById("rerun");
+    if (button) button.disabled = true;
     const done = await api(`/api/jobs/${encodeURIComponent(pipeline)}/${encodeURIComponent(job)}/rerun`, { method: "POST" });
-    toast(`Rerunning ${done.rerun ?? "the failed"} datum(s) as job ${short(done.new_job)}`);
-    if (done.new_job) location.hash = `#/job/${encodeURIComponent(pipeline)}/${encodeURIComponent(done.new_job)}`;
+    if (done.nothing) { toast(done.message); return; }
+    toast(`Rerunning ${done.rerun} datum(s), ${done.carried} carried over, as job ${short(done.new_job)}`);
+    location.hash = `#/job/${encodeURIComponent(pipeline)}/${encodeURIComponent(done.new_job)}`;
   } catch (err) { toast(err.message); }
 }
 
