@@ -72,7 +72,8 @@ async def run_demo(*, files: int = 20, console: Console, nats_server: str = "") 
     """`nats_server`: the nats-server binary to run (the setting), else the packaged one."""
     with tempfile.TemporaryDirectory(prefix="datumflow-demo-") as home:
         # A private datumflow: nothing of the user's settings but the broker binary to run.
-        settings = Settings(home=home, ack_wait=10, nats_server=nats_server)
+        # No web console either: the demo is over in seconds.
+        settings = Settings(home=home, ack_wait=10, nats_server=nats_server, console_address="off")
         supervisor = Supervisor(settings=settings, embedded=True)
         stop = asyncio.Event()
         console.print(f"[bold]datumflow demo[/] in {home}: starting the broker and the functions")

@@ -22,7 +22,7 @@ from datumflow.broker.messages import DatumResult
 from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobInfo, PipelineInfo, RepoInfo
 from datumflow.errors import NotFound
 from datumflow.pfs import results
-from datumflow.pfs.pipelines import Pipelines
+from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
 from datumflow.pfs.reruns import NothingToRerun, rerun_failed
 from datumflow.spec import input_leaves
@@ -45,6 +45,10 @@ FILES_LISTED = 1000
 
 KEPT_JOBS = 64
 """Finished jobs whose datums are kept in memory (they never change)."""
+
+LIVE_REREAD_PER_RESULT = 1 / 5000
+"""Seconds a running job's results are kept before they are read again, per result read: fresh at
+every poll for thousands of datums, every 20 s for 100,000."""
 
 FAILED_STATES = ("failed",)
 
@@ -195,13 +199,17 @@ class Views:
         self.pipelines = Pipelines(broker=broker, repos=self.repos)
         self._finished: OrderedDict[tuple[str, str], dict[str, DatumResult]] = OrderedDict()
         self._indexes: dict[tuple[str, str], dict[str, DatumIndexEntry]] = {}
+        self._live: dict[tuple[str, str], tuple[float, dict[str, DatumResult]]] = {}
 
     async def dag(self, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
         repos = await self.repos.list_repos()
         pipelines = await self.pipelines.list()
         last_jobs: dict[str, JobInfo] = {}
-        for job in await self.pipelines.list_jobs():
-            last_jobs.setdefault(job.pipeline, job)  # newest first
+        for head in await self.pipelines.heads.all():  # one record per pipeline, not every job
+            if head.last_job:
+                job = await self.pipelines.jobs.find(job_key(head.pipeline, head.last_job))
+                if job is not None:
+                    last_jobs[head.pipeline] = job
         return dag_view(repos, pipelines, latest, last_jobs)
 
     async def jobs(self, pipeline: str = "") -> list[dict[str, Any]]:
@@ -217,7 +225,15 @@ class Views:
         if key in self._finished:
             self._finished.move_to_end(key)
             return self._finished[key], self._indexes.get(key, {})
+        now = time.monotonic()
+        live = self._live.get(key)
+        if live is not None and not job.done and now < live[0]:
+            return live[1], {}
         first = results.first_results(await results.replay(self.broker, job.pipeline, job.id))
+        if not job.done:
+            # A running job's results are read again at most every LIVE_REREAD_PER_RESULT second
+            # per result: a page left open on a huge job must not replay it all every poll.
+            self._live = {key: (now + len(first) * LIVE_REREAD_PER_RESULT, first)}
         index: dict[str, DatumIndexEntry] = {}
         if job.datums:
             data = await self.store.get_bytes(job.datums)

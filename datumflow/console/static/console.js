@@ -80,7 +80,7 @@ function layers(dag) {
 }
 
 function dagSvg(dag) {
-  const W = 200, H = 62, GX = 90, GY = 26;
+  const W = 230, H = 62, GX = 80, GY = 26;
   const depth = layers(dag);
   const columns = {};
   for (const n of dag.nodes) (columns[depth[n.id]] = columns[depth[n.id]] || []).push(n);
@@ -143,10 +143,10 @@ function progress(j) {
 }
 
 function jobRows(jobs) {
-  return `<table><tr><th>job</th><th>pipeline</th><th>state</th><th>processed</th><th>skipped</th><th>failed</th><th>recovered</th><th>queued</th><th>progress</th><th>duration</th><th>started</th></tr>
+  return `<table><tr><th>job</th><th>pipeline</th><th>state</th><th>total</th><th>processed</th><th>skipped</th><th>failed</th><th>recovered</th><th>queued</th><th>progress</th><th>duration</th><th>started</th></tr>
     ${jobs.map((j) => `<tr class="clickable" data-job="${esc(j.id)}" onclick="location.hash='#/job/${encodeURIComponent(j.pipeline)}/${encodeURIComponent(j.id)}'">
       <td class="mono"><a href="#/job/${encodeURIComponent(j.pipeline)}/${encodeURIComponent(j.id)}">${esc(short(j.id))}</a></td>
-      <td>${esc(j.pipeline)}</td><td>${badge(j.state)}</td><td>${j.processed}</td><td>${j.skipped}</td>
+      <td>${esc(j.pipeline)}</td><td>${badge(j.state)}</td><td>${j.total}</td><td>${j.processed}</td><td>${j.skipped}</td>
       <td>${j.failed}</td><td>${j.recovered}</td><td>${j.queued}</td><td>${progress(j)}</td>
       <td>${seconds(j.duration)}</td><td>${when(j.started || j.created)}</td></tr>`).join("")}</table>`;
 }
@@ -253,8 +253,8 @@ function chart(name, samples, period) {
   return `<div class="chart" data-chart="${esc(name)}">
     <div class="legend"><span><i style="background:#2f6fde"></i>lag (right axis, max ${maxLag})</span><span><i style="background:#c98a00"></i>desired</span><span><i style="background:#1f9d55"></i>running</span>
     <span>now: lag ${num(last.lag)}, ${num(last.running)} running / ${num(last.desired)} desired</span></div>
-    <svg width="${W}" height="${H}" role="img" aria-label="workers of ${esc(name)}">${grid}
-    <path class="lag" d="${lagArea}"/><path class="desired" d="${step("desired", yw)}"/><path class="running" d="${step("running", yw)}"/>
+    <svg viewBox="0 0 ${W} ${H}" style="width:100%;max-width:${W}px;height:auto" role="img" aria-label="workers of ${esc(name)}">${grid}
+    <path class="lag" d="${lagArea}"/><path class="running" d="${step("running", yw)}"/><path class="desired" d="${step("desired", yw)}"/>
     <text x="${L - 6}" y="${T + 4}" text-anchor="end">${maxWorkers}</text><text x="${L - 6}" y="${H - B}" text-anchor="end">0</text>
     <text x="${W - R + 6}" y="${T + 4}">${maxLag}</text><text x="${W - R + 6}" y="${H - B}">0</text>
     <text x="${L}" y="${H - 4}" fill="#6b7385">${new Date(t0 * 1000).toLocaleTimeString()}</text>
