@@ -41,6 +41,7 @@ from datumflow.broker.messages import (
     DeadLetter,
     FileRef,
     JobPlanned,
+    RerunRequest,
 )
 from datumflow.errors import SpecError
 from datumflow.functions.worker import sandbox
@@ -103,6 +104,8 @@ def _valid(subject_kind: str, key: str) -> dict:
         return msgspec.to_builtins(DatumResults(pipeline="copy", job="nojob", results=[one]))
     if subject_kind == "job":
         return msgspec.to_builtins(JobPlanned(pipeline="copy", job="nojob", data_total=1))
+    if subject_kind == "rerun":
+        return msgspec.to_builtins(RerunRequest(pipeline="copy", job="nojob", created=1.0))
     if subject_kind == "advisory":
         return {"stream": subjects.DATUMS_STREAM, "consumer": "df-worker-copy", "stream_seq": 1}
     raise AssertionError(subject_kind)
@@ -115,6 +118,7 @@ SUBJECTS = {
     "results": (subjects.results("copy", "nojob"), "committer"),
     "job": (subjects.job_planned("copy", "nojob"), "committer"),
     "advisory": (ADVISORY, "committer"),
+    "rerun": (subjects.rerun("copy"), "planner"),
 }
 
 
@@ -142,6 +146,11 @@ def _breakages(kind: str, valid: dict) -> dict[str, tuple[bytes, str]]:
         out["another job's result"] = (
             json.dumps({**valid, "results": [*valid["results"], stray]}).encode(),
             "a result of another job among them",
+        )
+    if kind == "rerun":
+        out["another pipeline's"] = (
+            json.dumps(dict(valid, pipeline="src")).encode(),
+            "a rerun request for pipeline src on df.rerun.copy",
         )
     if kind == "commit":
         for name, path, reason in [

@@ -16,6 +16,7 @@ from nats.js.api import StreamConfig
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import connect
+from datumflow.broker.messages import RerunRequest
 from datumflow.broker.topology import ensure_rerun_subject, ensure_topology, planner_consumer_config
 from datumflow.pfs.reruns import RerunRefused, rerun_failed
 from datumflow.runtime.embedded import EmbeddedServer
@@ -210,14 +211,33 @@ async def test_a_killed_job_reruns_what_it_never_finished(cluster: Cluster, tmp_
     assert killed.state == "killed", killed
     assert killed.data_failed == 0 and killed.data_processed < 3
     go.touch()
-    new = cluster.cli("rerun", "job", f"timed@{killed.id}", "--failed").stdout.strip()
+    # A request about another job of that id (the pipeline deleted and made anew since) is
+    # dropped by the planner; the real one goes after it.
+    async with cluster.api() as api:
+        stale = RerunRequest(pipeline="timed", job=killed.id, created=killed.created - 60)
+        await api.broker.publish(subjects.rerun("timed"), stale, msg_id="stale")
+    await eventually(
+        lambda: f"rerun of timed@{killed.id} dropped: no such job" in cluster.log("planner"),
+        what="the planner to drop the stale request",
+    )
+    shown = json.loads(
+        cluster.cli("rerun", "job", f"timed@{killed.id}", "--failed", "--json").stdout
+    )
     rerun = (await wait_job_done(cluster, "timed", count=2))[0]
-    assert f"timed@{rerun.id}" == new and rerun.state == "success", rerun.reason
+    assert shown == {
+        "pipeline": "timed",
+        "job": killed.id,
+        "new_job": rerun.id,
+        "rerun": 3 - killed.data_processed,
+        "carried": killed.data_processed,
+    }
+    assert rerun.state == "success" and rerun.rerun_of == killed.id, rerun.reason
     assert (rerun.data_processed, rerun.data_skipped) == (
         3 - killed.data_processed,
         killed.data_processed,
     )
     assert await output_files(cluster, "timed") == {"/a": b"a", "/b": b"b", "/s1": b"s"}
+    assert len(await jobs_of(cluster, "timed")) == 2
     await no_planner_dead_letters(cluster)
 
 

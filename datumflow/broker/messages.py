@@ -158,7 +158,7 @@ class JobPlanned(_Wire, kw_only=True):
 
 
 class RerunRequest(_Wire, kw_only=True):
-    """Published on `df.rerun.<pipeline>`, Nats-Msg-Id = rerun:<pipeline>:<job>: run the failed
+    """Published on `df.rerun.<pipeline>`, Nats-Msg-Id = rerun:<pipeline>:<job>:<created>: run the failed
     datums of a finished job again, in a new job on the same input commits (`pfs/reruns.py`).
 
     It travels in the commit stream, through the pipeline's planner consumer, so that it is
@@ -168,6 +168,9 @@ class RerunRequest(_Wire, kw_only=True):
     pipeline: str
     job: str
     """The job whose failed datums run again: the pipeline's newest when it was asked."""
+    created: float
+    """That job's `created`, as the asker read it: a request read again once the pipeline has
+    been deleted and made anew names a job of the same id that it was not about."""
 
 
 class DeadLetter(_Wire, kw_only=True):

@@ -3,7 +3,9 @@ skips against the job's own datum index, so only its failed datums run again.
 
 The request comes through the pipeline's planner consumer, after the commit events before it: if
 one of them started a newer job, the request is stale and is dropped (the requester, `pfs/reruns.py`,
-says so to the user). Asked twice, it plans one job (its id is derived from the job rerun).
+says so to the user). Asked twice, it plans one job (its id is derived from the job rerun). A
+request names the job's creation time too: read again after the pipeline was deleted and made
+anew, it does not rerun the new pipeline's job of the same id.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ async def plan_rerun(planner: Planner, name: str, msg: Msg) -> None:
     except NotFound:
         return  # deleted since
     old = await pipelines.jobs.find(job_key(name, request.job))
-    if old is None:
-        log.warning("rerun of %s@%s dropped: the job does not exist", name, request.job)
+    if old is None or old.created != request.created:
+        log.warning("rerun of %s@%s dropped: no such job (any more)", name, request.job)
         return
     new_job = rerun_job_id(name, info.version, old.id)
     head = await pipelines.heads.find(name)

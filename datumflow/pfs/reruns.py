@@ -111,8 +111,8 @@ async def rerun_failed(
     await ensure_rerun_subject(broker, info.spec)
     await broker.publish(
         subjects.rerun(pipeline),
-        RerunRequest(pipeline=pipeline, job=job),
-        msg_id=f"rerun:{pipeline}:{job}",
+        RerunRequest(pipeline=pipeline, job=job, created=old.created),
+        msg_id=f"rerun:{pipeline}:{job}:{old.created!r}",
     )
     await _started(pipelines, pipeline, job, new_job, timeout=timeout)
     return Rerun(pipeline=pipeline, job=job, new_job=new_job, rerun=again, carried=carried)
