@@ -45,8 +45,10 @@ def on_terminal(cluster: Cluster, *args: str, timeout: float = 60) -> tuple[int,
     code and everything it wrote there, escape sequences and carriage returns left in."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    # What a terminal has, whatever the test's own environment says (rich reads these).
     env = {**cluster.env, "TERM": "xterm-256color"}
-    env.pop("NO_COLOR", None)
+    for name in ("NO_COLOR", "COLUMNS", "LINES", "TTY_INTERACTIVE", "TTY_COMPATIBLE"):
+        env.pop(name, None)
     process = subprocess.Popen(
         [*cluster.prefix, *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env
     )
