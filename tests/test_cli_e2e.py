@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,7 +41,11 @@ class Shell:
 def sh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shell]:
     # One instance for the module: starting one costs more than the commands each test runs.
     shell = Shell(tmp_path_factory.mktemp("cli") / "state")
-    shell("up", "--detach")
+    started = shell("up", "--detach")
+    # It says where its web console is, with the token in the URL (docs/console.md).
+    assert re.search(rb"console: http://127\.0\.0\.1:\d+/\?token=\S+", started.stdout), (
+        started.stdout
+    )
     try:
         yield shell
     finally:

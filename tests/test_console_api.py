@@ -157,6 +157,8 @@ async def test_workers_series(client: TestClient[Any, Any]) -> None:
 async def test_rerun_needs_the_token_even_on_loopback(client: TestClient[Any, Any]) -> None:
     page = await client.get("/")
     assert page.status == 200 and "console.js" in await page.text()
+    assert "script-src" not in page.headers["Content-Security-Policy"]  # default-src 'self'
+    assert page.headers["Referrer-Policy"] == "no-referrer"  # its URL may carry the token
     path = "/api/jobs/shout/nosuchjob/rerun"
     refused = await client.post(path)
     assert refused.status == 401

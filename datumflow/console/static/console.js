@@ -1,5 +1,6 @@
 // datumflow console: routes on the URL's hash, polls the JSON API, redraws the view.
-// No framework, no build step. Every text from the API goes through esc().
+// No framework, no build step. Every text from the API goes through esc(), and no markup holds
+// code: clicks go through one listener reading data attributes.
 "use strict";
 
 const POLL_MS = 1500;
@@ -107,7 +108,7 @@ function dagSvg(dag) {
     const line3 = n.kind === "pipeline" && n.last_job ? `last job ${esc(short(n.last_job))} ${esc(n.last_job_state)}` : "";
     const colour = { running: "#1f9d55", standby: "#8a93a6", failure: "#d2343f", paused: "#8a93a6" }[n.state] || "#2f6fde";
     const dot = n.kind === "pipeline" ? `<circle cx="${W - 14}" cy="14" r="5" fill="${colour}"/>` : "";
-    return `<g class="node ${esc(n.kind)} ${esc(n.state || "")}" data-node="${esc(n.id)}" data-kind="${esc(n.kind)}" transform="translate(${p.x},${p.y})" onclick="location.hash='${href}'">
+    return `<g class="node ${esc(n.kind)} ${esc(n.state || "")}" data-node="${esc(n.id)}" data-kind="${esc(n.kind)}" transform="translate(${p.x},${p.y})" data-href="${esc(href)}">
       <rect width="${W}" height="${H}" rx="8"/>${dot}
       <text x="10" y="19" font-weight="700">${esc(n.id)}</text>
       <text x="10" y="37" fill="#6b7385">${line2}</text>
@@ -126,7 +127,7 @@ async function viewDag() {
     <div class="panel dag" id="dag">${dag.nodes.length ? dagSvg(dag) : '<p class="muted">No repos yet: <code>datumflow create repo NAME</code>.</p>'}</div>
     <h2>Pipelines</h2>
     <div class="panel"><table><tr><th>pipeline</th><th>state</th><th>lag</th><th>workers (running / desired)</th><th>last job</th></tr>
-    ${pipelines.map((p) => `<tr class="clickable" onclick="location.hash='#/pipeline/${encodeURIComponent(p.id)}'">
+    ${pipelines.map((p) => `<tr class="clickable" data-href="#/pipeline/${esc(encodeURIComponent(p.id))}">
       <td><a href="#/pipeline/${encodeURIComponent(p.id)}">${esc(p.id)}</a> <span class="muted">v${esc(p.version)}</span></td>
       <td>${badge(p.state)}</td><td>${num(p.lag)}</td><td>${num(p.running)} / ${num(p.desired)}</td>
       <td>${p.last_job ? `<span class="mono">${esc(short(p.last_job))}</span> ${badge(p.last_job_state)}` : "-"}</td></tr>`).join("")}
@@ -144,7 +145,7 @@ function progress(j) {
 
 function jobRows(jobs) {
   return `<table><tr><th>job</th><th>pipeline</th><th>state</th><th>total</th><th>processed</th><th>skipped</th><th>failed</th><th>recovered</th><th>queued</th><th>progress</th><th>duration</th><th>started</th></tr>
-    ${jobs.map((j) => `<tr class="clickable" data-job="${esc(j.id)}" onclick="location.hash='#/job/${encodeURIComponent(j.pipeline)}/${encodeURIComponent(j.id)}'">
+    ${jobs.map((j) => `<tr class="clickable" data-job="${esc(j.id)}" data-href="#/job/${esc(encodeURIComponent(j.pipeline))}/${esc(encodeURIComponent(j.id))}">
       <td class="mono"><a href="#/job/${encodeURIComponent(j.pipeline)}/${encodeURIComponent(j.id)}">${esc(short(j.id))}</a></td>
       <td>${esc(j.pipeline)}</td><td>${badge(j.state)}</td><td>${j.total}</td><td>${j.processed}</td><td>${j.skipped}</td>
       <td>${j.failed}</td><td>${j.recovered}</td><td>${j.queued}</td><td>${progress(j)}</td>
@@ -213,7 +214,7 @@ async function rerun(pipeline, job) {
 async function viewJob(pipeline, id) {
   const job = await api(`/api/jobs/${encodeURIComponent(pipeline)}/${encodeURIComponent(id)}`);
   const rows = job.datums.map((d) => {
-    const row = `<tr class="clickable" data-datum="${esc(d.id)}" data-state="${esc(d.state)}" onclick="toggleDatum('${esc(d.id)}')">
+    const row = `<tr class="clickable" data-datum="${esc(d.id)}" data-state="${esc(d.state)}" data-toggle="${esc(d.id)}">
       <td class="mono">${esc(short(d.id))}</td><td>${badge(d.state)}</td><td>${d.attempts}</td>
       <td>${seconds(d.time)}</td><td>${seconds(d.download_time)} / ${seconds(d.process_time)} / ${seconds(d.upload_time)}</td>
       <td>${d.files.slice(0, 3).map((f) => `<code>${esc(f)}</code>`).join(", ")}${d.files.length > 3 ? " …" : ""}</td>
@@ -228,7 +229,7 @@ async function viewJob(pipeline, id) {
       <p class="muted">started ${when(job.started || job.created)} · finished ${when(job.finished)} ·
       inputs ${job.input_commits.map((c) => `<a href="#/repo/${encodeURIComponent(c.repo)}">${esc(c.repo)}</a>@<span class="mono">${esc(short(c.commit))}</span>`).join(", ") || "-"}
       ${job.output_commit ? ` · output <a href="#/repo/${encodeURIComponent(pipeline)}">${esc(pipeline)}</a>@<span class="mono">${esc(short(job.output_commit))}</span>` : ""}</p>
-      ${canRerun ? `<button id="rerun" onclick="rerun('${esc(pipeline)}','${esc(job.id)}')">Rerun ${job.failed} failed datum(s)</button>` : ""}</div>
+      ${canRerun ? `<button id="rerun" data-pipeline="${esc(pipeline)}" data-job="${esc(job.id)}">Rerun ${job.failed} failed datum(s)</button>` : ""}</div>
     <h2>Datums <span class="muted">(failed first, then slowest; ${job.datums_listed} of ${job.datums_with_result} with a result)</span></h2>
     <div class="panel"><table id="datums"><tr><th>datum</th><th>state</th><th>attempts</th><th>time</th><th>download / process / upload</th><th>input files</th><th>error</th></tr>
     ${rows.join("")}</table></div>`;
@@ -272,7 +273,7 @@ async function viewWorkers() {
 
 async function viewRepo(repo, commit) {
   const data = await api(`/api/repos/${encodeURIComponent(repo)}/commits`);
-  const rows = data.commits.map((c) => `<tr class="clickable" data-commit="${esc(c.id)}" onclick="location.hash='#/repo/${encodeURIComponent(repo)}/${encodeURIComponent(c.id)}'">
+  const rows = data.commits.map((c) => `<tr class="clickable" data-commit="${esc(c.id)}" data-href="#/repo/${esc(encodeURIComponent(repo))}/${esc(encodeURIComponent(c.id))}">
     <td class="mono">${esc(short(c.id))}</td><td>${esc(c.branch)}</td><td>${esc(c.origin)}</td><td>${c.files}</td><td>${bytes(c.size_bytes)}</td>
     <td>${when(c.finished)}</td>
     <td>${c.provenance.map((p) => `<a href="#/repo/${encodeURIComponent(p.repo)}/${encodeURIComponent(p.commit)}">${esc(p.repo)}@<span class="mono">${esc(short(p.commit))}</span></a>`).join(", ") || "-"}
@@ -328,6 +329,18 @@ async function refresh() {
   }
   state.timer = setTimeout(refresh, POLL_MS);
 }
+
+// One listener for every click: the markup carries data, never code.
+document.addEventListener("click", (event) => {
+  const target = event.target;
+  if (!(target instanceof Element) || target.closest("a")) return;
+  const button = target.closest("button#rerun");
+  if (button) { rerun(button.dataset.pipeline, button.dataset.job); return; }
+  const toggle = target.closest("[data-toggle]");
+  if (toggle) { toggleDatum(toggle.dataset.toggle); return; }
+  const link = target.closest("[data-href]");
+  if (link) location.hash = link.dataset.href;
+});
 
 state.logs = {};
 window.addEventListener("hashchange", () => { state.openDatum = ""; state.logs = {}; refresh(); });
