@@ -221,7 +221,8 @@ async function viewJob(pipeline, id) {
       <td class="error">${esc((d.error || "").split("\n")[0].slice(0, 120))}</td></tr>`;
     return d.id === state.openDatum ? row + datumDetail(d, job) : row;
   });
-  const canRerun = job.failed > 0 && ["success", "failure", "killed"].includes(job.state);
+  // What `datumflow rerun job --failed` reruns: failed datums, and those a killed job never ran.
+  const canRerun = ["success", "failure", "killed"].includes(job.state) && (job.failed > 0 || job.state === "killed");
   return `<h1>Job <span class="mono">${esc(short(job.id))}</span> of <a href="#/pipeline/${encodeURIComponent(pipeline)}">${esc(pipeline)}</a> ${badge(job.state)}</h1>
     ${job.reason ? `<p class="error">${esc(job.reason)}</p>` : ""}
     ${counts(job)}
@@ -229,7 +230,7 @@ async function viewJob(pipeline, id) {
       <p class="muted">started ${when(job.started || job.created)} · finished ${when(job.finished)} ·
       inputs ${job.input_commits.map((c) => `<a href="#/repo/${encodeURIComponent(c.repo)}">${esc(c.repo)}</a>@<span class="mono">${esc(short(c.commit))}</span>`).join(", ") || "-"}
       ${job.output_commit ? ` · output <a href="#/repo/${encodeURIComponent(pipeline)}">${esc(pipeline)}</a>@<span class="mono">${esc(short(job.output_commit))}</span>` : ""}</p>
-      ${canRerun ? `<button id="rerun" data-pipeline="${esc(pipeline)}" data-job="${esc(job.id)}">Rerun ${job.failed} failed datum(s)</button>` : ""}</div>
+      ${canRerun ? `<button id="rerun" data-pipeline="${esc(pipeline)}" data-job="${esc(job.id)}">${job.state === "killed" ? "Rerun what failed or never ran" : `Rerun ${job.failed} failed datum(s)`}</button>` : ""}</div>
     <h2>Datums <span class="muted">(failed first, then slowest; ${job.datums_listed} of ${job.datums_with_result} with a result)</span></h2>
     <div class="panel"><table id="datums"><tr><th>datum</th><th>state</th><th>attempts</th><th>time</th><th>download / process / upload</th><th>input files</th><th>error</th></tr>
     ${rows.join("")}</table></div>`;
