@@ -106,6 +106,10 @@ async def test_wait_job_shows_a_bar_on_a_terminal_only(cluster: Cluster, tmp_pat
     assert re.search(rf"slow@{job.id[:12]} .*6/6 datums — success .*ETA", text), text
     assert text.rstrip().endswith(f"{target}: success"), text
 
+    # A job that does not exist: the error alone, no bar.
+    code, raw = on_terminal(cluster, "wait", "job", "slow@nope")
+    assert code == 1 and "━" not in raw and "ETA" not in raw, raw
+    assert plain(raw).strip() == "error: job slow@nope does not exist", raw
     # Piped: the one line it always printed, and nothing on stderr.
     piped = cluster.cli("wait", "job", target)
     assert (piped.stdout, piped.stderr) == (f"{target}: success\n", "")

@@ -31,28 +31,32 @@ class Bars:
         self._tasks: dict[str, Any] = {}
 
     def __enter__(self) -> Bars:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.fields[counts]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                refresh_per_second=REFRESH_PER_SECOND,
-            )
-            self._progress.start()
         return self
+
+    def _start(self) -> Any:
+        """The live display, started with the first bar: a command that fails before it has
+        anything to show (no such job) draws nothing."""
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[counts]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            refresh_per_second=REFRESH_PER_SECOND,
+        )
+        progress.start()
+        return progress
 
     def __exit__(
         self,
@@ -60,6 +64,7 @@ class Bars:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.show = False
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -67,8 +72,10 @@ class Bars:
     def set(self, key: str, *, label: str, done: float, total: float | None, counts: str) -> None:
         """Create or move the bar `key`: `done` of `total` (None: not known yet), `counts` the
         text beside it (`12/40 datums, 2 failed`)."""
-        if self._progress is None:
+        if not self.show:
             return
+        if self._progress is None:
+            self._progress = self._start()
         task = self._tasks.get(key)
         if task is None:
             task = self._progress.add_task(label, total=total, counts=counts)
