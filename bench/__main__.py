@@ -159,11 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         if "metrics" in only and "datumflow" in systems:
             from bench import metrics_cost
 
-            print(
-                metrics_cost.table(
-                    metrics_cost.run(work=work, repeat=args.repeat, scale=args.scale)
-                )
-            )
+            costs = metrics_cost.run(work=work, repeat=args.repeat, scale=args.scale)
+            print(metrics_cost.table(costs, metrics_cost.committer_cost(work=work)))
         if args.json:
             args.json.write_bytes(msgspec.json.encode(measures))
     finally:

@@ -1,6 +1,7 @@
 """What metrics cost: the no-op scenario with metrics on (the default) and off
 (DATUMFLOW_METRICS=off), run alternately, a fresh `datumflow up` each time, so that the machine's
-load weighs on both alike.
+load weighs on both alike; and the CPU the committer spends counting a job's datums when it ends
+(multiprocess files, as under `up`), which a busy machine blurs less than a rate.
 
 python -m bench --only metrics --repeat 5
 python -m bench.metrics_cost --repeat 5 --scale 0.5
@@ -48,7 +49,38 @@ def run(*, work: Path, repeat: int = 3, scale: float = 1.0) -> dict[str, list[Me
     return out
 
 
-def table(measures: dict[str, list[Measure]]) -> str:
+def committer_cost(*, work: Path, datums: int = 10_000, rounds: int = 5) -> list[float]:
+    """CPU microseconds per datum of counting a job of `datums` results at its end, per round."""
+    import time
+
+    from datumflow import metrics
+    from datumflow.broker.messages import DatumResult, DatumStats, JobPlanned
+    from datumflow.broker.records import JobInfo
+    from datumflow.functions.job_metrics import job_ended
+    from datumflow.functions.tally import Tally
+    from datumflow.settings import Settings
+
+    directory = work / "metrics-files"
+    directory.mkdir(parents=True, exist_ok=True)
+    metrics.install(Settings(metrics_dir=str(directory)))
+    record = JobInfo(pipeline="noop", id="j", version=1, seq=1, created=1.0, finished=2.0)
+    out = []
+    for _ in range(rounds):
+        tally = Tally()
+        tally.add(JobPlanned(pipeline="noop", job="j", data_total=datums))
+        for i in range(datums):
+            stats = DatumStats(process_time=1e-5 * (i % 100), upload_bytes=1)
+            tally.add(
+                DatumResult(pipeline="noop", job="j", datum=f"{i}", state="success", stats=stats)
+            )
+        started = time.process_time()
+        job_ended(pipeline="noop", tally=tally, state="success", record=record)
+        out.append(1e6 * (time.process_time() - started) / datums)
+    metrics.install(Settings(metrics="off"))
+    return out
+
+
+def table(measures: dict[str, list[Measure]], committer: list[float] | None = None) -> str:
     lines = [
         "| no-op datums/s, 2 workers | runs | min | median | max | load (1 min) |",
         "|---|---|---|---|---|---|",
@@ -68,6 +100,11 @@ def table(measures: dict[str, list[Measure]]) -> str:
     if on and off:
         ratio = statistics.median(on) / statistics.median(off)
         lines.append(f"\nmedian with metrics / median without: {ratio:.1%}")
+    if committer:
+        lines.append(
+            f"committer, counting a 10,000-datum job at its end: {min(committer):.2f}-"
+            f"{max(committer):.2f} us CPU per datum ({len(committer)} rounds)"
+        )
     return "\n".join(lines)
 
 
@@ -78,7 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="datumflow-metrics-bench-"))
     try:
-        print(table(run(work=work, repeat=args.repeat, scale=args.scale)))
+        measures = run(work=work, repeat=args.repeat, scale=args.scale)
+        print(table(measures, committer_cost(work=work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from datumflow.errors import PermanentError
 from datumflow.settings import Settings
 
 if TYPE_CHECKING:
@@ -225,7 +226,10 @@ def metric_names() -> set[str]:
 
 def observe_many(histogram: Histogram, pipeline: str, samples: list[float]) -> None:
     """Observe many values at once: counted into buckets here, then one increment per bucket,
-    rather than a locked file write per value (a job of a million datums ends at once)."""
+    rather than a locked file write per value (a job of a million datums ends at once).
+
+    prometheus-client has no such call: this uses its histogram's own buckets and sum (private
+    names, stable for years); tests/test_metrics.py checks it against `observe`, value by value."""
     if not samples:
         return
     child = histogram.labels(pipeline=pipeline)
@@ -266,15 +270,13 @@ def install(settings: Settings) -> Metrics | None:
     if not settings.metrics:
         _current = None
         return None
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    from prometheus_client import CollectorRegistry, ProcessCollector
 
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # the pod's own CPU, memory and open files
     _current = Metrics(registry)
-    host, port = split_address(settings.metrics)
-    server, _ = start_http_server(port, addr=host, registry=registry)
     global served_url
-    served_url = _url(host, server.server_port)
+    served_url = _serve(settings.metrics, registry)
     return _current
 
 
@@ -286,20 +288,30 @@ def serve_directory(directory: Path, *, address: str) -> tuple[Metrics, str]:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     _multiprocess(directory)
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))
-    host, port = split_address(address)
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    url = _serve(address, registry)
     _current = Metrics(None)
-    return _current, _url(host, server.server_port)
+    return _current, url
 
 
-def _url(host: str, port: int) -> str:
+def _serve(address: str, registry: CollectorRegistry) -> str:
+    """Serve `registry` on `address` in a thread of this process; the URL served."""
+    from prometheus_client import start_http_server
+
+    host, port = split_address(address)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise PermanentError(
+            f"cannot serve metrics on {address}: {exc.strerror or exc}; set DATUMFLOW_METRICS to"
+            " another host:port (port 0: any free one), or to off"
+        ) from None
     shown = host if host not in ("", "0.0.0.0") else "127.0.0.1"
-    return f"http://{shown}:{port}/metrics"
+    return f"http://{shown}:{server.server_port}/metrics"
 
 
 def process_gone(directory: Path, pid: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -320,6 +321,17 @@ def test_metrics_off_serves_and_records_nothing(make_cluster: Callable[..., Clus
     instance = read_instance(cluster.home)
     assert instance is not None and instance.metrics_url == ""
     assert not (cluster.home / "run" / "metrics").exists()
+
+
+def test_up_refuses_a_metrics_address_in_use_saying_what_to_do(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match=f"cannot serve metrics on {address}: .*, or to off"):
+            make_cluster(DATUMFLOW_METRICS=address)
 
 
 def test_a_bad_metrics_address_is_refused_saying_what_to_write() -> None:
