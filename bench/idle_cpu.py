@@ -41,7 +41,7 @@ def _kind(pid: int) -> str:
     words = [a.decode(errors="replace") for a in argv if a]
     if any(w.endswith("nats-server") for w in words):
         return "nats-server"
-    for kind in ("up", "planner", "committer", "ingest", "worker"):
+    for kind in ("up", "planner", "committer", "ingest", "console", "worker"):
         if kind in words:
             return kind
     return words[-1] if words else str(pid)

@@ -122,5 +122,11 @@ def test_console_in_a_browser(make_cluster: Callable[..., Cluster], tmp_path: Pa
             expect(page.locator("h1 .state")).to_have_text("failure", timeout=30_000)
             expect(page.locator("#count-failed")).to_have_text("1")
             assert page.evaluate("window.__sameDocument") is True
+
+            # The workers chart and the input repo's commits.
+            page.locator('[data-nav="workers"]').click()
+            expect(page.locator('[data-chart="shout"] svg path.running')).to_have_count(1)
+            page.goto(url.split("?")[0] + "#/repo/words")
+            expect(page.locator("tr[data-commit]")).to_have_count(1)
         finally:
             browser.close()
