@@ -1,11 +1,18 @@
 """Typed access to the KV buckets: create-only writes, compare-and-set updates, listings that
-leave nothing behind on the server, and watches (`watch`) that speak datumflow's errors."""
+leave nothing behind on the server, and watches (`watch`) that speak datumflow's errors.
+
+Every write is sent again while the broker does not answer it (`_resend`), for up to
+PUBLISH_PATIENCE seconds, which is safe for each kind: a put or a delete sets what it sets again;
+a create or a compare-and-set whose first try was applied with its answer lost is refused on the
+next try ("wrong last sequence"), and is then recognised as ours when the key holds our very
+bytes."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, NamedTuple, TypeVar, cast
 
 import msgspec
 import nats.errors
@@ -21,6 +28,7 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import PUBLISH_PATIENCE, TRANSIENT, Broker, broker_errors
 from datumflow.errors import BrokerError, Conflict, NotFound
 
+log = logging.getLogger(__name__)
 R = TypeVar("R", bound=msgspec.Struct)
 T = TypeVar("T")
 
@@ -74,25 +82,28 @@ class Records(Generic[R]):
     async def create(self, key: str, record: R) -> bool:
         """Write only if absent; False if the key already exists (idempotent retries)."""
         kv = await self.broker.kv(self.bucket)
+        payload = msgspec.json.encode(record)
         async with broker_errors(f"creating {self.bucket}/{key}"):
             try:
-                await _unless_unheard(lambda: kv.create(key, msgspec.json.encode(record)))
+                await _resend(self.broker, kv, key, payload, lambda: kv.create(key, payload))
             except KeyWrongLastSequenceError:
                 return False
         return True
 
     async def put(self, key: str, record: R) -> None:
         kv = await self.broker.kv(self.bucket)
+        payload = msgspec.json.encode(record)
         async with broker_errors(f"writing {self.bucket}/{key}"):
-            await _unless_unheard(lambda: kv.put(key, msgspec.json.encode(record)))
+            await _resend(self.broker, kv, key, payload, lambda: kv.put(key, payload))
 
     async def swap(self, key: str, record: R, *, revision: int) -> int:
         """Compare-and-set: write only if the record is still at `revision`; Conflict otherwise."""
         kv = await self.broker.kv(self.bucket)
+        payload = msgspec.json.encode(record)
         async with broker_errors(f"updating {self.bucket}/{key}"):
             try:
-                return await _unless_unheard(
-                    lambda: kv.update(key, msgspec.json.encode(record), last=revision)
+                return await _resend(
+                    self.broker, kv, key, payload, lambda: kv.update(key, payload, last=revision)
                 )
             except KeyWrongLastSequenceError:
                 raise Conflict(f"{self.bucket}/{key} changed under us") from None
@@ -115,7 +126,7 @@ class Records(Generic[R]):
         kv = await self.broker.kv(self.bucket)
         async with broker_errors(f"deleting {self.bucket}/{key}"):
             try:
-                await _unless_unheard(lambda: kv.delete(key))
+                await _resend(self.broker, kv, key, None, lambda: kv.delete(key))
             except KeyNotFoundError:
                 pass
 
@@ -179,23 +190,56 @@ class Records(Generic[R]):
         return names
 
 
-async def _unless_unheard(write: Callable[[], Awaitable[T]]) -> T:
-    """Make a KV write, again while the bucket's stream plainly did not hear it: "no responders"
-    (the stream has no leader, as during an election after a server was lost) or "temporarily
-    unavailable". Neither applied the write, so sending it again is safe even for a create or a
-    compare-and-set. A write that got no answer at all may have been applied: that one is not
-    sent again here, and comes out as BrokerError for the caller's own retry."""
+async def _resend(
+    broker: Broker,
+    kv: KeyValue,
+    key: str,
+    payload: bytes | None,
+    write: Callable[[], Awaitable[T]],
+) -> T:
+    """Make a KV write, again while the broker does not answer it, for up to PUBLISH_PATIENCE.
+
+    "No responders" (the stream has no leader, as during an election after a server was lost) and
+    "temporarily unavailable" did not apply the write. No answer at all (a timeout, a connection
+    lost) may have: the write is sent again all the same, and if that try is refused with "wrong
+    last sequence" (a create or a compare-and-set finding its own first try), the key is read: when
+    it holds `payload`, the write was ours and has landed; its revision is returned. Otherwise the
+    refusal stands (someone else wrote in between). Once the patience is spent, or the connection
+    closed for good, the last error comes out (as BrokerError, through `broker_errors`)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + PUBLISH_PATIENCE
     delay = 0.05
+    unheard = False
     while True:
         try:
             return await write()
         except (NoStreamResponseError, ServiceUnavailableError):
             if loop.time() > deadline:
                 raise
+        except KeyWrongLastSequenceError:
+            if unheard and payload is not None:
+                revision = await _holding(kv, key, payload)
+                if revision is not None:
+                    return cast(T, revision)
+            raise
+        except TRANSIENT:
+            if loop.time() > deadline or broker.nc.is_closed:
+                raise
+            unheard = True
+            log.warning("writing %s: no answer from the broker; sending it again", key)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+async def _holding(kv: KeyValue, key: str, payload: bytes) -> int | None:
+    """The revision of `key` if its last value is `payload`; None if not (or unreadable)."""
+    try:
+        entry = await kv.get(key)
+    except (KeyNotFoundError, *TRANSIENT):
+        return None
+    if entry.operation in (KV_DEL, KV_PURGE) or entry.value != payload:
+        return None
+    return entry.revision or 0
 
 
 async def _value(kv: KeyValue, key: str) -> bytes | None:
