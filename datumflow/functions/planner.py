@@ -7,6 +7,13 @@ order of their input commits. A separate consumer records commits announced by e
 
 Everything is idempotent: the job id is a hash of the pipeline version and the input commits, datum
 messages carry Nats-Msg-Id job:datum, and the job record is created once.
+
+Replicas share the consumers: a pipeline's consumer hands its one event in flight to one planner
+at a time, whichever replica fetches it, and the event a dead planner held comes back to another
+after the consumer's ack_wait. A planner that was paused past that (so that another planned the
+job meanwhile) finds the job planned or created by someone else and stops; the pipeline's head
+only moves forward (to a job of a later commit event), and a job that has ended is never failed
+or purged again.
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ from datumflow.broker.messages import (
     listed,
 )
 from datumflow.broker.outbox import Outbox
-from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobHead, JobInfo, PipelineInfo
+from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobInfo, PipelineInfo
 from datumflow.broker.settle import Msg, keep_alive
 from datumflow.broker.streams import purge_subject
 from datumflow.errors import NotFound, PermanentError
+from datumflow.functions import job_order
 from datumflow.functions.rerun_planning import plan_rerun
 from datumflow.metrics import current as current_metrics
 from datumflow.pfs import manifest
@@ -182,8 +190,11 @@ class Planner:
         if existing is not None and existing.state != "created":
             return  # planned already: this is a redelivery
         beat = Heartbeat(msg)
-        await self._wait_for_previous(name, job_id, beat)
+        ended = await job_order.wait_for_previous(
+            self.pipelines, name=name, job_id=job_id, beat=beat.beat
+        )
         if existing is None:
+            log.info("planning job %s@%s", name, job_id)
             job = JobInfo(
                 pipeline=name,
                 id=job_id,
@@ -195,11 +206,15 @@ class Planner:
                 created=time.time(),
                 rerun_of=rerun_of,
             )
-            await self.pipelines.jobs.create(key, job)
-            await self._set_head(name, job_id)
+            if not await self.pipelines.jobs.create(key, job):
+                # Another replica got this event too (ours was held past ack_wait).
+                again = await self.pipelines.jobs.find(key)
+                if again is not None and again.state != "created":
+                    return
+            await job_order.set_head(self.pipelines, name=name, job_id=job_id, seq=job.seq)
         planning = time.monotonic()
         try:
-            total = await self._queue_datums(info, job_id, commits, beat, previous)
+            total = await self._queue_datums(info, job_id, commits, beat, previous, last_job=ended)
         except PermanentError as exc:
             # Planning cannot succeed (a manifest gone from the store, a file list out of order):
             # end the job FAILURE rather than leave it "created", which would hold every later job
@@ -228,7 +243,11 @@ class Planner:
 
     async def _fail_planning(self, name: str, job_id: str, reason: str) -> None:
         # The datums queued before the fault go first, as for a killed job: nothing else of this
-        # pipeline can be in the queue while its one job is still being planned.
+        # pipeline can be in the queue while its one job is still being planned (unless that job
+        # has ended, failed by another replica, and the next is running: then leave it be).
+        current = await self.pipelines.jobs.find(job_key(name, job_id))
+        if current is not None and current.done:
+            return
         await purge_subject(
             self.broker,
             stream=subjects.DATUMS_STREAM,
@@ -252,36 +271,6 @@ class Planner:
         if ended and metrics is not None:
             metrics.jobs.labels(pipeline=name, state="failure").inc()
 
-    async def _set_head(self, name: str, job_id: str) -> None:
-        if await self.pipelines.heads.find(name) is None:
-            await self.pipelines.heads.create(name, JobHead(pipeline=name))
-        await self.pipelines.heads.update(
-            name, lambda h: None if h.last_job == job_id else _replace(h, last_job=job_id)
-        )
-
-    async def _wait_for_previous(self, name: str, job_id: str, beat: Heartbeat) -> None:
-        """A pipeline runs one job at a time, so the next can skip what the last one did."""
-        while True:
-            head = await self.pipelines.heads.find(name)
-            if head is None or not head.last_job or head.last_job == job_id:
-                return
-            previous = await self.pipelines.jobs.find(job_key(name, head.last_job))
-            if previous is None or previous.done:
-                return
-            await beat.beat()
-            await asyncio.sleep(0.1)
-
-    async def _previous_datums(self, name: str) -> dict[str, DatumIndexEntry]:
-        head = await self.pipelines.heads.find(name)
-        if head is None or not head.last_success:
-            return {}
-        last = await self.pipelines.jobs.find(job_key(name, head.last_success))
-        if last is None or not last.datums:
-            return {}
-        data = await self.store.get_bytes(last.datums)
-        entries = msgspec.json.decode(data, type=list[DatumIndexEntry])
-        return {e.datum: e for e in entries}
-
     async def _queue_datums(
         self,
         info: PipelineInfo,
@@ -289,11 +278,19 @@ class Planner:
         commits: list[CommitInfo | None],
         beat: Heartbeat,
         previous: dict[str, DatumIndexEntry] | None,
+        *,
+        last_job: JobInfo | None = None,
     ) -> int:
         spec = info.spec
         if previous is None:
             every = spec.reprocess_spec == "every_job"
-            previous = {} if every else await self._previous_datums(spec.name)
+            previous = (
+                {}
+                if every
+                else await job_order.previous_datums(
+                    self.pipelines, self.store, name=spec.name, ended=last_job
+                )
+            )
         publisher = Outbox(self.broker)
         total = 0
         with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
