@@ -37,6 +37,11 @@ class Conflict(DatumflowError):
     """A compare-and-set lost the race; re-read and try again."""
 
 
+class Superseded(DatumflowError):
+    """This replica lost its lease: another one is active now, and this one must write nothing
+    more until it holds the lease again."""
+
+
 class BrokerError(TemporaryError):
     """NATS failed (timeout, disconnect, no responders). Wrapped at the broker boundary."""
 

@@ -48,6 +48,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     replicas: int = 1
     """Copies the broker keeps of every stream, bucket and durable consumer datumflow declares:
     1 on a single nats-server, 3 on a cluster of three that should survive losing one node."""
+    control_replicas: int = 1
+    """Processes `datumflow up` runs of each control-plane function (planner, committer, ingest):
+    with 2, any one may die or hang and the other carries on (docs/architecture.md)."""
     ack_wait: float = 30.0
     """Seconds a worker may hold a datum without a heartbeat before it is redelivered."""
     nats_user: str = ""
@@ -141,6 +144,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     f"bad datumflow setting DATUMFLOW_METRICS={self.metrics!r}: expected host:port"
                     " (:port for every interface, port 0 for any free one), or off"
                 )
+        if self.control_replicas < 1:
+            raise ValueError(
+                f"DATUMFLOW_CONTROL_REPLICAS={self.control_replicas}: run at least one of each"
+                " function"
+            )
         if not 1 <= self.replicas <= 5:
             raise ValueError(
                 f"DATUMFLOW_REPLICAS={self.replicas}: JetStream keeps 1 to 5 replicas of a stream"

@@ -82,6 +82,9 @@ class JobInfo(_Record, kw_only=True):
     """Object key of the job's datum index (id, hash, state, output) once it has finished."""
     rerun_of: str = ""
     """For a rerun of a job's failed datums (`datumflow rerun job`): the job rerun."""
+    fence: int = 0
+    """The committer lease's fence of the last committer that wrote the record
+    (datumflow.broker.lease): one that lost its lease finds a higher one here and stops."""
 
     @property
     def done(self) -> bool:
@@ -109,3 +112,14 @@ class DatumIndexEntry(_Record, kw_only=True):
     hash: str
     state: str
     output: str = ""
+
+
+class LeaseInfo(_Record, kw_only=True):
+    """Who holds one function's lease (the `df_leases` bucket; datumflow.broker.lease)."""
+
+    holder: str
+    """`host:pid/nonce`, new each time a replica takes the lease."""
+    host: str
+    pid: int
+    since: float
+    """When this holder took the lease (wall clock, for people)."""

@@ -15,6 +15,8 @@ COMMITS_BUCKET = "df_commits"
 PIPELINES_BUCKET = "df_pipelines"
 JOBS_BUCKET = "df_jobs"
 JOB_HEADS_BUCKET = "df_job_heads"
+LEASES_BUCKET = "df_leases"
+"""One key per function that runs active/standby (committer, ingest): who is active now."""
 MAPPINGS_BUCKET = "df_bucket_mappings"
 """Buckets feeding repos (datumflow.pfs.bucket_sources)."""
 

@@ -34,6 +34,9 @@ DAY = 24 * 3600.0
 # back to its restarted self after at most this long.
 CONTROL_ACK_WAIT = 10.0
 DUPLICATE_WINDOW = 120.0
+LEASE_TTL = 4.0
+"""Seconds a lease outlives its last renewal (the `df_leases` bucket's max age): a standby takes
+over this long after the active replica died at most, plus its polling interval."""
 MAX_PAYLOAD = 8 * 1024 * 1024
 
 STREAMS = [
@@ -88,6 +91,9 @@ BUCKETS = [
     KeyValueConfig(bucket=subjects.PIPELINES_BUCKET, history=5, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.JOBS_BUCKET, history=1, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.JOB_HEADS_BUCKET, history=1, storage=StorageType.FILE),
+    KeyValueConfig(
+        bucket=subjects.LEASES_BUCKET, history=1, ttl=LEASE_TTL, storage=StorageType.FILE
+    ),
 ]
 
 # Declared by whoever records or reads a bucket feed first, not with the rest.

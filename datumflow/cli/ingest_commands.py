@@ -9,10 +9,12 @@ from typing import Annotated
 import typer
 
 from datumflow.broker.connection import Broker
+from datumflow.broker.lease import Lease
 from datumflow.cli.context import fail, settings_of
 from datumflow.errors import DatumflowError
 from datumflow.functions.ingest import Ingest, IngestOptions
 from datumflow.pfs.bucket_sources import check_subject
+from datumflow.runtime.leader import lead
 from datumflow.runtime.service import resolve, serve
 from datumflow.storage import ObjectStore
 
@@ -57,6 +59,10 @@ def ingest(
     settings = resolve(settings)
 
     async def body(broker: Broker, store: ObjectStore, stop: asyncio.Event) -> None:
-        await Ingest(broker=broker, store=store, options=options).run(stop)
+        # Active/standby: any number run, the one holding the lease ingests.
+        async def term(lease: Lease, until: asyncio.Event) -> None:
+            await Ingest(broker=broker, store=store, options=options, lease=lease).run(until)
+
+        await lead(lease=Lease(broker, name="ingest"), stop=stop, body=term)
 
     asyncio.run(serve(settings=settings, name="datumflow-ingest", body=body))

@@ -31,7 +31,7 @@ GROUPS: dict[str, str] = {
     "create": "Create a repo or a pipeline.",
     "update": "Update a pipeline.",
     "delete": "Delete a repo or a pipeline.",
-    "list": "List repos, commits, files, pipelines, jobs or datums.",
+    "list": "List repos, commits, files, pipelines, jobs, datums or leases.",
     "inspect": "Show one commit, pipeline, job or datum.",
     "put": "Put files into a repo.",
     "get": "Get a file out of a repo.",
@@ -81,6 +81,11 @@ COMMANDS: dict[str, dict[str, Lazy]] = {
             "pps_commands", "list_pipeline", "List pipelines with their state and workers."
         ),
         "job": Lazy("pps_commands", "list_job", "List jobs, newest first."),
+        "lease": Lazy(
+            "lease_commands",
+            "list_lease",
+            "List the active replica of the committer and of ingest (the holders of their leases).",
+        ),
         "datum": Lazy(
             "datum_commands",
             "list_datum",

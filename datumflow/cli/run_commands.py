@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import typer
 
+from datumflow.broker.lease import Lease
 from datumflow.broker.messages import commit_event_schema
 from datumflow.cli.context import emit_json, fail, settings_of
 from datumflow.errors import DatumflowError
@@ -26,6 +27,7 @@ from datumflow.functions.worker.sandbox import choose_mode
 from datumflow.functions.worker.worker import Worker, default_scratch, user_code_run_as
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance, server_binary
+from datumflow.runtime.leader import lead
 from datumflow.runtime.service import resolve, serve, stop_on_signals
 from datumflow.runtime.status import read_console_url
 from datumflow.runtime.supervisor import Supervisor
@@ -51,11 +53,21 @@ def up(
         "--secure",
         help="Require a generated password and TLS on the embedded broker (kept in HOME/secure).",
     ),
+    replicas: int = typer.Option(
+        0,
+        "--replicas",
+        help="Processes of each of planner, committer and ingest; with 2 any one may die"
+        " [default: DATUMFLOW_CONTROL_REPLICAS, else 1].",
+    ),
 ) -> None:
     """Start the broker, the functions and the workers; runs until interrupted."""
     settings = settings_of(ctx)
     if storage:
         settings = msgspec.structs.replace(settings, storage=storage)
+    if replicas < 0:
+        fail("--replicas must be at least 1")
+    if replicas:
+        settings = msgspec.structs.replace(settings, control_replicas=replicas)
     if settings.replicas > 1 and not settings.nats_url:
         fail(
             f"DATUMFLOW_REPLICAS={settings.replicas} needs a cluster of nats-servers, and the"
@@ -101,6 +113,8 @@ def up(
             argv += ["--storage", storage]
         if secure_:
             argv += ["--secure"]
+        if replicas:
+            argv += ["--replicas", str(replicas)]
         with open(home / "up.log", "ab") as log_file:
             proc = subprocess.Popen(
                 argv,
@@ -186,7 +200,11 @@ def committer(ctx: typer.Context) -> None:
     settings = resolve(settings_of(ctx))
 
     async def body(broker: Broker, store: ObjectStore, stop: asyncio.Event) -> None:
-        await Committer(broker=broker, store=store).run(stop)
+        # Active/standby: any number of committers run, the one holding the lease commits.
+        async def term(lease: Lease, until: asyncio.Event) -> None:
+            await Committer(broker=broker, store=store, lease=lease).run(until)
+
+        await lead(lease=Lease(broker, name="committer"), stop=stop, body=term)
 
     asyncio.run(serve(settings=settings, name="datumflow-committer", body=body))
 

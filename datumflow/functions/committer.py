@@ -7,6 +7,13 @@ The results stream is the record of truth: each job's results are counted in its
 a restart the committer rebuilds a job's tally by replaying that job's subjects from the stream.
 Finishing is idempotent: the output commit id is derived from the job id.
 
+Replicas run active/standby: the committer runs only while its replica holds the committer lease
+(datumflow.broker.lease, datumflow.runtime.leader), starts with a fresh state each time it takes it
+(the running jobs' tallies rebuilt from the stream, and finished if complete), checks the lease
+before it acks or writes, and stamps each job record it writes with the lease's fence: a replica
+that lost the lease (a pause, a partition) finds a higher fence there and stops, so two tallies
+never write one job.
+
 Two more ways a job ends run beside the loop: a datum whose worker died on every attempt becomes a
 FAILED result when the server gives up on it (`max_deliveries`), and a job that runs longer than
 its pipeline's `job_timeout` is KILLED (`job_timeouts`).
@@ -25,12 +32,13 @@ import msgspec
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.consumer import Unusable
+from datumflow.broker.lease import Lease
 from datumflow.broker.messages import FileRef
 from datumflow.broker.pull import Puller
 from datumflow.broker.records import JobInfo, JobState, PipelineInfo
 from datumflow.broker.settle import Msg, settle
 from datumflow.broker.streams import purge_subject
-from datumflow.errors import BrokerError, NotFound, PermanentError
+from datumflow.errors import BrokerError, NotFound, PermanentError, Superseded
 from datumflow.functions.job_metrics import job_ended, job_progress
 from datumflow.functions.job_timeouts import JobTimeouts
 from datumflow.functions.lag_metrics import watch_backlogs
@@ -58,9 +66,12 @@ def output_commit_id(job: str) -> str:
 
 
 class Committer:
-    def __init__(self, *, broker: Broker, store: ObjectStore) -> None:
+    def __init__(self, *, broker: Broker, store: ObjectStore, lease: Lease | None = None) -> None:
         self.broker = broker
         self.store = store
+        self.lease = lease
+        """None: the only committer (tests, one replica); else write only while it is held."""
+        self._stop = asyncio.Event()
         self.repos = Repos(broker=broker, store=store)
         self.pipelines = Pipelines(broker=broker, repos=self.repos)
         self.tallies: dict[tuple[str, str], Tally] = {}
@@ -71,7 +82,14 @@ class Committer:
         """Jobs with results whose figures are not written yet."""
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         timeouts = JobTimeouts(committer=self)
+        try:
+            await self._resume()
+        except BrokerError as exc:
+            log.warning("committer: resuming the running jobs: %s; their next results will", exc)
+        except Superseded:
+            return
         await asyncio.gather(
             self._results_loop(stop),
             watch_max_deliveries(broker=self.broker, stop=stop),
@@ -79,6 +97,40 @@ class Committer:
             self._report_loop(stop),
             watch_backlogs(broker=self.broker, pipelines=self.pipelines, stop=stop),
         )
+
+    @property
+    def fence(self) -> int:
+        return self.lease.fence if self.lease is not None else 0
+
+    def _guard(self) -> None:
+        """Raise Superseded (and stop) unless this replica may still write."""
+        if self.lease is not None and not self.lease.held():
+            self._stop.set()
+            raise Superseded("the committer lease is no longer ours; standing by")
+
+    def _fenced(self, record: JobInfo) -> None:
+        """Raise Superseded (and stop) if a committer with a newer lease wrote `record`."""
+        if record.fence > self.fence:
+            self._stop.set()
+            raise Superseded(
+                f"job {record.pipeline}@{record.id} was written by a newer committer"
+                f" (fence {record.fence} > ours {self.fence}); standing by"
+            )
+
+    async def _resume(self) -> None:
+        """Each pipeline's running job: its tally rebuilt from the stream, finished if complete.
+
+        A replica that takes over finds what the last one left: results it had counted and
+        not acked yet (they come back after the consumer's ack_wait) and jobs whose last result
+        came in just before it died."""
+        for head in await self.pipelines.heads.all():
+            if not head.last_job:
+                continue
+            record = await self.pipelines.jobs.find(job_key(head.pipeline, head.last_job))
+            if record is None or record.done or record.state == "created":
+                continue
+            await self._tally(head.pipeline, head.last_job)
+            await self._progress(head.pipeline, head.last_job)
 
     def _lock(self, pipeline: str, job: str) -> asyncio.Lock:
         return self._ending.setdefault((pipeline, job), asyncio.Lock())
@@ -93,7 +145,13 @@ class Committer:
             while not stop.is_set():
                 msgs = await sub.fetch(batch=512, wait=1.0, linger=LINGER)
                 if msgs:
-                    await self._batch(msgs)
+                    try:
+                        await self._batch(msgs)
+                    except Superseded as exc:
+                        # Not acked: they come back to the active replica, which has them
+                        # already from the stream.
+                        log.warning("committer: %s", exc)
+                        return
         finally:
             await sub.close()
 
@@ -113,6 +171,7 @@ class Committer:
                     tally.add(event)
                     touched.add(key)
                 usable.append(msg)
+            self._guard()
             for key in touched:
                 if self.tallies[key].complete:
                     await self._progress(*key)
@@ -124,6 +183,7 @@ class Committer:
             self.tallies.clear()
             await settle(self.broker, function="committer", msgs=usable, outcome=exc)
             return
+        self._guard()
         await settle(self.broker, function="committer", msgs=usable)
 
     async def _tally(self, pipeline: str, job: str) -> Tally:
@@ -152,6 +212,9 @@ class Committer:
                 except BrokerError as exc:
                     log.warning("committer: reporting %s@%s: %s", *key, exc)
                     self._unreported.add(key)
+                except Superseded as exc:
+                    log.warning("committer: %s", exc)
+                    return
                 except Exception:
                     log.exception("committer: reporting %s@%s", *key)
 
@@ -167,11 +230,13 @@ class Committer:
             return
 
         def update(record: JobInfo) -> JobInfo | None:
+            self._fenced(record)
             if record.done:
                 return None
-            new = tally.figures(record)
+            new = _replace(tally.figures(record), fence=self.fence)
             return None if new == record else new
 
+        self._guard()
         await self.pipelines.jobs.update(key, update)
         job_progress(pipeline=pipeline, tally=tally)
 
@@ -191,6 +256,8 @@ class Committer:
             except NotFound:
                 tally.done = True
                 return
+            self._fenced(record)
+            self._guard()
             state, reason, output_commit = await self._outcome(info, record, tally)
             won = await self._end(key, tally, state=state, reason=reason, output=output_commit)
             if won and state == "success":
@@ -238,6 +305,7 @@ class Committer:
 
         def end(current: JobInfo) -> JobInfo | None:
             nonlocal won, written
+            self._fenced(current)
             won = not current.done
             if not won:
                 return None
@@ -249,9 +317,11 @@ class Committer:
                 finished=time.time(),
                 started=current.started or current.created,
                 datums=index_key,
+                fence=self.fence,
             )
             return written
 
+        self._guard()
         await self.pipelines.jobs.update(key, end)
         if won and written is not None:
             job_ended(pipeline=written.pipeline, tally=tally, state=state, record=written)
@@ -265,6 +335,7 @@ class Committer:
             tally = await self._tally(pipeline, job)
             if tally.done:
                 return False
+            self._guard()
             done = sum(1 for r in tally.results.values() if r.state in ("success", "skipped"))
             total = "?" if tally.total is None else tally.total
             reason = f"{why}; {done} of {total} datums were done"

@@ -22,6 +22,11 @@ Invariants:
   the repo has a directory) is dead-lettered with its message while the message's other records
   are committed.
 
+Replicas run active/standby (datumflow.runtime.leader): two ingests sharing the stream would each
+take part of a burst, so a key's older version could be committed after its newer one by the
+other replica, and the memory of applied sequencers is per process. The active replica checks its
+lease before each commit.
+
 Order: notifications of one key are applied in stream order unless their sequencers say otherwise;
 across a restart, only the comparison with the head protects against a stale redelivered event.
 """
@@ -39,9 +44,10 @@ import msgspec
 from datumflow.broker.connection import Broker
 from datumflow.broker.consumer import MAX_MESSAGE, Subscription
 from datumflow.broker.ingest_stream import Binding, ensure_ingest_stream
+from datumflow.broker.lease import Lease
 from datumflow.broker.messages import FileRef, ObjectSource
 from datumflow.broker.settle import UNEXPECTED_DELAY, Msg, dead_letter, keep_alive, settle
-from datumflow.errors import BrokerError, PermanentError, TemporaryError
+from datumflow.errors import BrokerError, PermanentError, Superseded, TemporaryError
 from datumflow.functions.ingest_changes import (
     Batch,
     commit_id,
@@ -78,9 +84,15 @@ class IngestOptions(msgspec.Struct, frozen=True, kw_only=True):
 
 class Ingest:
     def __init__(
-        self, *, broker: Broker, store: ObjectStore, options: IngestOptions | None = None
+        self,
+        *,
+        broker: Broker,
+        store: ObjectStore,
+        options: IngestOptions | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.broker = broker
+        self.lease = lease
         self.store = store
         self.options = options or IngestOptions()
         self.repos = Repos(broker=broker, store=store)
@@ -189,7 +201,10 @@ class Ingest:
             except Exception as exc:
                 # Nothing of the batch is acked: all of it comes back after the delay. Never
                 # dead-lettered whole, whatever the error: part of it may be committed already.
-                if isinstance(exc, TemporaryError):
+                if isinstance(exc, Superseded):
+                    log.warning("ingest: %s; handing the batch back", exc)
+                    again = TemporaryError(str(exc), delay=0.0)
+                elif isinstance(exc, TemporaryError):
                     log.warning("ingest: %s; the batch will be redelivered", exc)
                     again = exc
                 else:
@@ -330,6 +345,8 @@ class Ingest:
                 continue  # this very version is in the head already
             puts.append((FileRef(path=path, size=size, source=source), change, msg))
         puts = drop_conflicts(puts, files, set(deletes), batch)
+        if (puts or deletes) and self.lease is not None:
+            self.lease.check()  # Superseded: the batch is nak'ed and goes to the active replica
         if puts or deletes:
             refs = [ref for ref, _, _ in puts]
             made_id = commit_id(repo, branch, head.id if head else "", refs, deletes)

@@ -13,7 +13,7 @@ import time
 from typing import Protocol
 
 from datumflow.broker.records import PipelineInfo
-from datumflow.errors import BrokerError, SpecError
+from datumflow.errors import BrokerError, SpecError, Superseded
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.spec import parse_duration
 
@@ -64,6 +64,8 @@ class JobTimeouts:
                 await self.check()
             except BrokerError as exc:
                 log.warning("committer: checking job timeouts: %s", exc)
+            except Superseded:
+                return  # the committer stops with it
             except Exception:
                 log.exception("committer: checking job timeouts")
             with contextlib.suppress(TimeoutError):

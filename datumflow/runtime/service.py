@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -117,6 +118,7 @@ async def serve(*, settings: Settings, name: str, body: Body) -> None:
     metrics.install(settings)
     stop = asyncio.Event()
     stop_on_signals(stop)
+    log.info("%s: pid %d on %s", name, os.getpid(), socket.gethostname())
     broker = await connect_patiently(settings=settings, name=name)
     function = name.removeprefix("datumflow-").split("-")[0]
     store = await open_function_store(settings=settings, function=function)

@@ -1,8 +1,9 @@
 """`datumflow up`: the broker, the functions and the workers of every pipeline, on one machine.
 
 The supervisor starts the embedded broker (unless another is named), records the instance, runs the
-functions as child processes (datumflow.runtime.child) and, every tick, sizes each pipeline's workers
-(datumflow.runtime.pipeline_workers) from the lag of its consumer (datumflow.runtime.lag).
+functions as child processes (datumflow.runtime.child; `control_replicas` of each) and, every
+tick, sizes each pipeline's workers (datumflow.runtime.pipeline_workers) from the lag of its
+consumer (datumflow.runtime.lag).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ log = logging.getLogger(__name__)
 # How often the supervisor looks at its children and the pipelines. Each pipeline's lag is read
 # at its own polling interval (datumflow.scaling), on the first tick after it is due.
 TICK_SECONDS = 0.25
+
+
+def function_names(function: str, replicas: int) -> list[str]:
+    """The children (and log files) of one function: `planner`, or `planner-1`, `planner-2`."""
+    if replicas == 1:
+        return [function]
+    return [f"{function}-{n}" for n in range(1, replicas + 1)]
 
 
 class Supervisor:
@@ -127,9 +135,9 @@ class Supervisor:
         self.records = Records(self.broker, bucket=subjects.PIPELINES_BUCKET, type=PipelineInfo)
         self.lags = LagReader(monitor_url=self.settings.monitor_url, broker=self.broker)
         self.functions = [
-            self._child("planner", "planner"),
-            self._child("committer", "committer"),
-            self._child("ingest", "ingest"),
+            self._child(name, function)
+            for function in ("planner", "committer", "ingest")
+            for name in function_names(function, self.settings.control_replicas)
         ]
         (self.home / CONSOLE_FILE).unlink(missing_ok=True)  # a previous run's
         if self.settings.console:

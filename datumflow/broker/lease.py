@@ -1,0 +1,168 @@
+"""A lease: one key of the `df_leases` bucket, held by one replica of a function at a time.
+
+The bucket's messages live `LEASE_TTL` seconds (its max age). The holder writes its key again every
+`RENEW_EVERY` seconds by compare-and-set on the revision it last wrote; a standby tries to create
+the key every `POLL_EVERY` seconds, which succeeds only once the holder's last write has expired
+(it died, hangs or is cut off) or was deleted (it stopped cleanly). The revision of the write that
+took the lease is its *fence*: revisions only grow, so a newer holder's fence is higher, and a
+record written with a fence refuses a writer with a lower one (the committer's job records).
+
+A holder counts its lease as lost `LEASE_TTL` after it *sent* its last successful renewal, less a
+margin: the server dates the key from when it got the write, later, so the holder gives up before
+anyone else can take over. A process that was paused (SIGSTOP, a stalled VM) finds its lease
+stale by its own monotonic clock when it wakes, and its next renewal fails; what it writes in
+between is refused by the fence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from datumflow.broker import subjects
+from datumflow.broker.connection import TRANSIENT, Broker
+from datumflow.broker.kv import Records
+from datumflow.broker.records import LeaseInfo
+from datumflow.broker.topology import LEASE_TTL
+from datumflow.errors import BrokerError, Superseded
+
+log = logging.getLogger(__name__)
+
+RENEW_EVERY = 1.0
+"""Seconds between two renewals: three may fail before the lease runs out."""
+POLL_EVERY = 0.5
+"""Seconds between a standby's tries to take the lease."""
+MARGIN = 0.5
+"""Seconds before the server could expire the key at which the holder already counts it lost."""
+ATTEMPT = 2.0
+"""Seconds one write of the lease waits for its answer."""
+
+
+class Lease:
+    """One function's lease, as seen by one replica."""
+
+    def __init__(self, broker: Broker, *, name: str, ttl: float = LEASE_TTL) -> None:
+        self.broker = broker
+        self.name = name
+        self.ttl = ttl
+        self.fence = 0
+        """The revision that took the lease while it is held; 0 while not."""
+        self._revision = 0
+        self._valid_until = 0.0
+        self._info = LeaseInfo(holder="", host=socket.gethostname(), pid=os.getpid(), since=0.0)
+
+    @property
+    def holder(self) -> str:
+        return self._info.holder
+
+    def held(self) -> bool:
+        """Whether the lease is ours and cannot have run out yet, by our own clock."""
+        return self.fence > 0 and time.monotonic() < self._valid_until
+
+    def check(self) -> None:
+        """Raise Superseded unless the lease is held: called before a write only the active
+        replica may make."""
+        if not self.held():
+            raise Superseded(f"the {self.name} lease is no longer ours")
+
+    def drop(self) -> None:
+        """Forget the lease (it was lost, or a newer holder's fence was seen)."""
+        self.fence = 0
+        self._revision = 0
+
+    async def acquire(self) -> bool:
+        """Take the lease if nobody holds it; True if we hold it now."""
+        info = msgspec.structs.replace(
+            self._info,
+            holder=f"{self._info.host}:{self._info.pid}/{secrets.token_hex(4)}",
+            since=time.time(),
+        )
+        sent = time.monotonic()
+        kv = await self.broker.kv(subjects.LEASES_BUCKET)
+        payload = msgspec.json.encode(info)
+        self._info = info
+        try:
+            revision = await asyncio.wait_for(kv.create(self.name, payload), ATTEMPT)
+        except KeyWrongLastSequenceError:
+            return False
+        except TRANSIENT:
+            # The write may have been applied with its answer lost: then the key is ours.
+            if not await self._still_ours():
+                return False
+            revision = self._revision
+        self.fence = self._revision = revision
+        self._valid_until = sent + self.ttl - MARGIN
+        return True
+
+    async def renew(self) -> bool:
+        """Write the lease again; False (and the lease dropped) if it is not ours any more."""
+        if not self.fence:
+            return False
+        sent = time.monotonic()
+        if sent >= self._valid_until:
+            log.warning("lease %s: ran out before it could be renewed", self.name)
+            self.drop()
+            return False
+        kv = await self.broker.kv(subjects.LEASES_BUCKET)
+        payload = msgspec.json.encode(self._info)
+        try:
+            self._revision = await asyncio.wait_for(
+                kv.update(self.name, payload, last=self._revision), ATTEMPT
+            )
+        except KeyWrongLastSequenceError:
+            # Either someone else holds it, or a renewal of ours whose answer was lost is there.
+            if not await self._still_ours():
+                self.drop()
+                return False
+        except TRANSIENT as exc:
+            log.warning("lease %s: renewing: %s", self.name, type(exc).__name__)
+            return self.held()  # tried again in RENEW_EVERY, while the lease lasts
+        self._valid_until = sent + self.ttl - MARGIN
+        return True
+
+    async def _still_ours(self) -> bool:
+        kv = await self.broker.kv(subjects.LEASES_BUCKET)
+        try:
+            entry = await asyncio.wait_for(kv.get(self.name), ATTEMPT)
+        except (KeyNotFoundError, *TRANSIENT):
+            return False
+        if not entry.value:
+            return False
+        try:
+            current = msgspec.json.decode(entry.value, type=LeaseInfo)
+        except msgspec.DecodeError:
+            return False
+        if current.holder != self._info.holder:
+            return False
+        self._revision = entry.revision or self._revision
+        return True
+
+    async def release(self) -> None:
+        """Give the lease up at once (a clean stop), so a standby need not wait for the TTL."""
+        if not self.fence:
+            return
+        revision, self.fence = self._revision, 0
+        try:
+            kv = await self.broker.kv(subjects.LEASES_BUCKET)
+            await asyncio.wait_for(kv.delete(self.name, last=revision), ATTEMPT)
+        except (KeyWrongLastSequenceError, BrokerError, *TRANSIENT):
+            pass  # someone else's already, or it expires on its own
+
+
+async def holders(broker: Broker) -> dict[str, tuple[LeaseInfo, int]]:
+    """Each held lease: its holder and fence-or-revision, by function name."""
+    records = Records(broker, bucket=subjects.LEASES_BUCKET, type=LeaseInfo)
+    out: dict[str, tuple[LeaseInfo, int]] = {}
+    for name in await records.keys():
+        try:
+            out[name] = await records.get(name)
+        except Exception:
+            continue  # expired between the listing and the read
+    return out
