@@ -529,9 +529,11 @@ def test_base_control_plane(base: list[dict[str, Any]]) -> None:
     for name, account in [
         ("planner", "datumflow"),
         ("committer", "datumflow"),
+        ("ingest", "datumflow"),
         ("controller", "datumflow-controller"),
     ]:
-        pod = find(base, "Deployment", name)["spec"]["template"]["spec"]
+        deployment = find(base, "Deployment", name)
+        pod = deployment["spec"]["template"]["spec"]
         assert pod["serviceAccountName"] == account
         (container,) = pod["containers"]
         assert container["command"] == ["datumflow", name]
@@ -562,6 +564,26 @@ def test_base_console(base: list[dict[str, Any]]) -> None:
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+@needs_kubectl
+def test_base_control_plane_has_no_single_replica(base: list[dict[str, Any]]) -> None:
+    """Two of each function, spread over nodes, rolled one at a time, one kept through drains."""
+    for name in ("planner", "committer", "ingest"):
+        deployment = find(base, "Deployment", name)
+        spec = deployment["spec"]
+        assert spec["replicas"] == 2
+        assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+        (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        assert term["podAffinityTerm"]["labelSelector"] == spec["selector"]
+        budget = find(base, "PodDisruptionBudget", name)
+        assert budget["spec"]["minAvailable"] == 1
+        assert budget["spec"]["selector"] == spec["selector"]
+    # The controller applies what the pipelines bucket says: one copy, never two at once.
+    assert find(base, "Deployment", "controller")["spec"]["replicas"] == 1
 
 
 def rules(obj: dict[str, Any]) -> set[tuple[str, str, str]]:
