@@ -209,10 +209,13 @@ async def planner_failover_round(
     after its ack_wait and finishes the plan. The gap: from the kill to the job planned."""
     faults: Counter[str] = Counter()
     if rig.commits == 0:
-        small, first, begun = await rig.commit(5, seed=seed + 10_000)
-        await rig.finish(
-            first, small, scenario="no fault", faults=Counter(), started=begun, timeout=timeout
-        )
+        # The pipeline first, on an empty repo (no job), so that the big commit's planning is the
+        # first, and is watched from its start.
+        async with rig.cluster.api() as api:
+            await api.repos.create_repo("src")
+        spec = pipeline_spec(rig.name, repo="src", marks=rig.marks)
+        create_pipeline(rig.cluster, rig.tmp_path, spec)
+        rig.commits = 1
     before = _planning(rig.cluster, rig.name)
     subject = subjects.datum(rig.name)
     nc = await nats.connect(rig.cluster.server.url)
