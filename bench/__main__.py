@@ -2,7 +2,8 @@
 
 python -m bench                      # everything (about 3 minutes on 2 CPUs)
 python -m bench --scale 0.1          # a tenth of the datums, for a quick look
-python -m bench --only noop,cpu      # some: noop, cpu, sleep, ceiling, planning, cli, idle, metrics
+python -m bench --only noop,cpu      # some: noop, cpu, sleep, ceiling, planning, cli, idle, metrics,
+                                     # spawn (a process per datum against xargs -P)
 python -m bench --systems datumflow  # some systems: datumflow, celery, pool
 python -m bench --json out.json      # the measures as JSON too
 python -m bench --repeat 3           # each scenario three times, the median reported
@@ -26,7 +27,7 @@ import msgspec
 from bench import deps, report
 from bench.scenarios import PLANNING_BIG, PLANNING_FILES, Measure, scenarios
 
-ALL = ("noop", "cpu", "sleep", "ceiling", "planning", "cli", "idle", "metrics")
+ALL = ("noop", "cpu", "sleep", "ceiling", "planning", "cli", "idle", "metrics", "spawn")
 
 
 def _versions(redis_binary: str) -> dict[str, str]:
@@ -161,6 +162,16 @@ def main(argv: list[str] | None = None) -> None:
 
             costs = metrics_cost.run(work=work, repeat=args.repeat, scale=args.scale)
             print(metrics_cost.table(costs, metrics_cost.committer_cost(work=work)))
+        if "spawn" in only and "datumflow" in systems:
+            from bench import spawn_limit
+
+            files = max(int(1000 * args.scale), 50)
+            spawns = []
+            for run in range(max(args.repeat, 1)):
+                spawns.append(spawn_limit.run(work / f"spawn-{run}", files=files, workers=2))
+                for m in spawns[-1]:
+                    keep(m)
+            print(spawn_limit.table(spawns, files=files, workers=2))
         if args.json:
             args.json.write_bytes(msgspec.json.encode(measures))
     finally:

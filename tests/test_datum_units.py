@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -26,6 +27,7 @@ from datumflow.functions.committer import Committer
 from datumflow.functions.job_timeouts import JobTimeouts
 from datumflow.functions.tally import Tally, failure_reason
 from datumflow.functions.worker import sandbox
+from datumflow.functions.worker.spawner import Spawner
 from datumflow.pfs import results
 from datumflow.pfs.datums import Leaf, job_datums
 from datumflow.pfs.pipelines import job_key
@@ -45,7 +47,22 @@ async def dies(pid: int) -> bool:
         return False
 
 
-async def run_sh(layout: Path, script: str, timeout: float | None) -> sandbox.Outcome:
+@pytest.fixture(params=["preexec", "spawner"])
+def spawner(request: pytest.FixtureRequest) -> Iterator[Spawner | None]:
+    """Both ways of starting user code: forked with a preexec_fn, and the spawner's fast path."""
+    if request.param == "preexec":
+        yield None
+        return
+    made = Spawner.create(mode="env")
+    if made is None:
+        pytest.skip("no setpriv on this machine: the spawner's fast path is not used")
+    yield made
+    made.close()
+
+
+async def run_sh(
+    layout: Path, script: str, timeout: float | None, spawner: Spawner | None = None
+) -> sandbox.Outcome:
     layout.mkdir(exist_ok=True)
     return await sandbox.run(
         ["sh", "-c", script],
@@ -54,11 +71,14 @@ async def run_sh(layout: Path, script: str, timeout: float | None) -> sandbox.Ou
         layout=layout,
         mode="env",
         timeout=timeout,
+        spawner=spawner,
     )
 
 
 @pytest.mark.asyncio
-async def test_timeout_kills_every_child_however_it_left(tmp_path: Path) -> None:
+async def test_timeout_kills_every_child_however_it_left(
+    tmp_path: Path, spawner: Spawner | None
+) -> None:
     # A background child; one that left the session with setsid; one a job-control shell moved
     # to a process group of its own. All three hold the output pipe.
     script = (
@@ -68,7 +88,7 @@ async def test_timeout_kills_every_child_however_it_left(tmp_path: Path) -> None
         " while [ ! -s grouped ]; do sleep 0.01; done; sleep 303"
     )
     started = time.monotonic()
-    outcome = await run_sh(tmp_path, script, timeout=1.0)
+    outcome = await run_sh(tmp_path, script, timeout=1.0, spawner=spawner)
     assert outcome.returncode is None
     assert time.monotonic() - started < 4
     for name in ("child", "escaped", "grouped"):
@@ -77,22 +97,26 @@ async def test_timeout_kills_every_child_however_it_left(tmp_path: Path) -> None
 
 
 @pytest.mark.asyncio
-async def test_a_daemon_left_holding_the_output_does_not_hang_the_datum(tmp_path: Path) -> None:
+async def test_a_daemon_left_holding_the_output_does_not_hang_the_datum(
+    tmp_path: Path, spawner: Spawner | None
+) -> None:
     # The user code exits at once, leaving a process in a session of its own with its stdout.
     script = (
         "setsid sh -c 'echo $$ > daemon; exec sleep 300' &"
         " while [ ! -s daemon ]; do sleep 0.01; done; echo done"
     )
     started = time.monotonic()
-    outcome = await run_sh(tmp_path, script, timeout=None)
+    outcome = await run_sh(tmp_path, script, timeout=None, spawner=spawner)
     assert (outcome.returncode, outcome.log) == (0, b"done\n")
     assert time.monotonic() - started < 4
     assert await dies(int((tmp_path / "daemon").read_text()))
 
 
 @pytest.mark.asyncio
-async def test_a_quick_run_keeps_its_output_and_code(tmp_path: Path) -> None:
-    outcome = await run_sh(tmp_path, "echo out; echo err >&2; exit 7", timeout=5)
+async def test_a_quick_run_keeps_its_output_and_code(
+    tmp_path: Path, spawner: Spawner | None
+) -> None:
+    outcome = await run_sh(tmp_path, "echo out; echo err >&2; exit 7", timeout=5, spawner=spawner)
     assert (outcome.returncode, outcome.log) == (7, b"out\nerr\n")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import shutil
 import time
@@ -21,8 +22,12 @@ from datumflow.broker.records import PipelineInfo
 from datumflow.errors import PermanentError
 from datumflow.functions.worker import sandbox
 from datumflow.functions.worker.attempt import MakeResult, Retry, upload
+from datumflow.functions.worker.spawner import Spawner
 from datumflow.spec import parse_duration
 from datumflow.storage.base import ObjectStore, reads_in_place
+
+TURN: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("turn", default=None)
+"""Set by Commands.run once the datum's user code has its turn (functions.worker.overlap)."""
 
 
 class Commands:
@@ -34,6 +39,7 @@ class Commands:
         scratch: Path,
         mode: str,
         run_as: sandbox.RunAs | None = None,
+        fast: bool = True,
     ) -> None:
         self.broker = broker
         self.store = store
@@ -42,12 +48,34 @@ class Commands:
         """The sandbox's pfs mode (sandbox.choose_mode): where the layout is."""
         self.run_as = run_as
         """(uid, gid) the commands run as; None: as the worker."""
+        self.spawner = Spawner.create(mode=mode) if fast else None
+        """Starts each datum's process on subprocess's fast path (functions.worker.spawner);
+        None where this machine has no `setpriv`: each is then forked with a preexec_fn."""
+
+        self._turn = asyncio.Lock()
+        """Held while a datum's user code runs: one datum's at a time."""
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether datums may be downloaded and uploaded while another's user code runs: not
+        where every datum's layout is /pfs itself."""
+        return self.mode != "direct"
+
+    def close(self) -> None:
+        if self.spawner is not None:
+            self.spawner.close()
 
     async def run(
-        self, task: DatumTask, info: PipelineInfo, attempt: int, make: MakeResult
+        self,
+        task: DatumTask,
+        info: PipelineInfo,
+        attempt: int,
+        make: MakeResult,
     ) -> DatumResult:
         """Download, run, upload one datum; raises Retry when the attempt failed and tries
-        remain."""
+        remain. The worker's datums may download and upload side by side
+        (functions.worker.overlap), but their user code runs one datum at a time: TURN's event,
+        if any, is set once this datum's has its turn."""
         spec = info.spec
         stats = DatumStats()
         workdir = self.scratch / f"{task.job[:12]}-{task.datum[:16]}-{attempt}"
@@ -61,22 +89,27 @@ class Commands:
                 return make("failed", error=f"downloading the datum's inputs: {exc}", stats=stats)
             stats.download_time = time.monotonic() - t0
 
-            outcome = await self.user_code(
-                task, info, layout, spec.transform.cmd, spec.transform.stdin
-            )
-            stats.process_time = outcome.elapsed
-            logs, _ = await self.store.put_bytes(outcome.log) if outcome.log else ("", 0)
-            accepted = (
-                outcome.returncode == 0 or outcome.returncode in spec.transform.accept_return_code
-            )
-            if not accepted:
-                error = _failure(outcome, spec.datum_timeout)
-                if spec.transform.err_cmd:
+            async with self._turn:
+                if (turn := TURN.get()) is not None:
+                    turn.set()
+                outcome = await self.user_code(
+                    task, info, layout, spec.transform.cmd, spec.transform.stdin
+                )
+                accepted = (
+                    outcome.returncode == 0
+                    or outcome.returncode in spec.transform.accept_return_code
+                )
+                recovered = None
+                if not accepted and spec.transform.err_cmd:
                     recovered = await self.user_code(
                         task, info, layout, spec.transform.err_cmd, spec.transform.err_stdin
                     )
-                    if recovered.returncode == 0:
-                        return make("recovered", error=error, logs=logs, stats=stats)
+            stats.process_time = outcome.elapsed
+            logs, _ = await self.store.put_bytes(outcome.log) if outcome.log else ("", 0)
+            if not accepted:
+                error = _failure(outcome, spec.datum_timeout)
+                if recovered is not None and recovered.returncode == 0:
+                    return make("recovered", error=error, logs=logs, stats=stats)
                 if attempt < spec.datum_tries:
                     raise Retry(error)
                 return make("failed", error=error, logs=logs, stats=stats)
@@ -144,6 +177,7 @@ class Commands:
             timeout=parse_duration(spec.datum_timeout, field="datum_timeout"),
             on_output=stream,
             run_as=self.run_as,
+            spawner=self.spawner,
         )
 
 

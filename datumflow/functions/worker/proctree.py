@@ -77,6 +77,10 @@ def kill_tree(leader: int, *, running: bool) -> None:
 def _tree(leader: int, *, running: bool) -> set[int]:
     """The members of the leader's session, and their descendants by parent link; with the leader
     `running`, the leader and its descendants too."""
+    if not running and not _session_members(leader):
+        # The common end of a datum: nothing left of it. One getsid a process tells, without
+        # reading every process's /proc entry.
+        return set()
     children: dict[int, list[int]] = {}
     members: set[int] = set()
     for ppid, pid, session in _processes():
@@ -92,6 +96,25 @@ def _tree(leader: int, *, running: bool) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found | members
+
+
+def _session_members(leader: int) -> bool:
+    """Whether any live process is in the session `leader` leads (a zombie counts too)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no way to tell cheaply: the full walk decides
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            if os.getsid(int(name)) == leader:
+                return True
+        except ProcessLookupError:
+            continue  # gone already
+        except OSError:
+            return True  # not ours to ask: the full walk decides
+    return False
 
 
 def _processes() -> list[tuple[int, int, int]]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import msgspec
 
 from datumflow.functions.worker.proctree import kill_tree, pipe_holders, signal_quietly
+from datumflow.functions.worker.spawner import Running, Spawner
 
 LOG_CAP = 1 << 20
 """Bytes of a datum's output kept in its log; the rest is counted and dropped."""
@@ -147,34 +148,40 @@ async def run(
     run_as: RunAs | None = None,
     kill: asyncio.Event | None = None,
     keep_log: bool = True,
+    spawner: Spawner | None = None,
 ) -> Outcome:
     """Run `cmd` with the datum's layout, as `run_as` if given (the layout's `out` must be
     theirs); kill it and all its children at `timeout`, or once `kill` is set (the Outcome's
     returncode is None either way). Without `keep_log` every chunk of output goes to
     `on_output` alone, uncapped: a process that outlives one datum has no log of its own."""
-    preexec = (
-        _bind_pfs(str(layout).encode(), run_as) if mode == "namespace" else _orphan_guard(run_as)
-    )
     cwd = "/pfs" if mode in ("namespace", "direct") else str(layout)
     started = time.monotonic()
-    loop = asyncio.get_running_loop()
     try:
-        transport, protocol = await loop.subprocess_exec(
-            lambda: _Protocol(limit=2**16, loop=loop),
-            *cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd if mode != "namespace" else None,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
+        if spawner is not None:
+            proc: Running | _Slow = await spawner.start(
+                cmd, env=env, cwd=cwd, layout=layout, run_as=run_as, stdin=stdin
+            )
+        else:
+            proc = await _Slow.start(cmd, env=env, cwd=cwd, layout=layout, mode=mode, run_as=run_as)
     except (OSError, subprocess.SubprocessError) as exc:
         message = f"could not start {cmd[0]!r}: {exc}\n".encode()
         return Outcome(returncode=127, log=message, elapsed=time.monotonic() - started)
-    proc = asyncio.subprocess.Process(transport, protocol, loop)
-    output_pipe = _pipe_inode(transport)
+    try:
+        return await _watch(proc, stdin, timeout, on_output, kill, keep_log, started)
+    finally:
+        proc.release()
+
+
+async def _watch(
+    proc: Running | _Slow,
+    stdin: bytes,
+    timeout: float | None,
+    on_output: Callable[[bytes], Awaitable[None]] | None,
+    kill: asyncio.Event | None,
+    keep_log: bool,
+    started: float,
+) -> Outcome:
+    output_pipe = _pipe_inode(proc.output)
     log = bytearray()
     dropped = 0
 
@@ -193,7 +200,8 @@ async def run(
             dropped += max(len(chunk) - max(room, 0), 0)
 
     async def feed() -> None:
-        assert proc.stdin is not None
+        if proc.stdin is None:
+            return
         try:
             proc.stdin.write(stdin)
             await proc.stdin.drain()
@@ -206,7 +214,7 @@ async def run(
     try:
         # The exit itself, not proc.wait(): that one also waits for the output pipe to close,
         # which a child left holding it would put off forever, past any datum_timeout.
-        await asyncio.wait_for(_exit_or_kill(protocol.exited, kill), timeout=timeout)
+        await asyncio.wait_for(_exit_or_kill(proc.exited, kill), timeout=timeout)
         returncode: int | None = proc.returncode
     except TimeoutError:
         returncode = None
@@ -214,8 +222,8 @@ async def run(
         # Everything the user code started goes down with it: children that outlive it, or a
         # process still running because we were cancelled or timed out.
         kill_tree(proc.pid, running=proc.returncode is None)
-        await protocol.exited
-    await _drain(readers, transport, output_pipe)
+        await proc.exited
+    await _drain(readers, proc.output, output_pipe)
     if dropped:
         log.extend(f"\n[datumflow: {dropped} more bytes of output dropped]\n".encode())
     return Outcome(
@@ -236,8 +244,62 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
             self.exited.set_result(None)
 
 
-def _pipe_inode(transport: asyncio.SubprocessTransport) -> int:
-    pipe = transport.get_pipe_transport(1)
+class _Slow:
+    """A process started the slow way: forked with a `preexec_fn` that enters a namespace of its
+    own, mounts /pfs and switches user (where there is no spawner)."""
+
+    def __init__(
+        self, proc: asyncio.subprocess.Process, transport: asyncio.SubprocessTransport
+    ) -> None:
+        protocol = transport.get_protocol()
+        assert isinstance(protocol, _Protocol)
+        assert proc.stdout is not None
+        self.pid = proc.pid
+        self.stdout: asyncio.StreamReader = proc.stdout
+        self.stdin: asyncio.StreamWriter | None = proc.stdin
+        self.exited = protocol.exited
+        self.output = transport.get_pipe_transport(1)
+        self._proc = proc
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def release(self) -> None:
+        return None
+
+    @classmethod
+    async def start(
+        cls,
+        cmd: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str,
+        layout: Path,
+        mode: str,
+        run_as: RunAs | None,
+    ) -> _Slow:
+        preexec = (
+            _bind_pfs(str(layout).encode(), run_as)
+            if mode == "namespace"
+            else _orphan_guard(run_as)
+        )
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _Protocol(limit=2**16, loop=loop),
+            *cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd if mode != "namespace" else None,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+        return cls(asyncio.subprocess.Process(transport, protocol, loop), transport)
+
+
+def _pipe_inode(pipe: asyncio.BaseTransport | None) -> int:
     file = pipe.get_extra_info("pipe") if pipe is not None else None
     try:
         return os.fstat(file.fileno()).st_ino if file is not None else 0
@@ -265,7 +327,7 @@ async def _set(event: asyncio.Event) -> None:
 
 
 async def _drain(
-    readers: asyncio.Future[tuple[None, None]], transport: asyncio.SubprocessTransport, inode: int
+    readers: asyncio.Future[tuple[None, None]], transport: asyncio.BaseTransport | None, inode: int
 ) -> None:
     """Read the output to its end. A process still holding the output pipe once the tree is
     killed inherited it from the user code and left its session (a daemon that did not close its
@@ -281,4 +343,5 @@ async def _drain(
     readers.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await readers
-    transport.close()
+    if transport is not None:
+        transport.close()

@@ -41,6 +41,7 @@ from datumflow.functions.worker.batch import BatchSizer, Heartbeat
 from datumflow.functions.worker.batched import Batched
 from datumflow.functions.worker.calls import Functions, local_objects
 from datumflow.functions.worker.commands import Commands
+from datumflow.functions.worker.overlap import overlapped, overlaps
 from datumflow.functions.worker.reporter import Reporter
 from datumflow.metrics import current as current_metrics
 from datumflow.pfs.paths import BadPath, check_name, clean_path
@@ -170,6 +171,7 @@ class Worker:
             await sub.close()
             await self.functions.close()
             await self.batched.close()
+            await asyncio.to_thread(self.commands.close)
             await asyncio.to_thread(shutil.rmtree, self.scratch, True)
 
     async def _warm_up(self) -> None:
@@ -193,12 +195,14 @@ class Worker:
             or bool(spec.transform.function) != bool(old.transform.function)
             or spec.transform.datum_batching != old.transform.datum_batching
         ):
-            # A datum costs a process start only without batching: with it, as for a function,
-            # a set holds a fraction of a second of work.
+            # A set holds a fraction of a second of work, but a command's sets are single datums
+            # where they cannot overlap (pfs_mode direct: every datum's layout is /pfs itself).
             self.sizer = BatchSizer(
                 spec.datum_set_spec,
                 parallelism=spec.parallelism_spec.constant or 1,
-                adaptive=bool(spec.transform.function) or spec.transform.datum_batching,
+                adaptive=bool(spec.transform.function)
+                or spec.transform.datum_batching
+                or overlaps(info, self.commands),
             )
         self._info = info
 
@@ -270,6 +274,8 @@ class Worker:
                 info = await self._spec(max(task.version for _, task in items))
                 if self._runs_ahead(info, items):
                     await self._function_set(batch, items, info)
+                elif overlaps(info, self.commands):
+                    await overlapped(items, lambda m, t: self._one(batch, m, t, info), stop)
                 else:
                     for msg, task in items:
                         if stop.is_set():

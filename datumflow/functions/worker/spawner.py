@@ -1,0 +1,244 @@
+"""Starting a datum's process without Python code between fork and exec, the fast way.
+
+Python's subprocess forks with vfork (no copy of the worker's memory) only when there is no
+`preexec_fn`, `user`, `group` or `extra_groups`; with them it forks the whole interpreter and runs
+Python in the child, which costs a datum more than a small command does. So what the child did
+before exec is done elsewhere:
+
+- the private /pfs: one mount namespace per worker, made once by a thread of its own
+  (`unshare(CLONE_NEWNS)` changes the calling thread alone), with every mount in it made private,
+  so nothing in it reaches the machine's. That thread starts every process; a datum's layout is
+  bind-mounted at /pfs for as long as its process runs, and unmounted before the next datum's is
+  mounted. Datums take turns: a process, and everything it started, is dead before the next one's
+  /pfs is mounted (sandbox.run kills the tree first).
+- the user switch and death with the worker: `setpriv` (util-linux) is exec'd first; it clears the
+  supplementary groups, sets the group and the user, sets the parent-death signal (SIGKILL, once
+  the user is set: a change of user clears it), then execs the command. The parent is the
+  starting thread, which lives as long as the worker's spawner.
+- a session of its own: `start_new_session`, on the fast path too.
+
+Without `setpriv`, or without a namespace for the thread, `Spawner.create` returns None and the
+sandbox keeps its `preexec_fn` path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+_CLONE_NEWNS = 0x00020000
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+_MNT_DETACH = 2
+
+RunAs = tuple[int, int]
+
+
+class Running:
+    """A process started by the spawner: its pid, exit, output and input, for sandbox.run."""
+
+    def __init__(
+        self,
+        *,
+        proc: subprocess.Popen[bytes],
+        stdout: asyncio.StreamReader,
+        output: asyncio.ReadTransport,
+        stdin: asyncio.StreamWriter | None,
+        exited: asyncio.Future[None],
+        release: Callable[[], None],
+    ) -> None:
+        self.pid = proc.pid
+        self.proc = proc
+        self.stdout = stdout
+        self.output = output
+        """The transport of the output pipe: closed by sandbox._drain when it must let go."""
+        self.stdin = stdin
+        self.exited = exited
+        self._release: Callable[[], None] | None = release
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def release(self) -> None:
+        """The process is dead and its tree killed: the next datum may have /pfs."""
+        release = self._release
+        if release is not None:
+            self._release = None
+            release()
+
+
+class Spawner:
+    """Starts the processes of one worker, one datum at a time, from one thread."""
+
+    def __init__(self, *, setpriv: str, namespace: bool) -> None:
+        self.setpriv = setpriv
+        self.namespace = namespace
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="datumflow-spawner",
+            initializer=_enter_namespace if namespace else None,
+        )
+        self._turn = asyncio.Lock()
+        self._mounted = False
+        """Whether the last datum's layout is still at /pfs (the thread's own to read and set):
+        it is unmounted just before the next one is mounted, or when the spawner closes."""
+
+    @classmethod
+    def create(cls, *, mode: str) -> Spawner | None:
+        """A spawner for the pfs `mode`, or None where this machine gives no fast path."""
+        setpriv = shutil.which("setpriv")
+        if setpriv is None or not hasattr(os, "pidfd_open"):
+            return None
+        spawner = cls(setpriv=setpriv, namespace=mode == "namespace")
+        try:
+            spawner._thread.submit(spawner._check).result()
+        except (OSError, concurrent.futures.BrokenExecutor):
+            spawner.close()
+            return None
+        return spawner
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError, OSError, concurrent.futures.BrokenExecutor):
+            self._thread.submit(self._unmount).result()
+        self._thread.shutdown(wait=True)
+
+    async def start(
+        self,
+        cmd: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str,
+        layout: Path,
+        run_as: RunAs | None,
+        stdin: bytes,
+    ) -> Running:
+        """Start `cmd` as `run_as` (or as ourselves), with `layout` at /pfs in the namespace.
+        The caller must call `Running.release()` once the process and its tree are dead; until
+        then no other process starts."""
+        loop = asyncio.get_running_loop()
+        await self._turn.acquire()
+        try:
+            argv = [self.setpriv, *_identity(run_as), "--pdeathsig", "KILL", "--", *cmd]
+            proc = await asyncio.wrap_future(
+                self._thread.submit(self._popen, argv, env=env, cwd=cwd, layout=layout, stdin=stdin)
+            )
+        except BaseException:
+            self._turn.release()
+            raise
+        try:
+            return await _attach(loop, proc, stdin=stdin, release=self._turn.release)
+        except BaseException:
+            proc.kill()
+            self._turn.release()
+            raise
+
+    # -- in the spawner's thread ------------------------------------------------------------
+
+    def _check(self) -> None:
+        """Fails where the thread's namespace cannot mount at /pfs (or was not made)."""
+        if self.namespace:
+            _mount(b"/tmp")
+            self._mounted = True
+            self._unmount()
+
+    def _unmount(self) -> None:
+        if self._mounted:
+            if _libc().umount2(b"/pfs", _MNT_DETACH) != 0:
+                raise OSError(ctypes.get_errno(), "unmounting the last datum's /pfs")
+            self._mounted = False
+
+    def _popen(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, layout: Path, stdin: bytes
+    ) -> subprocess.Popen[bytes]:
+        """The datum's layout at /pfs, then its process, on subprocess's vfork path."""
+        if self.namespace:
+            self._unmount()
+            _mount(str(layout).encode())
+            self._mounted = True
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def _identity(run_as: RunAs | None) -> list[str]:
+    if run_as is None:
+        return []
+    uid, gid = run_as
+    return [f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+
+
+_LIBC: list[ctypes.CDLL] = []
+
+
+def _libc() -> ctypes.CDLL:
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def _enter_namespace() -> None:
+    # The spawner's thread, once: a mount namespace of its own, private from the machine's.
+    libc = _libc()
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) in the spawner's thread")
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "making / private in the spawner's namespace")
+
+
+def _mount(source: bytes) -> None:
+    if _libc().mount(source, b"/pfs", None, _MS_BIND | _MS_REC, None) != 0:
+        raise OSError(ctypes.get_errno(), "bind-mounting the datum at /pfs")
+
+
+async def _attach(
+    loop: asyncio.AbstractEventLoop,
+    proc: subprocess.Popen[bytes],
+    *,
+    stdin: bytes,
+    release: Callable[[], None],
+) -> Running:
+    """The process's pipes and exit on this event loop: its exit seen through a pidfd."""
+    exited: asyncio.Future[None] = loop.create_future()
+    pidfd = os.pidfd_open(proc.pid)
+
+    def reap() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        try:
+            _, status = os.waitpid(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped by someone else: its code is lost
+            proc.returncode = 255
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, reap)
+    assert proc.stdout is not None
+    reader = asyncio.StreamReader(limit=2**16, loop=loop)
+    output, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), proc.stdout
+    )
+    writer = None
+    if proc.stdin is not None:
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.streams.FlowControlMixin(loop=loop), proc.stdin
+        )
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return Running(
+        proc=proc, stdout=reader, output=output, stdin=writer, exited=exited, release=release
+    )

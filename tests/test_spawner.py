@@ -1,0 +1,174 @@
+"""The spawner's fast path keeps the sandbox's guarantees: each datum's process sees its own layout
+at /pfs and the machine sees none of it, the user switch with no groups left, the environment as
+given, the log cap, and no user code left running once its worker is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from datumflow.functions.worker import sandbox
+from datumflow.functions.worker.spawner import Spawner
+from tests.helpers import dead, eventually
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="mount namespaces and user switches need root")
+
+
+def _spawner(mode: str) -> Spawner:
+    made = Spawner.create(mode=mode)
+    if made is None:
+        pytest.skip("no setpriv or no mount namespace here: the fast path is not used")
+    return made
+
+
+@pytest.fixture
+def in_namespace() -> Iterator[Spawner]:
+    made = _spawner("namespace")
+    yield made
+    made.close()
+
+
+def _layout(root: Path, text: str) -> Path:
+    (root / "in").mkdir(parents=True)
+    (root / "in" / "file").write_text(text)
+    (root / "out").mkdir()
+    return root
+
+
+async def _run(spawner: Spawner, layout: Path, cmd: list[str], **kw: object) -> sandbox.Outcome:
+    return await sandbox.run(
+        cmd,
+        stdin=b"",
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        layout=layout,
+        mode="namespace" if spawner.namespace else "env",
+        timeout=20,
+        spawner=spawner,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_each_datum_sees_its_own_layout_at_pfs(tmp_path: Path, in_namespace: Spawner) -> None:
+    before = sorted(os.listdir("/pfs"))
+    script = "cat /pfs/in/file; ls /pfs; echo made > /pfs/out/result; pwd"
+    for name in ("first", "second"):
+        layout = _layout(tmp_path / name, f"{name}\n")
+        outcome = await _run(in_namespace, layout, ["sh", "-c", script])
+        assert (outcome.returncode, outcome.log) == (0, f"{name}\nin\nout\n/pfs\n".encode())
+        assert (layout / "out" / "result").read_text() == "made\n"
+    # The machine's /pfs, and this thread's, never saw a datum.
+    assert sorted(os.listdir("/pfs")) == before
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_two_workers_at_once_each_see_their_own_pfs(tmp_path: Path) -> None:
+    spawners = [_spawner("namespace"), _spawner("namespace")]
+    try:
+        layouts = [_layout(tmp_path / f"w{i}", f"worker {i}\n") for i in range(2)]
+        outcomes = await asyncio.gather(
+            *(
+                _run(s, layout, ["sh", "-c", "sleep 0.3; cat /pfs/in/file"])
+                for s, layout in zip(spawners, layouts, strict=True)
+            )
+        )
+        assert [o.log for o in outcomes] == [b"worker 0\n", b"worker 1\n"]
+    finally:
+        for s in spawners:
+            s.close()
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_user_code_runs_as_its_user_with_no_groups(
+    tmp_path: Path, in_namespace: Spawner
+) -> None:
+    layout = _layout(tmp_path / "d", "x\n")
+    os.chown(layout / "out", 65534, 65534)
+    outcome = await _run(
+        in_namespace,
+        layout,
+        ["sh", "-c", "id -u; id -g; id -G; touch /pfs/out/mine; touch /pfs/in/theirs"],
+        run_as=(65534, 65534),
+    )
+    lines = outcome.log.decode().splitlines()
+    assert lines[:3] == ["65534", "65534", "65534"]
+    assert "Permission denied" in lines[3]  # the inputs are not the user's to write
+    assert (layout / "out" / "mine").stat().st_uid == 65534
+
+
+@pytest.mark.asyncio
+async def test_the_environment_is_exactly_the_one_given(tmp_path: Path) -> None:
+    spawner = _spawner("env")
+    try:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PACH_JOB_ID": "j1"}
+        outcome = await sandbox.run(
+            ["env"], stdin=b"", env=env, layout=tmp_path, mode="env", timeout=20, spawner=spawner
+        )
+        assert sorted(outcome.log.decode().splitlines()) == sorted(
+            f"{k}={v}" for k, v in env.items()
+        )
+    finally:
+        spawner.close()
+
+
+@pytest.mark.asyncio
+async def test_the_log_is_capped_and_stdin_is_given(tmp_path: Path) -> None:
+    spawner = _spawner("env")
+    try:
+        outcome = await sandbox.run(
+            ["sh", "-c", "cat; head -c 3000000 /dev/zero"],
+            stdin=b"hello\n",
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            layout=tmp_path,
+            mode="env",
+            timeout=20,
+            spawner=spawner,
+        )
+        assert outcome.returncode == 0
+        assert outcome.log.startswith(b"hello\n")
+        assert outcome.dropped == 3_000_006 - sandbox.LOG_CAP
+        assert len(outcome.log) < sandbox.LOG_CAP + 100
+    finally:
+        spawner.close()
+
+
+@pytest.mark.asyncio
+async def test_user_code_dies_with_its_worker(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL leaves no user code running (the parent-death signal)."""
+    pidfile = tmp_path / "pid"
+    worker = textwrap.dedent(
+        f"""
+        import asyncio, os
+        from pathlib import Path
+        from datumflow.functions.worker import sandbox
+        from datumflow.functions.worker.spawner import Spawner
+
+        spawner = Spawner.create(mode="env")
+        assert spawner is not None
+        asyncio.run(sandbox.run(
+            ["sh", "-c", "echo $$ > {pidfile}; exec sleep 300"], stdin=b"",
+            env=dict(PATH=os.environ["PATH"]), layout=Path("{tmp_path}"), mode="env",
+            timeout=None, spawner=spawner,
+        ))
+        """
+    )
+    _spawner("env").close()  # skips where there is no fast path
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", worker)
+    try:
+        await eventually(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=20)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    user_code = int(pidfile.read_text())
+    await eventually(lambda: dead(user_code), timeout=10, what="the user code to die")
