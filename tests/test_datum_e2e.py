@@ -124,6 +124,40 @@ async def test_every_job_reprocesses_everything(cluster: Cluster, tmp_path: Path
     assert marks_of(marks) == ["a", "a", "b", "b", "c"]
 
 
+async def test_a_workers_datums_overlap_but_run_their_code_one_at_a_time(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A set of command datums is downloaded and uploaded side by side, but each datum's code
+    runs alone, on its own /pfs: a lock directory taken while it runs is never found taken."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    lock = tmp_path / "running"
+    script = (
+        f'mkdir {lock} || {{ echo "two datums at once" >&2; exit 3; }}; sleep 0.05; '
+        f"{COPY}; rmdir {lock}"
+    )
+    files = {f"/f{i:02d}": f"datum {i}".encode() for i in range(12)}
+    await put_files(cluster, "overlap", files)
+    spec = copy_spec(
+        "overlapped",
+        "overlap",
+        marks,
+        datum_set_spec={"number": 6},
+        datum_tries=1,
+        parallelism_spec={"constant": 1},
+    )
+    spec["transform"]["cmd"] = ["sh", "-c", script]
+    create_pipeline(cluster, tmp_path, spec)
+    [job] = await wait_job_done(cluster, "overlapped")
+    assert figures(job) == ("success", 12, 12, 0, 0, 0), job.reason
+    assert marks_of(marks) == sorted(n.lstrip("/") for n in files)
+    await eventually(
+        lambda: output_files(cluster, "overlapped"),
+        until=lambda got: got == files,
+        what="every datum's output in the output commit",
+    )
+
+
 async def test_err_cmd_recovers_and_recovered_datums_run_again(
     cluster: Cluster, tmp_path: Path
 ) -> None:
