@@ -32,6 +32,15 @@ def overlaps(info: PipelineInfo, commands: Commands) -> bool:
     return not transform.function and not transform.datum_batching and commands.overlaps
 
 
+def adaptive_sets(info: PipelineInfo, commands: Commands) -> bool:
+    """Whether a worker's sets hold a fraction of a second of work (functions.worker.batch): a
+    function's, a batching session's, and a command's whose datums overlap. Where they cannot
+    (pfs_mode direct: every datum's layout is /pfs itself), a command's sets are single datums
+    unless the spec asks otherwise."""
+    transform = info.spec.transform
+    return bool(transform.function) or transform.datum_batching or overlaps(info, commands)
+
+
 async def overlapped(items: list[tuple[Msg, DatumTask]], one: One, stop: asyncio.Event) -> None:
     """Every datum of `items` through `one`, overlapped; the first error of any is raised once
     the others are cancelled."""

@@ -41,7 +41,7 @@ from datumflow.functions.worker.batch import BatchSizer, Heartbeat
 from datumflow.functions.worker.batched import Batched
 from datumflow.functions.worker.calls import Functions, local_objects
 from datumflow.functions.worker.commands import Commands
-from datumflow.functions.worker.overlap import overlapped, overlaps
+from datumflow.functions.worker.overlap import adaptive_sets, overlapped, overlaps
 from datumflow.functions.worker.reporter import Reporter
 from datumflow.metrics import current as current_metrics
 from datumflow.pfs.paths import BadPath, check_name, clean_path
@@ -195,14 +195,10 @@ class Worker:
             or bool(spec.transform.function) != bool(old.transform.function)
             or spec.transform.datum_batching != old.transform.datum_batching
         ):
-            # A set holds a fraction of a second of work, but a command's sets are single datums
-            # where they cannot overlap (pfs_mode direct: every datum's layout is /pfs itself).
             self.sizer = BatchSizer(
                 spec.datum_set_spec,
                 parallelism=spec.parallelism_spec.constant or 1,
-                adaptive=bool(spec.transform.function)
-                or spec.transform.datum_batching
-                or overlaps(info, self.commands),
+                adaptive=adaptive_sets(info, self.commands),
             )
         self._info = info
 
