@@ -146,6 +146,12 @@ async def test_prometheus_counts_what_the_jobs_counted(
                 "input": {"pfs": {"repo": "numbers", "glob": "/*"}},
                 "transform": {"cmd": ["sh", "-c", cmd]},
                 "datum_tries": 1,
+                # Workers go back to zero a second after the last lag: the counts must stay. One
+                # at most: a scale-down from two to one may stop a worker with datums of its set
+                # not begun, which go back, a delivery spent (with datum_tries 1: failed).
+                "autoscaling": True,
+                "parallelism_spec": {"constant": 1},
+                "scaling": {"cooldown_period": 1, "polling_interval": 0.5},
             },
         )
     await wait_job_done(cluster, "picky")
@@ -167,7 +173,7 @@ async def test_prometheus_counts_what_the_jobs_counted(
             if total:
                 expected[(("pipeline", name), ("state", state))] = total
     assert expected[(("pipeline", "copy"), ("state", "skipped"))] == 4
-    assert expected[(("pipeline", "picky"), ("state", "failed"))] == 2
+    assert expected[(("pipeline", "picky"), ("state", "failed"))] == 2, jobs["picky"]
 
     datums = "sum by (pipeline, state) (datumflow_datums_total)"
     await eventually(
@@ -208,7 +214,31 @@ async def test_prometheus_counts_what_the_jobs_counted(
         (("pipeline", "picky"),),
         (("pipeline", "copy"),),
     }
-    assert query(base, "sum (datumflow_scaler_decisions_total)") != {}
+    decisions = query(base, "sum by (direction) (datumflow_scaler_decisions_total)")
+    assert decisions.get((("direction", "up"),), 0) >= 2  # each pipeline scaled up from zero
+
+    # Every worker gone (scaled to zero), and the counts are still the jobs' figures.
+    await eventually(
+        # A worker that exited leaves no busy series behind (`up` drops its live gauge).
+        lambda: query(
+            base, "sum (datumflow_workers_running) + (sum (datumflow_worker_busy) or vector(0))"
+        ),
+        until=lambda got: got == {(): 0},
+        timeout=30,
+        interval=0.5,
+        what="every worker to scale down to zero",
+    )
+    assert query(base, "sum by (pipeline) (datumflow_workers_desired)") == {
+        (("pipeline", "picky"),): 0,
+        (("pipeline", "copy"),): 0,
+    }
+    await eventually(
+        lambda: query(base, datums),
+        until=lambda got: got == expected,
+        timeout=5,
+        interval=0.5,
+        what="the datum counts after the workers scaled to zero",
+    )
 
 
 def test_the_dashboard_names_only_metrics_the_code_defines() -> None:
