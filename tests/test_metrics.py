@@ -20,6 +20,7 @@ from datumflow.broker.messages import DatumResult, DatumStats, JobPlanned
 from datumflow.broker.records import JobInfo
 from datumflow.errors import StorageError
 from datumflow.functions.job_metrics import job_ended
+from datumflow.functions.worker import sandbox
 from datumflow.functions.tally import Tally
 from datumflow.metrics import observe_many
 from datumflow.runtime.embedded import read_instance
@@ -368,3 +369,11 @@ def test_a_bad_metrics_address_is_refused_saying_what_to_write() -> None:
     with pytest.raises(ValueError, match="DATUMFLOW_METRICS='9090': expected host:port"):
         Settings(metrics="9090")
     assert Settings(metrics=":9090").metrics == ":9090"
+
+
+def test_user_code_does_not_inherit_the_metrics_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/state/run/metrics")
+    monkeypatch.setenv("PATH_FOR_USER_CODE", "kept")
+    env = sandbox.user_environment({})
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env
+    assert env["PATH_FOR_USER_CODE"] == "kept"
