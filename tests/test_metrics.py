@@ -20,8 +20,8 @@ from datumflow.broker.messages import DatumResult, DatumStats, JobPlanned
 from datumflow.broker.records import JobInfo
 from datumflow.errors import StorageError
 from datumflow.functions.job_metrics import job_ended
-from datumflow.functions.worker import sandbox
 from datumflow.functions.tally import Tally
+from datumflow.functions.worker import sandbox
 from datumflow.metrics import observe_many
 from datumflow.runtime.embedded import read_instance
 from datumflow.settings import Settings
