@@ -314,11 +314,15 @@ def _serve(address: str, registry: CollectorRegistry) -> str:
     return f"http://{shown}:{server.server_port}/metrics"
 
 
-def process_gone(directory: Path, pid: int) -> None:
-    """For `datumflow up`: a child died; its live gauges (workers busy) no longer count."""
+def forget_gone(directory: Path, *, alive: set[int]) -> None:
+    """For `datumflow up`: drop the live gauges (workers busy) of every process that recorded
+    some and is no longer among `alive` (nor `up` itself), however briefly it lived."""
     from prometheus_client.multiprocess import mark_process_dead
 
-    mark_process_dead(pid, path=str(directory))
+    for path in directory.glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and int(pid) not in alive and int(pid) != os.getpid():
+            mark_process_dead(int(pid), path=str(directory))
 
 
 def _multiprocess(directory: Path) -> None:

@@ -64,7 +64,6 @@ class Supervisor:
         self.metrics: metrics.Metrics | None = None
         self.metrics_url = ""
         """Where `up` serves the metrics of every process it runs; "" when they are off."""
-        self._pids: set[int] = set()
         self.console_url = ""
         """The web console's URL, once it listens and it has been printed."""
 
@@ -210,10 +209,8 @@ class Supervisor:
         children = [*self.functions, *self.retired]
         for pw in self.pipelines.values():
             children += pw.workers + pw.draining
-        pids = {c.process.pid for c in children if c.alive and c.process is not None}
-        for pid in self._pids - pids:
-            metrics.process_gone(self.metrics_dir, pid)
-        self._pids = pids
+        alive = {c.process.pid for c in children if c.alive and c.process is not None}
+        metrics.forget_gone(self.metrics_dir, alive=alive)
 
     async def _pipeline_infos(self) -> dict[str, PipelineInfo]:
         """Every pipeline now; on doubt, the ones we know. Workers are only stopped for a pipeline
