@@ -216,30 +216,19 @@ async def planner_failover_round(
         spec = pipeline_spec(rig.name, repo="src", marks=rig.marks)
         create_pipeline(rig.cluster, rig.tmp_path, spec)
         rig.commits = 1
-    before = _planning(rig.cluster, rig.name)
-    subject = subjects.datum(rig.name)
-    nc = await nats.connect(rig.cluster.server.url)
-    killed: list[tuple[int, float]] = []
-    try:
-        seen = asyncio.Event()
-
-        async def first(_msg: object) -> None:
-            if seen.is_set():
-                return
-            seen.set()
-            now = _planning(rig.cluster, rig.name)
-            [log] = [p for p, n in now.items() if n > before.get(p, 0)]
-            pid = _pid_in(log)
-            sigkill(pid)
-            killed.append((pid, time.monotonic()))
-
-        watch = await nc.subscribe(subject, cb=first)
-        data, commit, started = await rig.commit(datums, seed=seed)
-        await asyncio.wait_for(seen.wait(), timeout=60)
-        await watch.unsubscribe()
-    finally:
-        await nc.close()
-    assert killed, "no planner was killed"
+    # The kill is sent from this process when the first datum is seen: on a loaded machine it may
+    # land only once the planner has finished. Such a round is checked, and another one tried.
+    for attempt in range(3):
+        data, commit, started, hit = await _kill_the_planning_planner(rig, datums, seed + attempt)
+        job = await rig.job_for(commit)
+        assert job is not None
+        if job.state == "created":
+            break
+        await rig.finish(
+            commit, data, scenario="no fault", faults=Counter(), started=started, timeout=timeout
+        )
+    else:
+        raise AssertionError("the planner finished planning before the kill, three times")
     faults["planning planner SIGKILL mid-planning"] += 1
     job = await eventually(
         lambda: rig.job_for(commit),
@@ -248,7 +237,7 @@ async def planner_failover_round(
         interval=0.05,
         what="the other planner to plan the job",
     )
-    gap = time.monotonic() - killed[0][1]
+    gap = time.monotonic() - hit
     assert job is not None
     figures = await rig.finish(
         commit,
@@ -261,9 +250,47 @@ async def planner_failover_round(
     return figures, gap
 
 
+async def _kill_the_planning_planner(
+    rig: Rig, datums: int, seed: int
+) -> tuple[Dataset, str, float, float]:
+    """Commit a dataset; SIGKILL the planner that plans its job when its first datum is queued.
+    The data, the commit, when it was made, when the kill was sent."""
+    await eventually(
+        lambda: len(function_pids(rig.cluster, "planner")) == 2, what="both planners running"
+    )
+    before = _planning(rig.cluster, rig.name)
+    subject = subjects.datum(rig.name)
+    nc = await nats.connect(rig.cluster.server.url)
+    killed: list[float] = []
+    try:
+        seen = asyncio.Event()
+
+        async def first(_msg: object) -> None:
+            if seen.is_set():
+                return
+            seen.set()
+            now = _planning(rig.cluster, rig.name)
+            [log] = [p for p, n in now.items() if n > before.get(p, 0)]
+            sigkill(_pid_in(log))
+            killed.append(time.monotonic())
+
+        watch = await nc.subscribe(subject, cb=first)
+        data, commit, started = await rig.commit(datums, seed=seed)
+        await asyncio.wait_for(seen.wait(), timeout=60)
+        await watch.unsubscribe()
+    finally:
+        await nc.close()
+    assert killed, "no planner was killed"
+    return data, commit, started, killed[0]
+
+
 def _pid_in(log: Path) -> int:
-    """The pid a function's log names when it starts (`datumflow-planner: pid N on HOST`)."""
-    for line in log.read_text(errors="replace").splitlines():
-        if ": pid " in line:
-            return int(line.split(": pid ")[1].split()[0])
-    raise AssertionError(f"{log} names no pid")
+    """The pid a function's log names when it last started (`datumflow-planner: pid N on HOST`):
+    a replica restarted after a kill appends to the same log."""
+    pids = [
+        int(line.split(": pid ")[1].split()[0])
+        for line in log.read_text(errors="replace").splitlines()
+        if ": pid " in line
+    ]
+    assert pids, f"{log} names no pid"
+    return pids[-1]
