@@ -4,6 +4,7 @@ python -m bench                      # everything (about 3 minutes on 2 CPUs)
 python -m bench --scale 0.1          # a tenth of the datums, for a quick look
 python -m bench --only noop,cpu      # some: noop, cpu, sleep, ceiling, planning, cli, idle, metrics,
                                      # spawn (a process per datum against xargs -P)
+                                     # batching (a datum_batching sh loop against a function)
 python -m bench --systems datumflow  # some systems: datumflow, celery, pool
 python -m bench --json out.json      # the measures as JSON too
 python -m bench --repeat 3           # each scenario three times, the median reported
@@ -27,7 +28,7 @@ import msgspec
 from bench import deps, report
 from bench.scenarios import PLANNING_BIG, PLANNING_FILES, Measure, scenarios
 
-ALL = ("noop", "cpu", "sleep", "ceiling", "planning", "cli", "idle", "metrics", "spawn")
+ALL = ("noop", "cpu", "sleep", "ceiling", "planning", "cli", "idle", "metrics", "spawn", "batching")
 
 
 def _versions(redis_binary: str) -> dict[str, str]:
@@ -172,6 +173,20 @@ def main(argv: list[str] | None = None) -> None:
                 for m in spawns[-1]:
                     keep(m)
             print(spawn_limit.table(spawns, files=files, workers=2))
+        if "batching" in only and "datumflow" in systems:
+            from bench import batching_loop
+
+            looped: list[Measure] = []
+            for run in range(max(args.repeat, 1)):
+                got = batching_loop.run(
+                    work=work / f"batching-{run}",
+                    datums=max(int(batching_loop.DATUMS * args.scale), 8),
+                )
+                for m in got:
+                    _say(f"{m.system:>18} {m.datums:>6,} in {m.seconds:7.2f} s = {m.rate:,.0f}/s")
+                looped += got
+            measures += looped
+            print(batching_loop.table(looped))
         if args.json:
             args.json.write_bytes(msgspec.json.encode(measures))
     finally:

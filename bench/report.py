@@ -72,7 +72,34 @@ def tables(
     lines += ["", "| target | measured | |", "|---|---|---|"]
     for target, value, met in targets(measures, scenarios):
         lines.append(f"| {target} | {value} | {'met' if met else '**missed**'} |")
+    runs = per_run(measures)
+    if runs:
+        lines += ["", "Each run's ratio, measured side by side (load average after the run):", ""]
+        lines += [f"- {line}" for line in runs]
     return "\n".join(lines)
+
+
+RATIOS = [
+    ("datumflow", "pool", "cpu", "10 ms datums, datumflow / multiprocessing.Pool"),
+    ("datumflow", "nats-bare", "noop", "no-op datums, datumflow / bare fetch+ack"),
+]
+
+
+def per_run(measures: list[Measure]) -> list[str]:
+    """For each ratio of the targets, every run's value: the n-th measure of one system against
+    the n-th of the other, taken one after the other in the same run."""
+    out = []
+    for a, b, scenario, title in RATIOS:
+        xs = [m for m in measures if m.system == a and m.scenario == scenario]
+        ys = [m for m in measures if m.system == b and m.scenario == scenario]
+        cells = [
+            f"{x.rate / y.rate:.2f} (load {max(x.extra.get('load_1min', 0), y.extra.get('load_1min', 0)):.1f})"
+            for x, y in zip(xs, ys, strict=False)
+            if x.ok and y.rate
+        ]
+        if cells:
+            out.append(f"{title}: " + ", ".join(cells))
+    return out
 
 
 def targets(measures: list[Measure], scenarios: list[Scenario]) -> list[tuple[str, str, bool]]:
@@ -93,7 +120,7 @@ def targets(measures: list[Measure], scenarios: list[Scenario]) -> list[tuple[st
         out.append(("no-op datums/s >= 50 % of bare fetch+ack", f"{r:.0%}", r >= 0.5))
     r = ratio("datumflow", "pool", "cpu")
     if r is not None:
-        out.append(("10 ms datums/s >= 90 % of multiprocessing.Pool", f"{r:.0%}", r >= 0.9))
+        out.append(("10 ms datums/s >= 92 % of multiprocessing.Pool", f"{r:.0%}", r >= 0.92))
     m = _find(measures, "datumflow", "sleep")
     if m is not None and "sleep" in by_key:
         x = m.seconds / by_key["sleep"].ideal

@@ -229,3 +229,83 @@ async def test_keep_alive_holds_messages_past_ack_wait(broker: Broker) -> None:
     finally:
         await other.close()
         await sub.close()
+
+
+async def test_fetching_only_what_is_there_does_not_wait(broker: Broker, puller: Puller) -> None:
+    started = time.monotonic()
+    assert await puller.fetch(batch=4, wait=0) == []
+    assert time.monotonic() - started < 2.0  # answered by the broker's 404, not by a timeout
+    await _publish(broker, 3)
+    await eventually(lambda: puller.fetch(batch=4, wait=0), until=lambda m: len(m) == 3)
+
+
+async def test_a_set_fetched_ahead_is_held_and_handed_back_at_once(broker: Broker) -> None:
+    from datumflow.functions.worker.ahead import Ahead
+    from datumflow.functions.worker.batch import Heartbeat
+
+    short = 2.0
+    sub = await _consumer(broker, ack_wait=short)
+    heartbeat = Heartbeat(every=short / 4)
+    stop = asyncio.Event()
+
+    async def size() -> int:
+        return 2
+
+    ahead = Ahead(broker=broker, puller=sub, heartbeat=heartbeat, size=size, stop=stop)
+    try:
+        ahead.start()
+        assert await ahead.take() == []  # nothing waiting: nothing taken, nothing waited for
+        await _publish(broker, 3)
+        ahead.start()
+        ahead.start()  # one set ahead at most
+        await eventually(lambda: len(heartbeat), until=lambda n: n == 2, what="the set held")
+        # Held past ack_wait: the heartbeat keeps the set fetched ahead ours.
+        await asyncio.sleep(short * 1.5)
+        [third] = await _take(sub, 1)
+        assert await sub.fetch(batch=2, wait=short / 4) == []
+        # Stopping hands them back at once, not after ack_wait: they are the next ones out.
+        stop.set()
+        await ahead.hand_back()
+        assert len(heartbeat) == 0
+        back = await _take(sub, 2, within=short / 2)
+        assert all(m.metadata.num_delivered == 2 for m in back)
+        ahead.start()  # stopping: nothing more is fetched ahead
+        assert await ahead.take() == []
+        await settle(broker, function=FUNCTION, msgs=[third, *back])
+    finally:
+        await heartbeat.close()
+        await sub.close()
+
+
+async def test_a_lingering_fetch_keeps_one_request_open(broker: Broker, puller: Puller) -> None:
+    """Messages trickling in one by one (results to the committer) cost no request each; once
+    the open request expires, the next fetch opens another and messages keep coming."""
+    requests: list[bytes] = []
+
+    async def seen(msg: Msg) -> None:
+        requests.append(msg.data)
+
+    spy = await broker.nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{DURABLE}", cb=seen)
+    try:
+        wait = 2.0
+        taken: list[Msg] = []
+        for n in range(3):
+            await broker.js.publish(f"settle.{n}", b"m", headers={"Nats-Msg-Id": f"t{n}"})
+            taken += await puller.fetch(batch=100, wait=wait, linger=0.02)
+            assert len(taken) == n + 1
+        await broker.nc.flush()
+        assert len(requests) == 1
+        # Nothing comes: the request expires, the fetch says so with [] ...
+        started = time.monotonic()
+        while time.monotonic() - started < wait * 2 and len(requests) < 2:
+            assert await puller.fetch(batch=100, wait=wait, linger=0.02) == []
+        # ... and the next one is answered on a new request.
+        await broker.js.publish("settle.9", b"m", headers={"Nats-Msg-Id": "t9"})
+        taken += await eventually(
+            lambda: puller.fetch(batch=100, wait=wait, linger=0.02), until=lambda m: len(m) == 1
+        )
+        await broker.nc.flush()
+        assert len(requests) >= 2
+        await settle(broker, function=FUNCTION, msgs=taken)
+    finally:
+        await spy.unsubscribe()

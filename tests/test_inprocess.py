@@ -297,6 +297,36 @@ async def test_halting_a_run_stops_after_the_job_in_hand() -> None:
     assert seen == [(0, "done")]
 
 
+async def test_the_loop_hears_when_the_last_job_starts() -> None:
+    """So that a worker fetches its next set then, and the thread does not wait for it."""
+    thread = UserThread()
+    release = threading.Event()
+    heard: list[list[int]] = []
+    started: list[int] = []
+
+    def job(n: int):  # type: ignore[no-untyped-def]
+        def run(lane: int) -> int:
+            started.append(n)
+            if n == 2:
+                assert release.wait(10), "the test never released the last job"
+            return n
+
+        return run
+
+    def on_last() -> None:
+        heard.append(list(started))
+        release.set()
+
+    try:
+        results = [r async for _, r in thread.each([job(0), job(1), job(2)], on_last=on_last)]
+    finally:
+        release.set()
+        thread.close()
+    assert results == [0, 1, 2]
+    # Once, on the loop, while the last job was in hand (it waited for this).
+    assert len(heard) == 1 and heard[0][:2] == [0, 1]
+
+
 # ------------------------------------------------------------------------ what a datum may name
 
 

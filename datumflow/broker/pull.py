@@ -8,8 +8,12 @@ one drain of the inbox:
 
 1. `{"batch": n, "no_wait": true}`: whatever is there now, up to n, closed by a 404 status;
 2. if nothing was there, `{"batch": 1, "expires": wait}`: wait for the next datum, and only one,
-   so that no datum is delivered to a worker busy with something else; then top up as in 1
-   (or, with `linger`, wait that long for the batch to fill).
+   so that no datum is delivered to a worker busy with something else; then top up as in 1.
+
+A consumer that takes whatever comes, whenever (the committer, with `linger`), keeps one request
+`{"batch": n, "expires": wait}` open instead: each fetch returns what came, once `linger` has
+passed since the first, and leaves the request open for the next one. Results trickling in one by
+one then cost the broker one request a second, not a round of three requests each.
 
 A message that comes after we stopped waiting for it (its request expired as it was sent) stays in
 the inbox and is the first one the next fetch returns: delivered to us, it is ours to handle.
@@ -37,6 +41,8 @@ _NO_MESSAGES = "404"
 _TIMEOUT = "408"
 _CONFLICT = "409"
 _CONTROL = "100"
+_ANSWER = 5.0
+"""Seconds a request for the messages there now waits for its answer (a 404 when none are)."""
 
 
 class _Request(msgspec.Struct, omit_defaults=True):
@@ -60,6 +66,10 @@ class Puller:
         self._sub: Subscription | None = None
         self._box: deque[Msg] = deque()
         self._arrived = asyncio.Event()
+        self._open_until = 0.0
+        """When the open request (linger) expires, on the loop's clock; 0: none is open."""
+        self._open_left = 0
+        """How many more messages the open request may bring."""
 
     async def _receive(self, msg: Msg) -> None:
         self._box.append(msg)
@@ -72,32 +82,73 @@ class Puller:
 
     async def fetch(self, *, batch: int = 1, wait: float = 1.0, linger: float = 0.0) -> list[Msg]:
         """Up to `batch` messages (a few more if some were left over); [] when none came within
-        `wait` seconds. With `linger`, once there is one, wait up to that long for the batch to
-        fill: fewer, larger batches for a consumer that can take the delay (the committer)."""
+        `wait` seconds (`wait=0`: only those there now, one request). With `linger`, once there
+        is one, wait up to that long for the batch to fill: fewer, larger batches for a consumer
+        that can take the delay (the committer)."""
         try:
             await self._subscribe()
+            if linger > 0 and wait > 0:
+                return await self._open(batch=batch, wait=wait, linger=linger)
             msgs = self._leftovers()
             if msgs:
                 return msgs
-            msgs = await self._ask(_Request(batch=batch, no_wait=True), timeout=wait)
-            if msgs and not linger:
+            msgs = await self._ask(_Request(batch=batch, no_wait=True), timeout=wait or _ANSWER)
+            if msgs or wait <= 0:
                 return msgs
-            if not msgs:
-                msgs = await self._ask(
-                    _Request(batch=1, expires=int(wait * 1e9)), timeout=wait + 0.5
-                )
-                if not msgs:
-                    return msgs
-            if len(msgs) < batch:
+            msgs = await self._ask(_Request(batch=1, expires=int(wait * 1e9)), timeout=wait + 0.5)
+            if msgs and len(msgs) < batch:
                 rest = _Request(batch=batch - len(msgs), no_wait=True)
-                if linger > 0:
-                    rest = _Request(batch=batch - len(msgs), expires=int(linger * 1e9))
-                msgs += await self._ask(rest, timeout=max(linger, wait) + 0.5)
+                msgs += await self._ask(rest, timeout=wait + 0.5)
             return msgs
         except TRANSIENT as exc:
             log.warning("fetching from %s: %s", self.durable, exc)
             await asyncio.sleep(0.5)
             return []
+
+    async def _open(self, *, batch: int, wait: float, linger: float) -> list[Msg]:
+        """What the open request brings: up to `batch` messages, returned `linger` seconds after
+        the first (or at once if the request ended); [] if none came within `wait`. A request is
+        opened when none is."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._open_until <= now or self._open_left <= 0:
+            self._arrived.clear()
+            request = _Request(batch=batch, expires=int(wait * 1e9))
+            await self.broker.nc.publish(self.subject, _encode(request), reply=self._inbox)
+            self._open_until, self._open_left = now + wait, batch
+        # A status may be lost with a connection: past its expiry (and a margin) it is over.
+        deadline = min(now + wait, self._open_until + 0.5)
+        out: list[Msg] = []
+        box = self._box
+        while len(out) < batch:
+            if not box:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+                continue
+            msg = box.popleft()
+            status = _status(msg)
+            if not status:
+                out.append(msg)
+                self._open_left -= 1
+                if len(out) == 1:
+                    deadline = min(deadline, loop.time() + linger)
+            elif status != _CONTROL:
+                self._open_until = 0.0  # 404, 408, 409: the request is over
+                if status == _CONFLICT:
+                    log.info("%s: %s", self.durable, (msg.headers or {}).get("Description", ""))
+                    await asyncio.sleep(0.5)
+                if out:
+                    break
+                deadline = min(deadline, loop.time())  # ask again on the next fetch
+        if self._open_until and loop.time() >= self._open_until + 0.5:
+            self._open_until = 0.0
+        return out
 
     def _leftovers(self) -> list[Msg]:
         out = [m for m in self._box if not _status(m)]

@@ -74,11 +74,17 @@ class Functions:
         return found
 
     async def each(
-        self, tasks: list[tuple[DatumTask, int]], info: PipelineInfo, number: int
+        self,
+        tasks: list[tuple[DatumTask, int]],
+        info: PipelineInfo,
+        number: int,
+        *,
+        on_last: Callable[[], None] | None = None,
     ) -> AsyncGenerator[tuple[int, DatumResult | Retry], None]:
         """A datum set (each task with its attempt number) on the user-code thread: yields each
         datum's index and result (or Retry) as it finishes, while the thread goes on with the
-        next one. Every input must be in the local store (`local_objects`)."""
+        next one. Every input must be in the local store (`local_objects`). `on_last` is called
+        when the thread starts the set's last datum."""
         spec = info.spec
         try:
             function = self.resolve(spec.transform.function)
@@ -104,7 +110,7 @@ class Functions:
             for task, attempt in tasks
         ]
         timeout = parse_duration(spec.datum_timeout, field="datum_timeout")
-        self._run = self.thread.each(jobs, timeout=timeout)
+        self._run = self.thread.each(jobs, timeout=timeout, on_last=on_last)
         try:
             # Closed on the way out, whatever happens: the thread stops with the set.
             async with contextlib.aclosing(aiter(self._run)) as results:

@@ -23,8 +23,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-REPORT = 0.1
-"""Seconds between two reports of finished jobs to the loop, at most one per job."""
+REPORT = 0.25
+"""Seconds between two reports of finished jobs to the loop, at most one per job. Each report
+costs a message of results, its acks, and the committer's round of pull requests: with datum sets
+of about 0.2 s of work (functions.worker.batch), a set of quick datums is mostly one report."""
 
 Job = Callable[[int], Any]
 """Work for the user-code thread; it is given the thread's number (see UserThread.generation)."""
@@ -54,9 +56,16 @@ class _Lane(threading.Thread):
 class _Chunk:
     """Jobs run in order on one lane; shared with the loop, which reads what is done."""
 
-    def __init__(self, jobs: Sequence[Job], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        loop: asyncio.AbstractEventLoop,
+        on_last: Callable[[], None] | None = None,
+    ) -> None:
         self.jobs = jobs
         self.loop = loop
+        self.on_last = on_last
+        """Called on the loop when the lane starts the last job."""
         self.wake = asyncio.Event()
         self.done: list[Any] = []
         """Each job's result, or the Exception it raised; appended by the lane only."""
@@ -67,7 +76,8 @@ class _Chunk:
         self.finished = False
         self.completed = 0.0
         """When the lane last finished a job."""
-        self._reported = 0.0
+        # Jobs done within REPORT of the start go out together (or with the end of the chunk).
+        self._reported = time.monotonic()
 
     def __call__(self, lane: int) -> None:
         try:
@@ -76,6 +86,9 @@ class _Chunk:
                     break
                 self.index = i
                 self.started = time.monotonic()
+                if self.on_last is not None and i == len(self.jobs) - 1:
+                    with contextlib.suppress(RuntimeError):  # the loop closed
+                        self.loop.call_soon_threadsafe(self.on_last)
                 try:
                     result = job(lane)
                 except Exception as exc:  # the loop decides what a job's error means
@@ -100,10 +113,18 @@ class _Chunk:
 class Run:
     """One datum set on the user-code thread: iterate for (index, result) as jobs finish."""
 
-    def __init__(self, thread: UserThread, jobs: Sequence[Job], *, timeout: float | None) -> None:
+    def __init__(
+        self,
+        thread: UserThread,
+        jobs: Sequence[Job],
+        *,
+        timeout: float | None,
+        on_last: Callable[[], None] | None = None,
+    ) -> None:
         self.thread = thread
         self.jobs = jobs
         self.timeout = timeout
+        self.on_last = on_last
         self._halted = False
         self._chunk: _Chunk | None = None
 
@@ -120,7 +141,7 @@ class Run:
         loop = asyncio.get_running_loop()
         offset = 0
         while offset < len(self.jobs) and not self._halted:
-            chunk = self._chunk = _Chunk(self.jobs[offset:], loop)
+            chunk = self._chunk = _Chunk(self.jobs[offset:], loop, self.on_last)
             lane = self.thread._current()
             lane.jobs.put(chunk)
             seen = 0
@@ -195,9 +216,16 @@ class UserThread:
             self._lane.start()
         return self._lane
 
-    def each(self, jobs: Sequence[Job], *, timeout: float | None = None) -> Run:
-        """Run `jobs` in order; each one past `timeout` seconds yields DatumTimeout."""
-        return Run(self, jobs, timeout=timeout)
+    def each(
+        self,
+        jobs: Sequence[Job],
+        *,
+        timeout: float | None = None,
+        on_last: Callable[[], None] | None = None,
+    ) -> Run:
+        """Run `jobs` in order; each one past `timeout` seconds yields DatumTimeout. `on_last` is
+        called on the loop when the last job starts (the caller fetches the next ones then)."""
+        return Run(self, jobs, timeout=timeout, on_last=on_last)
 
     async def run(self, job: Job) -> Any:
         """One job, its result returned (its exception raised); for short work (a layout)."""

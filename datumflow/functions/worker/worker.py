@@ -36,6 +36,7 @@ from datumflow.broker.settle import Msg, settle
 from datumflow.broker.streams import pending
 from datumflow.errors import BrokerError, NotFound, PermanentError, TemporaryError
 from datumflow.functions.worker import inprocess, sandbox
+from datumflow.functions.worker.ahead import Ahead
 from datumflow.functions.worker.attempt import Retry, result_maker
 from datumflow.functions.worker.batch import BatchSizer, Heartbeat
 from datumflow.functions.worker.batched import Batched
@@ -145,6 +146,8 @@ class Worker:
         self.sizer = BatchSizer(None, parallelism=1, adaptive=False)
         self._info: PipelineInfo | None = None
         self._sets = 0
+        self._ahead: Ahead | None = None
+        """The next set, fetched while the last datum of the set in hand runs."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set; then finish the datum in hand within the grace period, or
@@ -156,16 +159,22 @@ class Worker:
             durable=subjects.worker_consumer(self.pipeline),
         )
         log.info("worker for %s started (pfs layout: %s)", self.pipeline, self.mode)
+        ahead = self._ahead = Ahead(
+            broker=self.broker, puller=sub, heartbeat=self.heartbeat, size=self._set_size, stop=stop
+        )
         await self._warm_up()
         try:
             while not stop.is_set():
-                size = await self._set_size()
-                msgs = await sub.fetch(batch=size, wait=1.0)
+                msgs = await ahead.take()
+                if not msgs:
+                    size = await self._set_size()
+                    msgs = await sub.fetch(batch=size, wait=1.0)
                 if msgs:
                     await self._set(msgs, stop)
                 else:
                     await self._mark(busy=False)
         finally:
+            await ahead.hand_back()
             await self.reporter.close()
             await self.heartbeat.close()
             await sub.close()
@@ -373,7 +382,10 @@ class Worker:
         attempts = [msg.metadata.num_delivered for msg, _ in items]
         tasks = [(task, attempt) for (_, task), attempt in zip(items, attempts, strict=True)]
         # Closed on the way out, whatever happens: the thread stops with the set.
-        async with contextlib.aclosing(self.functions.each(tasks, info, batch.number)) as results:
+        sets = self.functions.each(
+            tasks, info, batch.number, on_last=self._ahead.start if self._ahead else None
+        )
+        async with contextlib.aclosing(sets) as results:
             async for index, outcome in results:
                 msg, task = items[index]
                 if isinstance(outcome, Retry):

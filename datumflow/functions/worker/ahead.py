@@ -1,0 +1,74 @@
+"""Fetching a worker's next datum set while the last datum of the set in hand runs.
+
+An in-process set runs on the user-code thread without a round trip per datum; between two sets
+there was one, the fetch, during which the thread had nothing to do (and on a busy machine the
+broker's answer can take several milliseconds to come). `Ahead` fetches the next set when the
+thread starts the last datum of the current one: only datums already waiting (one request, no
+waiting for more), so a worker takes at most one set it cannot start at once, and only while
+its last datum runs. The set fetched is heartbeated from then on, and handed back at once if
+the worker stops before starting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from datumflow.broker.connection import Broker
+from datumflow.broker.pull import Puller
+from datumflow.broker.settle import Msg, settle
+from datumflow.errors import TemporaryError
+from datumflow.functions.worker.batch import Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+class Ahead:
+    """At most one set fetched ahead; `start` from the loop, `take` before the next fetch."""
+
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        puller: Puller,
+        heartbeat: Heartbeat,
+        size: Callable[[], Awaitable[int]],
+        stop: asyncio.Event,
+    ) -> None:
+        self.broker = broker
+        self.puller = puller
+        self.heartbeat = heartbeat
+        self.size = size
+        self.stop = stop
+        self._task: asyncio.Task[list[Msg]] | None = None
+
+    def start(self) -> None:
+        """The set in hand is on its last datum: fetch the next one now, unless stopping."""
+        if self._task is None and not self.stop.is_set():
+            self._task = asyncio.create_task(self._fetch())
+
+    async def _fetch(self) -> list[Msg]:
+        msgs = await self.puller.fetch(batch=await self.size(), wait=0)
+        if msgs:
+            self.heartbeat.hold(msgs)
+        return msgs
+
+    async def take(self) -> list[Msg]:
+        """The set fetched ahead ([] if none was, or none was waiting)."""
+        task, self._task = self._task, None
+        if task is None:
+            return []
+        try:
+            return await task
+        except Exception:
+            log.exception("worker: fetching the next datum set ahead failed")
+            return []
+
+    async def hand_back(self) -> None:
+        """Stopping: a set fetched ahead and never started goes back at once."""
+        msgs = await self.take()
+        for msg in msgs:
+            self.heartbeat.release(msg)
+        back = TemporaryError("handed back", delay=0)
+        await settle(self.broker, function="worker", msgs=msgs, outcome=back)
