@@ -35,7 +35,7 @@ def loop_command() -> list[str]:
 
 
 async def _run_loop(cluster: Cluster, datums: int) -> Measure:
-    name, repo = "batching", "batching-in"
+    name, repo = "batching", "looped"  # a shell variable name: the loop exports it
     await datumflow_runner._create_repo(cluster, repo)
     cluster.create_pipeline(
         {
