@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -325,6 +326,33 @@ async def test_the_loop_hears_when_the_last_job_starts() -> None:
     assert results == [0, 1, 2]
     # Once, on the loop, while the last job was in hand (it waited for this).
     assert len(heard) == 1 and heard[0][:2] == [0, 1]
+
+
+async def test_the_thread_s_wait_for_a_cpu_is_counted() -> None:
+    """Set sizes leave out the time user code waited for a CPU: here a process that spins on the
+    same CPU makes the job wait about half of its wall time."""
+    thread = UserThread()
+    cpu = min(os.sched_getaffinity(0))
+    spin = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    spinner = await asyncio.create_subprocess_exec(sys.executable, "-c", spin)
+
+    def burn(lane: int) -> float:
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        return 0.0
+
+    try:
+        assert thread.waited() == 0.0  # no thread yet
+        await thread.run(lambda lane: None)
+        before = thread.waited()
+        await thread.run(burn)
+        assert thread.waited() - before >= 0.1
+    finally:
+        spinner.kill()
+        await spinner.wait()
+        thread.close()
 
 
 # ------------------------------------------------------------------------ what a datum may name

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class Ahead:
-    """At most one set fetched ahead; `start` from the loop, `take` before the next fetch."""
+    """At most one set fetched ahead: `start` it from the loop; `next` is the set to work on."""
 
     def __init__(
         self,
@@ -34,24 +34,33 @@ class Ahead:
         puller: Puller,
         heartbeat: Heartbeat,
         size: Callable[[], Awaitable[int]],
-        stop: asyncio.Event,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.broker = broker
         self.puller = puller
         self.heartbeat = heartbeat
         self.size = size
         self.stop = stop
+        """Set: nothing more is fetched ahead. None: not working yet."""
         self._task: asyncio.Task[list[Msg]] | None = None
 
     def start(self) -> None:
         """The set in hand is on its last datum: fetch the next one now, unless stopping."""
-        if self._task is None and not self.stop.is_set():
+        if self._task is None and self.stop is not None and not self.stop.is_set():
             self._task = asyncio.create_task(self._fetch())
 
     async def _fetch(self) -> list[Msg]:
         msgs = await self.puller.fetch(batch=await self.size(), wait=0)
         if msgs:
             self.heartbeat.hold(msgs)
+        return msgs
+
+    async def next(self, *, wait: float) -> list[Msg]:
+        """The set fetched ahead if there is one, else a set fetched now ([] if none came within
+        `wait` seconds)."""
+        msgs = await self.take()
+        if not msgs:
+            msgs = await self.puller.fetch(batch=await self.size(), wait=wait)
         return msgs
 
     async def take(self) -> list[Msg]:

@@ -146,38 +146,32 @@ class Worker:
         self.sizer = BatchSizer(None, parallelism=1, adaptive=False)
         self._info: PipelineInfo | None = None
         self._sets = 0
-        self._ahead: Ahead | None = None
-        """The next set, fetched while the last datum of the set in hand runs."""
+        puller = Puller(
+            broker, stream=subjects.DATUMS_STREAM, durable=subjects.worker_consumer(pipeline)
+        )
+        self.ahead = Ahead(
+            broker=broker, puller=puller, heartbeat=self.heartbeat, size=self._set_size
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set; then finish the datum in hand within the grace period, or
         hand it back at once so another worker takes it now, and hand back the rest of its set."""
         self.scratch.mkdir(parents=True, exist_ok=True)
-        sub = Puller(
-            self.broker,
-            stream=subjects.DATUMS_STREAM,
-            durable=subjects.worker_consumer(self.pipeline),
-        )
         log.info("worker for %s started (pfs layout: %s)", self.pipeline, self.mode)
-        ahead = self._ahead = Ahead(
-            broker=self.broker, puller=sub, heartbeat=self.heartbeat, size=self._set_size, stop=stop
-        )
+        self.ahead.stop = stop
         await self._warm_up()
         try:
             while not stop.is_set():
-                msgs = await ahead.take()
-                if not msgs:
-                    size = await self._set_size()
-                    msgs = await sub.fetch(batch=size, wait=1.0)
+                msgs = await self.ahead.next(wait=1.0)
                 if msgs:
                     await self._set(msgs, stop)
                 else:
                     await self._mark(busy=False)
         finally:
-            await ahead.hand_back()
+            await self.ahead.hand_back()
             await self.reporter.close()
             await self.heartbeat.close()
-            await sub.close()
+            await self.ahead.puller.close()
             await self.functions.close()
             await self.batched.close()
             await asyncio.to_thread(self.commands.close)
@@ -237,7 +231,7 @@ class Worker:
         batch = _Set(msgs, self._sets)
         self.heartbeat.hold(msgs)
         await self._mark(busy=True)
-        started = time.monotonic()
+        started, waited = time.monotonic(), self.functions.thread.waited()
         work = asyncio.create_task(self._work(batch, stop))
         try:
             if not stop.is_set():
@@ -255,11 +249,10 @@ class Worker:
         finally:
             if not work.done():
                 work.cancel()  # we are cancelled ourselves: so is the work
-            self.sizer.observe(
-                datums=batch.done,
-                seconds=time.monotonic() - started,
-                input_bytes=batch.input_bytes,
-            )
+            # The time the set took, less the user-code thread's wait for a CPU (a busy machine).
+            waited = max(self.functions.thread.waited() - waited, 0.0)
+            seconds = max(time.monotonic() - started - waited, 0.0)
+            self.sizer.observe(datums=batch.done, seconds=seconds, input_bytes=batch.input_bytes)
 
     async def _mark(self, *, busy: bool) -> None:
         """Busy from the first datum, idle once a fetch finds none: a worker going from one set
@@ -382,9 +375,7 @@ class Worker:
         attempts = [msg.metadata.num_delivered for msg, _ in items]
         tasks = [(task, attempt) for (_, task), attempt in zip(items, attempts, strict=True)]
         # Closed on the way out, whatever happens: the thread stops with the set.
-        sets = self.functions.each(
-            tasks, info, batch.number, on_last=self._ahead.start if self._ahead else None
-        )
+        sets = self.functions.each(tasks, info, batch.number, on_last=self.ahead.start)
         async with contextlib.aclosing(sets) as results:
             async for index, outcome in results:
                 msg, task = items[index]
