@@ -249,7 +249,6 @@ class Worker:
         finally:
             if not work.done():
                 work.cancel()  # we are cancelled ourselves: so is the work
-            # The time the set took, less the user-code thread's wait for a CPU (a busy machine).
             waited = max(self.functions.thread.waited() - waited, 0.0)
             seconds = max(time.monotonic() - started - waited, 0.0)
             self.sizer.observe(datums=batch.done, seconds=seconds, input_bytes=batch.input_bytes)
