@@ -172,3 +172,47 @@ async def test_user_code_dies_with_its_worker(tmp_path: Path) -> None:
         await proc.wait()
     user_code = int(pidfile.read_text())
     await eventually(lambda: dead(user_code), timeout=10, what="the user code to die")
+
+
+@pytest.mark.asyncio
+async def test_a_start_cancelled_midway_leaves_nothing_running(tmp_path: Path) -> None:
+    """Cancelled while the spawner's thread starts the process: it is killed all the same, and
+    the next datum's process still starts."""
+    spawner = _spawner("env")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    try:
+        for attempt in range(3):
+            pidfile = tmp_path / f"pid{attempt}"
+            run = asyncio.ensure_future(
+                sandbox.run(
+                    ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"],
+                    stdin=b"",
+                    env=env,
+                    layout=tmp_path,
+                    mode="env",
+                    timeout=20,
+                    spawner=spawner,
+                )
+            )
+            await asyncio.sleep(0)  # it has the turn, and the thread is starting the process
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+            after = await sandbox.run(
+                ["sh", "-c", "echo next"],
+                stdin=b"",
+                env=env,
+                layout=tmp_path,
+                mode="env",
+                timeout=20,
+                spawner=spawner,
+            )
+            assert (after.returncode, after.log) == (0, b"next\n")
+            if pidfile.exists() and pidfile.read_text().strip():
+                await _dies(int(pidfile.read_text()))
+    finally:
+        spawner.close()
+
+
+async def _dies(pid: int) -> None:
+    await eventually(lambda: dead(pid), timeout=10, what=f"process {pid} to die")

@@ -33,6 +33,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from datumflow.functions.worker.proctree import kill_tree
+
 _CLONE_NEWNS = 0x00020000
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
@@ -126,20 +128,28 @@ class Spawner:
         then no other process starts."""
         loop = asyncio.get_running_loop()
         await self._turn.acquire()
+        argv = [self.setpriv, *_identity(run_as), "--pdeathsig", "KILL", "--", *cmd]
+        started = self._thread.submit(
+            self._popen, argv, env=env, cwd=cwd, layout=layout, stdin=stdin
+        )
         try:
-            argv = [self.setpriv, *_identity(run_as), "--pdeathsig", "KILL", "--", *cmd]
-            proc = await asyncio.wrap_future(
-                self._thread.submit(self._popen, argv, env=env, cwd=cwd, layout=layout, stdin=stdin)
-            )
+            proc = await asyncio.shield(asyncio.wrap_future(started))
         except BaseException:
-            self._turn.release()
+            # Cancelled while the thread starts it: the process may start all the same, and is
+            # then killed, with all it started, before the next one may have /pfs.
+            started.add_done_callback(lambda _: self._thread.submit(_abandon, started))
+            self._thread.submit(self._turn_over, loop)
             raise
         try:
             return await _attach(loop, proc, stdin=stdin, release=self._turn.release)
         except BaseException:
-            proc.kill()
-            self._turn.release()
+            self._thread.submit(_abandon, started)
+            self._thread.submit(self._turn_over, loop)
             raise
+
+    def _turn_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the thread, after what was submitted before: the next process may start."""
+        loop.call_soon_threadsafe(self._turn.release)
 
     # -- in the spawner's thread ------------------------------------------------------------
 
@@ -173,6 +183,16 @@ class Spawner:
             cwd=cwd,
             start_new_session=True,
         )
+
+
+def _abandon(started: concurrent.futures.Future[subprocess.Popen[bytes]]) -> None:
+    """A process its caller gave up on: killed with everything it started, and reaped."""
+    if started.cancelled() or started.exception() is not None:
+        return
+    proc = started.result()
+    kill_tree(proc.pid, running=proc.returncode is None)
+    with contextlib.suppress(ChildProcessError):
+        proc.wait()
 
 
 def _identity(run_as: RunAs | None) -> list[str]:
