@@ -3,7 +3,9 @@
 
 One run measures, one after another on the same files with the same N:
 - datumflow: a repo of FILES one-line files, glob `/*`, `transform.cmd` a shell that copies its
-  file to /pfs/out; the job's own span (its `started` to its `finished`).
+  file to /pfs/out; the job's own span (its `started` to its `finished`). Twice: a command's
+  default sets of one datum, and sets of SETS, in which the next datum is downloaded and the last
+  one stored while one runs.
 - xargs: `xargs -P N -I{} sh -c 'cat in/{} > out/{}'`, from its start to its end.
 - xargs + unshare: the same, each command under `unshare -m` (a fresh mount namespace each), as
   datumflow gives each datum's process a /pfs of its own.
@@ -30,23 +32,27 @@ PIPELINE = "spawn"
 SCENARIO = "spawn"
 SCRIPT = 'cat /pfs/files/* > /pfs/out/"${files##*/}"'
 """The user code: `$files` is the datum's file under /pfs (the input's variable)."""
+SETS = 16
+"""Datums a worker takes at once in the second datumflow measure (`datum_set_spec.number`): its
+datums are then overlapped (functions.worker.overlap)."""
 
 
 def _names(files: int) -> list[str]:
     return [f"f{i:07d}" for i in range(files)]
 
 
-async def _datumflow(cluster: Cluster, *, files: int, workers: int) -> Measure:
+async def _datumflow(cluster: Cluster, *, files: int, workers: int, sets: int) -> Measure:
     async with cluster.api() as api:
         await api.repos.create_repo(REPO)
-    cluster.create_pipeline(
-        {
-            "pipeline": {"name": PIPELINE},
-            "input": {"pfs": {"repo": REPO, "glob": "/*"}},
-            "transform": {"cmd": ["sh", "-c", SCRIPT]},
-            "parallelism_spec": {"constant": workers},
-        }
-    )
+    spec: dict[str, object] = {
+        "pipeline": {"name": PIPELINE},
+        "input": {"pfs": {"repo": REPO, "glob": "/*"}},
+        "transform": {"cmd": ["sh", "-c", SCRIPT]},
+        "parallelism_spec": {"constant": workers},
+    }
+    if sets:
+        spec["datum_set_spec"] = {"number": sets}
+    cluster.create_pipeline(spec)
     async with cluster.api() as api:
         await wait_workers(api, PIPELINE, workers)
         refs = []
@@ -57,7 +63,7 @@ async def _datumflow(cluster: Cluster, *, files: int, workers: int) -> Measure:
         job = await wait_job(api, PIPELINE)
     ok = job.state == "success" and job.data_processed == files
     return Measure(
-        system="datumflow",
+        system=f"datumflow-sets-{sets}" if sets else "datumflow",
         scenario=SCENARIO,
         datums=files,
         seconds=job.finished - job.started,
@@ -90,50 +96,64 @@ def _xargs(work: Path, *, files: int, workers: int, unshare: bool) -> Measure:
 
 
 def run(work: Path, *, files: int = 1000, workers: int = 2) -> list[Measure]:
-    """One run: datumflow, then xargs with a namespace each, then plain xargs, on the same files."""
+    """One run on the same files: datumflow (sets of one datum, the default for a command), then
+    datumflow with sets of SETS (overlapped), then xargs with a namespace each, then plain xargs."""
     spawn = work / "spawn"
     (spawn / "in").mkdir(parents=True, exist_ok=True)
     for name in _names(files):
         (spawn / "in" / name).write_text(f"{name}\n")
-    cluster = Cluster(work / "spawn-datumflow")
-    cluster.start()
-    try:
-        ours = asyncio.run(_datumflow(cluster, files=files, workers=workers))
-    finally:
-        cluster.stop()
-        shutil.rmtree(work / "spawn-datumflow", ignore_errors=True)
-    measures = [ours]
+    measures = []
+    for sets in (0, SETS):
+        cluster = Cluster(work / f"spawn-datumflow-{sets}")
+        cluster.start()
+        try:
+            measures.append(
+                asyncio.run(_datumflow(cluster, files=files, workers=workers, sets=sets))
+            )
+        finally:
+            cluster.stop()
+            shutil.rmtree(work / f"spawn-datumflow-{sets}", ignore_errors=True)
     for unshare in (True, False):
         measures.append(_xargs(spawn, files=files, workers=workers, unshare=unshare))
     for m in measures:
         m.extra["load_1min"] = os.getloadavg()[0]
-    for m in measures[1:]:
-        m.extra["datumflow_ratio"] = ours.rate / m.rate if m.rate else 0.0
+    for m in measures[2:]:
+        m.extra["ratio"] = measures[0].rate / m.rate if m.rate else 0.0
+        m.extra["sets_ratio"] = measures[1].rate / m.rate if m.rate else 0.0
     return measures
 
 
 def table(runs: list[list[Measure]], *, files: int, workers: int) -> str:
-    """The runs as Markdown: each run's rates and ratios, then the lowest and highest ratio."""
+    """The runs as Markdown: each run's rates and ratios, then the lowest and highest ratios."""
     lines = [
         f"Command per datum (`sh -c 'cat ... > ...'`), {files:,} one-line files, N = {workers}:",
         "",
-        "| run | load | datumflow | xargs -P N + unshare -m | xargs -P N"
-        " | datumflow / xargs+unshare | datumflow / xargs |",
-        "|---|---|---|---|---|---|---|",
+        f"| run | load | datumflow | datumflow, sets of {SETS} | xargs -P N + unshare -m"
+        " | xargs -P N | datumflow / xargs+unshare | the same, sets"
+        " | datumflow / xargs | the same, sets |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    with_ns: list[float] = []
-    bare: list[float] = []
-    for number, (ours, ns, plain) in enumerate(runs, 1):
-        with_ns.append(ns.extra["datumflow_ratio"])
-        bare.append(plain.extra["datumflow_ratio"])
-        flag = "" if all(m.ok for m in (ours, ns, plain)) else " (FAILED)"
+    ratios: dict[str, list[float]] = {"ns": [], "ns_sets": [], "bare": [], "bare_sets": []}
+    for number, (ours, sets, ns, plain) in enumerate(runs, 1):
+        ratios["ns"].append(ns.extra["ratio"])
+        ratios["ns_sets"].append(ns.extra["sets_ratio"])
+        ratios["bare"].append(plain.extra["ratio"])
+        ratios["bare_sets"].append(plain.extra["sets_ratio"])
+        flag = "" if all(m.ok for m in (ours, sets, ns, plain)) else " (FAILED)"
         lines.append(
             f"| {number}{flag} | {ours.extra.get('load_1min', 0):.1f} | {ours.rate:,.0f}/s"
-            f" | {ns.rate:,.0f}/s | {plain.rate:,.0f}/s | {with_ns[-1]:.0%} | {bare[-1]:.0%} |"
+            f" | {sets.rate:,.0f}/s | {ns.rate:,.0f}/s | {plain.rate:,.0f}/s"
+            f" | {ns.extra['ratio']:.0%} | {ns.extra['sets_ratio']:.0%}"
+            f" | {plain.extra['ratio']:.0%} | {plain.extra['sets_ratio']:.0%} |"
         )
+
+    def span(key: str) -> str:
+        return f"{min(ratios[key]):.0%}-{max(ratios[key]):.0%}"
+
     lines += [
         "",
-        f"datumflow / (xargs + unshare -m): {min(with_ns):.0%}-{max(with_ns):.0%};"
-        f" datumflow / xargs: {min(bare):.0%}-{max(bare):.0%} (target: >= 80 % of the first)",
+        f"datumflow / (xargs + unshare -m): {span('ns')} (sets of {SETS}: {span('ns_sets')});"
+        f" datumflow / xargs: {span('bare')} (sets of {SETS}: {span('bare_sets')});"
+        " target: >= 80 % of xargs + unshare -m",
     ]
     return "\n".join(lines)

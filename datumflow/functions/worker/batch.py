@@ -3,11 +3,11 @@ them without a round trip per datum.
 
 - `BatchSizer`: `datum_set_spec.number` fixes the size of a set; `per_worker` splits what is
   pending into `parallelism * per_worker` sets; `size_bytes` sizes sets by the input bytes seen so
-  far. Without a `datum_set_spec`, sets adapt: a set holds about `TARGET` seconds of work, so tiny
-  datums come in hundreds and a datum of a second comes alone (no worker sits on work another
-  could take). A command's set is overlapped (functions.worker.overlap); only where every datum's
-  layout is /pfs itself (pfs_mode direct) are a command's sets single datums unless the spec asks
-  otherwise.
+  far. Without a `datum_set_spec`, an in-process function's sets adapt: a set holds about `TARGET`
+  seconds of work, so tiny datums come in hundreds and a datum of a second comes alone (no worker
+  sits on work another could take). A command's sets are single datums unless the spec asks
+  otherwise (a killed job's datums in hand would still run); a set it asks for is overlapped
+  (functions.worker.overlap).
 - `Heartbeat`: one task that sends `in_progress()` for every datum message in hand, well inside
   `ack_wait`, so the datums waiting in a set are not redelivered while their worker is alive.
 

@@ -32,13 +32,13 @@ def overlaps(info: PipelineInfo, commands: Commands) -> bool:
     return not transform.function and not transform.datum_batching and commands.overlaps
 
 
-def adaptive_sets(info: PipelineInfo, commands: Commands) -> bool:
+def adaptive_sets(info: PipelineInfo) -> bool:
     """Whether a worker's sets hold a fraction of a second of work (functions.worker.batch): a
-    function's, a batching session's, and a command's whose datums overlap. Where they cannot
-    (pfs_mode direct: every datum's layout is /pfs itself), a command's sets are single datums
-    unless the spec asks otherwise."""
+    function's and a batching session's. A command's sets stay single datums unless the spec asks
+    otherwise (`datum_set_spec`): a datum in hand runs even once its job is killed, and a job
+    timeout is to stop a job's work at once, the datum in hand alone excepted."""
     transform = info.spec.transform
-    return bool(transform.function) or transform.datum_batching or overlaps(info, commands)
+    return bool(transform.function) or transform.datum_batching
 
 
 async def overlapped(items: list[tuple[Msg, DatumTask]], one: One, stop: asyncio.Event) -> None:

@@ -11,6 +11,8 @@ before exec is done elsewhere:
   bind-mounted at /pfs for as long as its process runs, and unmounted before the next datum's is
   mounted. Datums take turns: a process, and everything it started, is dead before the next one's
   /pfs is mounted (sandbox.run kills the tree first).
+  The namespace is a copy of the machine's mounts when the worker started: a file system mounted
+  on the machine later is not seen by user code (a datum's own namespace used to copy them anew).
 - the user switch and death with the worker: `setpriv` (util-linux) is exec'd first; it clears the
   supplementary groups, sets the group and the user, sets the parent-death signal (SIGKILL, once
   the user is set: a change of user clears it), then execs the command. The parent is the

@@ -201,7 +201,7 @@ class Worker:
             self.sizer = BatchSizer(
                 spec.datum_set_spec,
                 parallelism=spec.parallelism_spec.constant or 1,
-                adaptive=adaptive_sets(info, self.commands),
+                adaptive=adaptive_sets(info),
             )
         self._info = info
 
