@@ -93,6 +93,10 @@ class DatumTask(_Wire, kw_only=True):
     datum: str
     hash: str
     inputs: list[DatumInput]
+    tries: int = 0
+    """Attempts of the user code made before this message: a datum a worker gave back without
+    running it to an end is published again as a new message carrying them
+    (functions.worker.handback), so that only attempts count against datum_tries."""
 
 
 DatumState = Literal["success", "failed", "recovered", "skipped"]

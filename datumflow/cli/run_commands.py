@@ -23,8 +23,8 @@ from datumflow.errors import DatumflowError
 from datumflow.functions.committer import Committer
 from datumflow.functions.planner import Planner
 from datumflow.functions.worker.proctree import alive
-from datumflow.functions.worker.sandbox import choose_mode
-from datumflow.functions.worker.worker import Worker, default_scratch, user_code_run_as
+from datumflow.functions.worker.sandbox import choose_mode, user_code_run_as
+from datumflow.functions.worker.worker import Worker, default_scratch
 from datumflow.runtime import secure
 from datumflow.runtime.embedded import read_instance, server_binary
 from datumflow.runtime.leader import lead

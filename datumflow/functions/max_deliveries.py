@@ -67,19 +67,7 @@ async def give_up_datum(*, broker: Broker, msg: Msg) -> None:
     except PermanentError:
         await _forget_datum(broker=broker, seq=advisory.stream_seq)
         return
-    result = DatumResult(
-        pipeline=task.pipeline,
-        job=task.job,
-        datum=task.datum,
-        hash=task.hash,
-        state="failed",
-        files=[f for i in task.inputs for f in i.files],
-        error=(
-            f"the worker died during each of its {advisory.deliveries} attempts"
-            " (datum_tries): killed, out of memory, or crashed; the datum was given up"
-        ),
-        attempts=advisory.deliveries,
-    )
+    result = given_up(task, attempts=task.tries + advisory.deliveries)
     await broker.publish(
         subjects.result(task.pipeline, task.job),
         result,
@@ -95,4 +83,21 @@ async def _forget_datum(*, broker: Broker, seq: int) -> None:
         stream=subjects.DATUMS_STREAM,
         seq=seq,
         what="removing a datum that ran out of deliveries",
+    )
+
+
+def given_up(task: DatumTask, *, attempts: int) -> DatumResult:
+    """The FAILED result of a datum whose worker died during each of its `attempts`."""
+    return DatumResult(
+        pipeline=task.pipeline,
+        job=task.job,
+        datum=task.datum,
+        hash=task.hash,
+        state="failed",
+        files=[f for i in task.inputs for f in i.files],
+        error=(
+            f"the worker died during each of its {attempts} attempts"
+            " (datum_tries): killed, out of memory, or crashed; the datum was given up"
+        ),
+        attempts=attempts,
     )

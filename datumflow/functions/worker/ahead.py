@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 
 from datumflow.broker.connection import Broker
 from datumflow.broker.pull import Puller
-from datumflow.broker.settle import Msg, settle
-from datumflow.errors import TemporaryError
+from datumflow.broker.settle import Msg
+from datumflow.functions.worker import handback
 from datumflow.functions.worker.batch import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,8 @@ class Ahead:
             return []
 
     async def hand_back(self) -> None:
-        """Stopping: a set fetched ahead and never started goes back at once."""
+        """Stopping: a set fetched ahead and never started goes back at once, no attempt."""
         msgs = await self.take()
         for msg in msgs:
             self.heartbeat.release(msg)
-        back = TemporaryError("handed back", delay=0)
-        await settle(self.broker, function="worker", msgs=msgs, outcome=back)
+        await handback.hand_back(self.broker, msgs)

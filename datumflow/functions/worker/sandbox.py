@@ -26,6 +26,7 @@ from pathlib import Path
 
 import msgspec
 
+from datumflow.errors import PermanentError
 from datumflow.functions.worker.proctree import kill_tree, pipe_holders, signal_quietly
 from datumflow.functions.worker.spawner import Running, Spawner
 
@@ -345,3 +346,24 @@ async def _drain(
         await readers
     if transport is not None:
         transport.close()
+
+
+def user_code_run_as(*, user: str, wanted: str, mode: str) -> RunAs | None:
+    """Whom user code runs as: the user `user_code_user` names (as root), else ourselves.
+
+    Never root in that user's place: the layout of pfs_mode env lies under the state directory,
+    which that user may not reach, and running the code as root instead would hand it the
+    worker's credentials that the setting was there to keep from it. So that case is refused,
+    before any datum is taken."""
+    run_as = user_code_identity(user)
+    if run_as is not None and mode == "env":
+        how = "pfs_mode env" + (
+            " (auto: this machine gives no mount namespace)" if wanted == "auto" else ""
+        )
+        raise PermanentError(
+            f"user code is to run as {user!r} (DATUMFLOW_USER_CODE_USER), but with {how} it"
+            " would have to run as root, which is refused. Give the worker mount namespaces"
+            " (root with CAP_SYS_ADMIN, pfs_mode namespace) or /pfs of its own (pfs_mode"
+            " direct), or unset DATUMFLOW_USER_CODE_USER to run user code as the worker's user"
+        )
+    return run_as

@@ -42,8 +42,10 @@ from datumflow.functions.worker.batch import BatchSizer, Heartbeat
 from datumflow.functions.worker.batched import Batched
 from datumflow.functions.worker.calls import Functions, local_objects
 from datumflow.functions.worker.commands import Commands
+from datumflow.functions.worker.handback import attempt_of, hand_back, spent
 from datumflow.functions.worker.overlap import adaptive_sets, overlapped, overlaps
 from datumflow.functions.worker.reporter import Reporter
+from datumflow.functions.worker.sandbox import user_code_run_as
 from datumflow.metrics import current as current_metrics
 from datumflow.pfs.paths import BadPath, check_name, clean_path
 from datumflow.pfs.pipelines import Pipelines
@@ -88,27 +90,6 @@ class _Set:
 
     def unsettled(self) -> list[Msg]:
         return [m for m in self.msgs if id(m) not in self.settled]
-
-
-def user_code_run_as(*, user: str, wanted: str, mode: str) -> sandbox.RunAs | None:
-    """Whom user code runs as: the user `user_code_user` names (as root), else ourselves.
-
-    Never root in that user's place: the layout of pfs_mode env lies under the state directory,
-    which that user may not reach, and running the code as root instead would hand it the
-    worker's credentials that the setting was there to keep from it. So that case is refused,
-    before any datum is taken."""
-    run_as = sandbox.user_code_identity(user)
-    if run_as is not None and mode == "env":
-        how = "pfs_mode env" + (
-            " (auto: this machine gives no mount namespace)" if wanted == "auto" else ""
-        )
-        raise PermanentError(
-            f"user code is to run as {user!r} (DATUMFLOW_USER_CODE_USER), but with {how} it"
-            " would have to run as root, which is refused. Give the worker mount namespaces"
-            " (root with CAP_SYS_ADMIN, pfs_mode namespace) or /pfs of its own (pfs_mode"
-            " direct), or unset DATUMFLOW_USER_CODE_USER to run user code as the worker's user"
-        )
-    return run_as
 
 
 class Worker:
@@ -269,6 +250,10 @@ class Worker:
             items = await self._decode(batch)
             if items:
                 info = await self._spec(max(task.version for _, task in items))
+                items, failed = spent(items, datum_tries=info.spec.datum_tries)
+                for msg, result in failed:  # its worker died during each attempt left
+                    self.reporter.report(msg, result)
+                    batch.settle(msg)
                 if self._runs_ahead(info, items):
                     await self._function_set(batch, items, info)
                 elif overlaps(info, self.commands):
@@ -279,13 +264,13 @@ class Worker:
                             break  # stopping: the rest of the set goes back at once
                         await self._one(batch, msg, task, info)
         except asyncio.CancelledError:
-            await self._hand_back(batch, delay=0)
+            await self._hand_back(batch)
             raise
         except Exception:
             log.exception("worker: unexpected error in a datum set; handing it back")
-            await self._hand_back(batch, delay=2)
+            await self._hand_back(batch, fault=True)
             return
-        await self._hand_back(batch, delay=0)
+        await self._hand_back(batch)
 
     async def _decode(self, batch: _Set) -> list[Item]:
         items: list[Item] = []
@@ -306,13 +291,18 @@ class Worker:
             items.append((msg, task))
         return items
 
-    async def _hand_back(self, batch: _Set, *, delay: float) -> None:
+    async def _hand_back(self, batch: _Set, *, fault: bool = False) -> None:
+        """The datums not run to an end go back: no attempt (handback), unless after a fault of
+        ours, which may be the datum's and so counts, as a delivery, against datum_tries."""
         msgs = batch.unsettled()
         for msg in msgs:
             batch.settle(msg)
             self.heartbeat.release(msg)
-        back = TemporaryError("handed back", delay=delay)
-        await settle(self.broker, function="worker", msgs=msgs, outcome=back)
+        if fault:
+            back = TemporaryError("handed back after an unexpected error", delay=2)
+            await settle(self.broker, function="worker", msgs=msgs, outcome=back)
+        else:
+            await hand_back(self.broker, msgs)
 
     def _runs_ahead(self, info: PipelineInfo, items: list[Item]) -> bool:
         """Whether the user-code thread may take the whole set at once: an in-process function,
@@ -325,7 +315,7 @@ class Worker:
 
     async def _one(self, batch: _Set, msg: Msg, task: DatumTask, info: PipelineInfo) -> None:
         """One datum, start to end, before the next one starts."""
-        attempt = msg.metadata.num_delivered
+        attempt = attempt_of(msg, task)
         try:
             result = await self.process(task, info, attempt, number=batch.number)
         except Retry as exc:
@@ -371,7 +361,7 @@ class Worker:
     async def _function_set(self, batch: _Set, items: list[Item], info: PipelineInfo) -> None:
         """The whole set on the user-code thread; each result is reported as it comes, while
         the thread goes on with the next datum."""
-        attempts = [msg.metadata.num_delivered for msg, _ in items]
+        attempts = [attempt_of(msg, task) for msg, task in items]
         tasks = [(task, attempt) for (_, task), attempt in zip(items, attempts, strict=True)]
         # Closed on the way out, whatever happens: the thread stops with the set.
         sets = self.functions.each(tasks, info, batch.number, on_last=self.ahead.start)
