@@ -55,8 +55,9 @@ def spent(
 
 
 async def hand_back(broker: Broker, msgs: Sequence[Msg]) -> None:
-    """Give each datum back to be taken at once, as many attempts in as it came."""
-    for msg in msgs:
+    """Give each datum back to be taken at once, as many attempts in as it came. Once the broker
+    fails to store one, the rest are nak'ed without waiting on it for each."""
+    for index, msg in enumerate(msgs):
         try:
             task = decode(msg.data, DatumTask, what="datum task")
         except PermanentError:
@@ -72,7 +73,7 @@ async def hand_back(broker: Broker, msgs: Sequence[Msg]) -> None:
                 patience=PATIENCE,
             )
         except Exception as exc:
-            log.warning("datum %s: not given back (%s); nak'ed instead", task.datum[:12], exc)
-            await nak(msg)
-            continue
+            log.warning("%d datums not given back (%s); nak'ed instead", len(msgs) - index, exc)
+            await nak(msgs[index:])
+            return
         await ack(msg)
