@@ -328,6 +328,33 @@ async def test_the_loop_hears_when_the_last_job_starts() -> None:
     assert len(heard) == 1 and heard[0][:2] == [0, 1]
 
 
+async def test_a_quick_job_is_reported_while_a_slow_one_runs() -> None:
+    """A result held back to go out with others is still reported within REPORT, not when the
+    job after it ends: its datum is done, and a stop in between would run it again."""
+    thread = UserThread()
+    release = threading.Event()
+
+    def quick(lane: int) -> str:
+        return "quick"
+
+    def slow(lane: int) -> str:
+        assert release.wait(30), "the test never released the slow job"
+        return "slow"
+
+    run = thread.each([quick, slow])
+    results = aiter(run)
+    try:
+        # Well before the slow job ends (it waits for the test), however loaded the machine.
+        first = await asyncio.wait_for(anext(results), 10)
+        assert first == (0, "quick")
+        release.set()
+        assert await asyncio.wait_for(anext(results), 10) == (1, "slow")
+    finally:
+        release.set()
+        await results.aclose()  # type: ignore[attr-defined]
+        thread.close()
+
+
 async def test_the_thread_s_wait_for_a_cpu_is_counted() -> None:
     """Set sizes leave out the time user code waited for a CPU: here a process that spins on the
     same CPU makes the job wait about half of its wall time."""

@@ -74,10 +74,9 @@ class _Chunk:
         self.started = 0.0
         self.halt = False
         self.finished = False
-        self.completed = 0.0
-        """When the lane last finished a job."""
-        # Jobs done within REPORT of the start go out together (or with the end of the chunk).
-        self._reported = time.monotonic()
+        self.reported = time.monotonic()
+        """When the lane last woke the loop for a result (at first: when the chunk started).
+        Jobs done within REPORT of it go out together with a later one, or at the end."""
 
     def __call__(self, lane: int) -> None:
         try:
@@ -97,9 +96,9 @@ class _Chunk:
                 # Tiny jobs are reported in groups: one wake-up of the loop, and one write to
                 # the broker, for many results. While jobs finish that fast, the loop also looks
                 # for results a group left unreported (see Run._overdue).
-                now = self.completed = time.monotonic()
-                if now - self._reported >= REPORT:
-                    self._reported = now
+                now = time.monotonic()
+                if now - self.reported >= REPORT:
+                    self.reported = now
                     self._notify()
         finally:
             self.finished = True
@@ -174,11 +173,12 @@ class Run:
     async def _overdue(self, chunk: _Chunk, seen: int) -> bool:
         """Wait for the lane's next report; True when the job in hand ran past the timeout.
 
-        A result goes unreported only when it came less than REPORT after the last report; so
-        while the last result is that recent, look again after REPORT. Once it is older, any new
-        result is reported: wait for it, however long the job takes, without waking."""
+        A result goes unreported only when it came less than REPORT after the last report (or
+        the chunk's start); so until REPORT has passed since then, look again when it has. From
+        then on any new result is reported: wait for it, however long the job takes."""
         now = time.monotonic()
-        wait = REPORT if now - chunk.completed < REPORT else None
+        since = now - chunk.reported
+        wait = REPORT - since if since < REPORT else None
         if self.timeout is not None:
             # The job in hand is `seen` once the lane has started it; until then look again soon.
             left = chunk.started + self.timeout - now if chunk.index == seen else REPORT
