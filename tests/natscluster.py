@@ -126,20 +126,42 @@ class Node:
 
 
 class NatsCluster:
-    def __init__(self, nodes: list[Node], *, extra_config: str = "", jetstream: str = "") -> None:
+    def __init__(
+        self,
+        nodes: list[Node],
+        *,
+        extra_config: str = "",
+        jetstream: str = "",
+        own_sessions: bool = True,
+        threads: int = 1,
+    ) -> None:
         self.nodes = nodes
+        self.threads = threads
+        """GOMAXPROCS of each server: one keeps a test cluster light on a busy machine."""
+        self.own_sessions = own_sessions
+        """Each server in a session of its own (as on hosts of their own); False keeps them in
+        the caller's, so that one server or three get the same share of a busy machine's CPU."""
         self.extra_config = extra_config
         self.jetstream = jetstream
         """More lines of each server's jetstream block, e.g. "sync_interval: always"."""
 
     @classmethod
     def on_loopback(
-        cls, root: Path, size: int = 3, *, extra_config: str = "", jetstream: str = ""
+        cls,
+        root: Path,
+        size: int = 3,
+        *,
+        extra_config: str = "",
+        jetstream: str = "",
+        own_sessions: bool = True,
+        threads: int = 1,
     ) -> NatsCluster:
         return cls(
             [Node(name=f"n{i + 1}", root=root) for i in range(size)],
             extra_config=extra_config,
             jetstream=jetstream,
+            own_sessions=own_sessions,
+            threads=threads,
         )
 
     @property
@@ -159,8 +181,8 @@ class NatsCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, "GOMAXPROCS": "1"},
+                start_new_session=self.own_sessions,
+                env={**os.environ, "GOMAXPROCS": str(self.threads)},
             )
 
     def start(self) -> None:

@@ -32,11 +32,12 @@ from tests.natscluster import NatsCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUPS = {
-    # name: (servers and replicas, lines of each server's jetstream block)
-    "R1": (1, ""),
-    "R1-always": (1, "sync_interval: always"),
-    "R3": (3, ""),
-    "R3-always": (3, "sync_interval: always"),
+    # name: (servers and replicas, threads (GOMAXPROCS) of each, lines of its jetstream block)
+    "R1": (1, 1, ""),
+    "R1-3threads": (1, 3, ""),
+    "R1-always": (1, 1, "sync_interval: always"),
+    "R3": (3, 1, ""),
+    "R3-always": (3, 1, "sync_interval: always"),
 }
 
 
@@ -51,9 +52,27 @@ def _start_up(env: dict[str, str], *, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def one_job(root: Path, *, datums: int, replicas: int, jetstream: str) -> float:
-    """datums/s of one job of `datums` no-op datums on a fresh broker of `replicas` servers."""
-    nats = NatsCluster.on_loopback(root / "nats", size=replicas, jetstream=jetstream)
+def _cpu_seconds(nats: NatsCluster) -> float:
+    """CPU time (user and system) the broker's servers have used so far."""
+    total = 0
+    for node in nats.nodes:
+        assert node.process is not None
+        fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def one_job(
+    root: Path, *, datums: int, replicas: int, threads: int, jetstream: str
+) -> tuple[float, float]:
+    """datums/s of one job of `datums` no-op datums on a fresh broker of `replicas` servers, and
+    the broker's CPU seconds per 1,000 datums over the job. The servers run in this process's
+    session: on a busy machine one server gets the CPU share three would. Each server has one
+    thread (GOMAXPROCS) unless `threads` says otherwise: three servers have three, so R1-3threads
+    gives one server as many."""
+    nats = NatsCluster.on_loopback(
+        root / "nats", size=replicas, jetstream=jetstream, own_sessions=False, threads=threads
+    )
     nats.start()
     home = root / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATUMFLOW_")}
@@ -91,13 +110,15 @@ async def one_job(root: Path, *, datums: int, replicas: int, jetstream: str) -> 
             )
             refs = [FileRef(path=f"/f{i:07d}", size=size, hash=key) for i in range(datums)]
             started = time.monotonic()
+            cpu = _cpu_seconds(nats)
             await api.repos.commit_files("in", "master", puts=refs)
             deadline = started + 900
             while time.monotonic() < deadline:
                 jobs = await api.pipelines.list_jobs("noop")
                 if jobs and jobs[0].done:
                     assert jobs[0].state == "success", jobs[0]
-                    return datums / (time.monotonic() - started)
+                    rate = datums / (time.monotonic() - started)
+                    return rate, (_cpu_seconds(nats) - cpu) * 1000 / datums
                 await asyncio.sleep(0.25)
         raise RuntimeError("the job did not finish within 15 minutes")
     finally:
@@ -115,23 +136,34 @@ async def main() -> None:
     args = parser.parse_args()
     chosen = {name: SETUPS[name] for name in args.only.split(",")}
     rates: dict[str, list[float]] = {name: [] for name in chosen}
+    cpus: dict[str, list[float]] = {name: [] for name in chosen}
     loads: list[float] = []
     for round_ in range(args.rounds):
-        for name, (replicas, jetstream) in chosen.items():
+        for name, (replicas, threads, jetstream) in chosen.items():
             with tempfile.TemporaryDirectory(prefix="df-sync-") as tmp:
-                rate = await one_job(
-                    Path(tmp), datums=args.datums, replicas=replicas, jetstream=jetstream
+                rate, cpu = await one_job(
+                    Path(tmp),
+                    datums=args.datums,
+                    replicas=replicas,
+                    threads=threads,
+                    jetstream=jetstream,
                 )
             rates[name].append(rate)
+            cpus[name].append(cpu)
             load = os.getloadavg()[0]
             loads.append(load)
-            print(f"round {round_ + 1} {name}: {rate:.0f} datums/s (load {load:.1f})", flush=True)
+            print(
+                f"round {round_ + 1} {name}: {rate:.0f} datums/s, broker {cpu:.2f} CPU s per"
+                f" 1,000 datums (load {load:.1f})",
+                flush=True,
+            )
     print(f"load average {min(loads):.1f} to {max(loads):.1f}")
     for name, values in rates.items():
         each = ", ".join(f"{v:.0f}" for v in values)
         print(
             f"{name}: {each} datums/s; min {min(values):.0f}, median"
-            f" {statistics.median(values):.0f}, max {max(values):.0f}"
+            f" {statistics.median(values):.0f}, max {max(values):.0f}; broker CPU s per 1,000"
+            f" datums {min(cpus[name]):.2f} to {max(cpus[name]):.2f}"
         )
 
 

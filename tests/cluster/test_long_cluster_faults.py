@@ -29,6 +29,7 @@ import pytest
 from tests.cluster import faults
 from tests.cluster.deployment import ACK_WAIT, Deployment, Job, Workload
 from tests.cluster.faults import Fault
+from tests.cluster.timings import Timed
 from tests.faults.harness import REPORT_ENV
 from tests.helpers import eventually
 
@@ -47,19 +48,6 @@ SLEEP = 0.2
 """Seconds of user code per datum: a job runs for a minute or more, through several faults."""
 PER_JOB = 6
 """Faults of one kind injected into one job at most (fewer if it ends first)."""
-
-
-class Timed(msgspec.Struct, kw_only=True):
-    """One fault of the long form and what followed it."""
-
-    fault: Fault
-    scenario: str
-    first_progress: float
-    """Seconds from the fault to the next datum counted done."""
-    stall: float
-    """The longest wait between two datums counted done, from the fault to its recovery."""
-    recovered: float
-    """Seconds from the fault until the cluster was whole again."""
 
 
 class Progress:
