@@ -14,11 +14,12 @@ from tests.hosts import Hosts, hosts, unavailable
 
 
 @pytest.fixture
-def lab() -> Iterator[Hosts]:
+def lab(request: pytest.FixtureRequest) -> Iterator[Hosts]:
+    """The hosts the test module names in HOSTS (by default those of deployment.py)."""
     why = unavailable()
     if why:
         pytest.skip(f"cannot make hosts as network namespaces here: {why}")
-    with hosts(HOSTS) as made:
+    with hosts(getattr(request.module, "HOSTS", HOSTS)) as made:
         yield made
     assert not made.leftovers(), f"left behind: {made.leftovers()}"
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from datumflow.broker import subjects
@@ -179,14 +179,22 @@ class Workload:
         sleep: float = 0.0,
         pipeline: str = "twice",
         datum_tries: int = 3,
+        control: Sequence[str] = ("cp",),
     ) -> Workload:
-        """`datumflow up` on cp; `sleep` seconds of user code per datum keep a job running."""
-        d.datumflow("cp", "up")
+        """`datumflow up` on each of the `control` hosts; `sleep` seconds of user code per datum
+        keep a job running."""
+        workload = cls(d, tmp_path, sleep=sleep, pipeline=pipeline, datum_tries=datum_tries)
+        for host in control:
+            await workload.up(host)
+        return workload
+
+    async def up(self, host: str) -> None:
+        """`datumflow up` on `host`: a control plane (and the local workers) more."""
+        self.d.datumflow(host, "up")
         await eventually(
-            lambda: asyncio.to_thread(lambda: (d.root / "cp" / "instance.json").exists()),
-            what="datumflow up on cp",
+            lambda: asyncio.to_thread((self.d.root / host / "instance.json").exists),
+            what=f"datumflow up on {host}",
         )
-        return cls(d, tmp_path, sleep=sleep, pipeline=pipeline, datum_tries=datum_tries)
 
     async def job(self, datums: int, *, seed: int) -> Job:
         """Commit a fresh dataset of `datums` files; the first also makes the pipeline and starts
