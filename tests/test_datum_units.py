@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +120,48 @@ async def test_a_quick_run_keeps_its_output_and_code(
 ) -> None:
     outcome = await run_sh(tmp_path, "echo out; echo err >&2; exit 7", timeout=5, spawner=spawner)
     assert (outcome.returncode, outcome.log) == (7, b"out\nerr\n")
+
+
+# -- a command's layout, reused from datum to datum -----------------------------------------
+
+
+def test_a_reused_layout_keeps_nothing_of_the_last_datum(tmp_path: Path) -> None:
+    from datumflow.functions.worker.commands import _clear, _reset
+
+    workdir = tmp_path / "layout-1"
+    layout = workdir / "pfs"
+    _reset(layout, {"a"})
+    for path in ("a/x/deep", "out/result", "out/sub/more", "stray"):
+        (layout / path).parent.mkdir(parents=True, exist_ok=True)
+        (layout / path).write_text("last datum")
+    (layout / "a" / "link").symlink_to(tmp_path)
+    (layout / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    assert _clear(layout, workdir)
+    # The next datum's input is another one: only its name (made by the download) and out stay.
+    _reset(layout, {"b"})
+    assert sorted(p.name for p in layout.iterdir()) == ["out"]
+    assert list((layout / "out").iterdir()) == []
+    assert tmp_path.is_dir() and (tmp_path / "layout-1").is_dir()  # links removed, not followed
+
+
+def test_a_layout_that_cannot_be_emptied_is_removed_not_reused(tmp_path: Path) -> None:
+    from datumflow.functions.worker.commands import _clear
+
+    if shutil.which("chattr") is None:
+        pytest.skip("needs chattr to make a file that cannot be removed")
+    workdir = tmp_path / "layout-1"
+    stuck = workdir / "pfs" / "out" / "stuck"
+    stuck.parent.mkdir(parents=True)
+    stuck.write_text("x")
+    (workdir / "pfs" / "out" / "other").write_text("y")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable files")
+    try:
+        assert not _clear(workdir / "pfs", workdir)
+        # What could be removed is gone; the layout is not handed to the next datum.
+        assert not (workdir / "pfs" / "out" / "other").exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
 
 
 # -- the planner's datums --------------------------------------------------------------------

@@ -54,6 +54,13 @@ class Commands:
 
         self._turn = asyncio.Lock()
         """Held while a datum's user code runs: one datum's at a time."""
+        self._layouts: list[Path] = []
+        """Emptied layout directories, for the next datums: made once, not per datum."""
+        self._made = 0
+
+    def _new_layout(self) -> Path:
+        self._made += 1
+        return self.scratch / f"layout-{self._made}"
 
     @property
     def overlaps(self) -> bool:
@@ -78,10 +85,10 @@ class Commands:
         if any, is set once this datum's has its turn."""
         spec = info.spec
         stats = DatumStats()
-        workdir = self.scratch / f"{task.job[:12]}-{task.datum[:16]}-{attempt}"
+        workdir = self._layouts.pop() if self._layouts else self._new_layout()
         layout = Path("/pfs") if self.mode == "direct" else workdir / "pfs"
         try:
-            _reset(layout)
+            _reset(layout, {inp.name for inp in task.inputs})
             t0 = time.monotonic()
             try:
                 stats.download_bytes = await self.download(task, layout)
@@ -115,7 +122,8 @@ class Commands:
                 return make("failed", error=error, logs=logs, stats=stats)
             return await upload(self.store, layout / "out", stats, make, logs=logs)
         finally:
-            await asyncio.to_thread(_clear, layout, workdir)
+            if await asyncio.to_thread(_clear, layout, workdir):
+                self._layouts.append(workdir)
 
     async def download(self, task: DatumTask, layout: Path) -> int:
         """Every input file of the datum under `layout`, and an empty `out`; the bytes read."""
@@ -188,18 +196,40 @@ def _failure(outcome: sandbox.Outcome, timeout: str) -> str:
     return f"the user code exited with code {outcome.returncode}" + (f": {tail}" if tail else "")
 
 
-def _reset(layout: Path) -> None:
-    if layout.exists():
+def _reset(layout: Path, names: set[str]) -> None:
+    """The layout ready for a datum with inputs `names`: it exists, and holds nothing else than
+    their directories and `out` (emptied by `_clear`, kept from the last datum)."""
+    if layout == Path("/pfs"):
         _clear(layout, layout)
     layout.mkdir(parents=True, exist_ok=True)
+    with os.scandir(layout) as entries:
+        for entry in entries:
+            if entry.name not in names and entry.name != "out":
+                _remove(entry)
 
 
-def _clear(layout: Path, workdir: Path) -> None:
-    if layout == Path("/pfs"):
-        for child in layout.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-        return
-    shutil.rmtree(workdir, ignore_errors=True)
+def _clear(layout: Path, workdir: Path) -> bool:
+    """Empty what the datum left in the layout, keeping its top directories (the inputs' and
+    `out`) for the next datum. False (the layout removed, not to be used again) when something
+    in it could not be removed: the next datum must find nothing of this one's."""
+    try:
+        with os.scandir(layout) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    with os.scandir(entry.path) as inner:
+                        for item in inner:
+                            _remove(item)
+                else:
+                    os.unlink(entry.path)
+        return True
+    except OSError:
+        if layout != Path("/pfs"):
+            shutil.rmtree(workdir, ignore_errors=True)
+        return False
+
+
+def _remove(entry: os.DirEntry[str]) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path)
+    else:
+        os.unlink(entry.path)
