@@ -157,6 +157,44 @@ async def test_a_shell_loop_on_the_cli_command(cluster: Cluster, tmp_path: Path)
     assert await output_files(cluster, "shelly") == {f"{p}.copy": d for p, d in files.items()}
 
 
+async def test_a_shell_loop_on_the_sh_client(cluster: Cluster, tmp_path: Path, marks: Path) -> None:
+    # `datumflow-next-datum` as found on the PATH the worker gives the code: its sh client, which
+    # reports a failure with a message of two lines.
+    files = {f"/s{i}": f"{i}\n".encode() for i in range(6)} | {"/bad": b"fail\n"}
+    await put_files(cluster, "shin", files)
+    create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "shclient"},
+            "input": {"pfs": {"repo": "shin", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    "err=; while"
+                    ' if [ -n "$err" ]; then vars=$(datumflow-next-datum --error "$err");'
+                    ' else vars=$(datumflow-next-datum); fi; do err=; eval "$vars";'
+                    ' if [ "$(cat "$shin")" = fail ]; then err="cannot take\nthis one";'
+                    ' else cp "$shin" "$PFS/out/"; fi;'
+                    f' head -n 1 "$(command -v datumflow-next-datum)" >> {marks}/clients;'
+                    " done; [ $? -eq 3 ] || exit 1",
+                ],
+                "datum_batching": True,
+            },
+            "datum_tries": 1,
+        },
+    )
+    [job] = await wait_job_done(cluster, "shclient")
+    assert job.state == "failure"
+    assert (job.data_total, job.data_processed, job.data_failed) == (7, 6, 1)
+    assert "the user code reported the datum failed: cannot take\nthis one" in job.reason
+    assert states(cluster, "shclient", job.id) == {
+        p: "failed" if p == "/bad" else "success" for p in files
+    }
+    assert lines(marks / "clients") == ["#!/bin/sh"] * len(files)
+
+
 async def test_a_datum_reported_failed(cluster: Cluster, tmp_path: Path, marks: Path) -> None:
     files = {"/a": b"a", "/bad": b"fail", "/c": b"c"}
     await put_files(cluster, "reported", files)
@@ -298,7 +336,7 @@ async def test_the_code_as_another_user_reaches_its_socket(make_cluster, tmp_pat
     if python is None:
         pytest.skip("no system python3 for the user code to run the client with")
     cluster = make_cluster(DATUMFLOW_USER_CODE_USER="nobody")
-    files = {f"/u{i}": b"x" for i in range(3)}
+    files = {f"/u{i}": b"x" for i in range(4)}
     await put_files(cluster, "users", files)
     create_pipeline(
         cluster,
@@ -310,8 +348,13 @@ async def test_the_code_as_another_user_reaches_its_socket(make_cluster, tmp_pat
                 "cmd": [
                     "sh",
                     "-c",
-                    f'while vars=$({python} -m datumflow.batching next); do eval "$vars";'
-                    ' echo "$(id -un) $(stat -c "%U %a" "$(dirname "$DF_BATCH_SOCKET")")"'
+                    # Every other call by the sh client (the pipes), the rest by the Python
+                    # one (the socket).
+                    "n=0; while if [ $((n % 2)) -eq 0 ]; then vars=$(datumflow-next-datum);"
+                    f" else vars=$({python} -m datumflow.batching next); fi;"
+                    ' do n=$((n + 1)); eval "$vars";'
+                    ' echo "$(id -un) $(stat -c "%U %a" "$(dirname "$DF_BATCH_SOCKET")")'
+                    ' $(stat -c %U "$(command -v datumflow-next-datum)")"'
                     ' > "/pfs/out/$(basename "$users")"; done',
                 ],
                 "env": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
@@ -321,5 +364,8 @@ async def test_the_code_as_another_user_reaches_its_socket(make_cluster, tmp_pat
     )
     [job] = await wait_job_done(cluster, "switched")
     assert job.state == "success", job.reason
-    # The code ran as nobody, and the socket's directory is nobody's alone.
-    assert await output_files(cluster, "switched") == {p: b"nobody nobody 700\n" for p in files}
+    # The code ran as nobody, and the directory of the socket, the pipes and the sh client is
+    # nobody's alone.
+    assert await output_files(cluster, "switched") == {
+        p: b"nobody nobody 700 nobody\n" for p in files
+    }

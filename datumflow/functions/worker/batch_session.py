@@ -1,10 +1,11 @@
 """One run of a datum-batching pipeline's user code, seen from its worker: the process, the
-socket its `next datum` calls arrive on, the call waiting for the next datum, and the output kept
-for the datum in hand.
+socket and the pipes its `next datum` calls arrive on, the call waiting for the next datum, and
+the output kept for the datum in hand.
 
-The wire, one connection a call: the caller sends the error it reports (empty: the datum in hand is
-done) and shuts its side down; the answer is b"D" and the next datum's variables as NUL-separated
-`name=value`, b"N" for no more datums, or b"E" and why the call is refused.
+The socket's wire, one connection a call: the caller sends the error it reports (empty: the datum
+in hand is done) and shuts its side down; the answer is b"D" and the next datum's variables as
+NUL-separated `name=value`, b"N" for no more datums, or b"E" and why the call is refused. The
+pipes' (the shell client's): datumflow.functions.worker.batch_fifo.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import msgspec
 
 from datumflow.functions.worker import sandbox
+from datumflow.functions.worker.batch_fifo import Pipes, quote
+from datumflow.functions.worker.proctree import alive
 from datumflow.spec import Transform
 
 MAX_ERROR = 64 << 10
@@ -28,7 +31,59 @@ CONCURRENT = (
 )
 """Why a second call made while one waits is refused."""
 
-Call = tuple[str, asyncio.StreamWriter]
+
+class SocketReply:
+    """Where to answer a call made on the socket (the Python client)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def gone(self) -> bool:
+        return self.writer.is_closing()
+
+    async def send(self, *, env: dict[str, str] | None, refused: str = "") -> None:
+        if refused:
+            data = b"E" + refused.encode()
+        elif env is None:
+            data = b"N"
+        else:
+            data = b"D" + "\0".join(f"{k}={v}" for k, v in env.items()).encode()
+        with contextlib.suppress(OSError):
+            self.writer.write(data)
+            await self.writer.drain()
+        self.writer.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class PipeReply:
+    """Where to answer a call made on the pipes (the shell client): its caller's pid."""
+
+    def __init__(self, pipes: Pipes, pid: int) -> None:
+        self.pipes = pipes
+        self.pid = pid
+        self.answered = False
+
+    def gone(self) -> bool:
+        return self.answered or not alive(self.pid)
+
+    async def send(self, *, env: dict[str, str] | None, refused: str = "") -> None:
+        self.answered = True
+        if refused:
+            self.pipes.reply(self.pid, "E", refused)
+        elif env is None:
+            self.pipes.reply(self.pid, "N")
+        else:
+            lines = "".join(f"export {k}={quote(v)}\n" for k, v in sorted(env.items()))
+            self.pipes.reply(self.pid, "D", lines)
+
+    def close(self) -> None:
+        pass  # the caller waits for a reply line until the code is stopped
+
+
+Reply = SocketReply | PipeReply
+Call = tuple[str, Reply]
 """A `next datum` call waiting for its answer: the error it reported (empty: done) and where to
 answer."""
 
@@ -42,12 +97,14 @@ class Session:
 
     def __init__(self, *, transform: Transform, layout: Path, sockets: Path) -> None:
         self.transform = transform
+        self.pipes = Pipes(sockets)
+        self.reading: asyncio.Task[None] | None = None
         self.layout = layout
         self.sockets = sockets
         self.events: asyncio.Queue[Call | Exited] = asyncio.Queue()
-        self.waiting: asyncio.StreamWriter | None = None
+        self.waiting: Reply | None = None
         """The call to answer with the next datum."""
-        self.open_call: asyncio.StreamWriter | None = None
+        self.open_call: Reply | None = None
         """The one call taken and not answered yet: a second one at the same time is refused."""
         self.kill = asyncio.Event()
         self.process: asyncio.Task[sandbox.Outcome] | None = None
@@ -84,30 +141,36 @@ class Session:
         except OSError:
             writer.close()
             return
-        if self.open_call is not None and not self.open_call.is_closing():
+        await self._take(error, SocketReply(writer))
+
+    def serve_pipes(self, run_as: tuple[int, int] | None) -> None:
+        """Create the pipes and the shell client, and take the calls made on them."""
+        self.pipes.create(run_as)
+        self.reading = asyncio.create_task(self.pipes.serve(self._pipe_call))
+
+    async def _pipe_call(self, pid: int, error: str | None, garbled: str) -> None:
+        if error is None:
+            # Nothing is taken: the datum in hand and the waiting call stay as they were.
+            self.keep(f"[datumflow: next datum: {garbled}]\n".encode())
+            if pid:
+                self.pipes.reply(pid, "E", garbled)
+            return
+        await self._take(error[:MAX_ERROR], PipeReply(self.pipes, pid))
+
+    async def _take(self, error: str, reply: Reply) -> None:
+        if self.open_call is not None and not self.open_call.gone():
             # A second call while one waits would be taken as the report of a datum it never
             # had: that datum would pass with an empty output. Refuse it, saying why.
-            with contextlib.suppress(OSError):
-                writer.write(b"E" + CONCURRENT.encode())
-                await writer.drain()
-            writer.close()
+            await reply.send(env=None, refused=CONCURRENT)
             return
-        self.open_call = writer
-        self.events.put_nowait((error, writer))
+        self.open_call = reply
+        self.events.put_nowait((error, reply))
 
     async def answer(self, env: dict[str, str] | None) -> None:
         """Answer the waiting call: the next datum's variables, or None for no more datums."""
-        writer, self.waiting = self.waiting, None
-        if writer is None:
-            return
-        if env is None:
-            answer = b"N"
-        else:
-            answer = b"D" + "\0".join(f"{k}={v}" for k, v in env.items()).encode()
-        with contextlib.suppress(OSError):
-            writer.write(answer)
-            await writer.drain()
-        writer.close()
+        reply, self.waiting = self.waiting, None
+        if reply is not None:
+            await reply.send(env=env)
 
     async def next_event(self, timeout: float | None) -> Call | Exited | None:
         """The code's next call, or its exit; None at `timeout`."""
@@ -129,6 +192,11 @@ class Session:
                 outcome = await self.process
         if self.server is not None:
             self.server.close()
+        if self.reading is not None:
+            self.reading.cancel()
+            with contextlib.suppress(BaseException):
+                await self.reading
+        self.pipes.close()
         while not self.events.empty():
             event = self.events.get_nowait()
             if not isinstance(event, Exited):

@@ -2,12 +2,15 @@
 
 The code runs in the sandbox like any command (its own mount namespace with /pfs bound to this
 worker's batch layout, the user it is switched to, an environment without credentials) and loops
-on `next datum` (datumflow.batching), which connects to a Unix socket of this worker's: a call
-reports the datum in hand done, or failed, and waits until the worker has laid out the next one.
+on `next datum`: a call reports the datum in hand done, or failed, and waits until the worker has
+laid out the next one. From Python (datumflow.batching) a call is a round trip on a Unix socket
+of this worker's; from a shell, `datumflow-next-datum` is a `#!/bin/sh` client the worker puts
+first on the code's PATH, a line each way through a pair of named pipes (batch_fifo).
 
-- The socket is in a directory of its own under the temporary directory (mode 0700, owned by the
-  user the code runs as): reachable from the code's namespace, which changes only /pfs, and by
-  no other user. Its path is in `$DF_BATCH_SOCKET`.
+- The socket, the pipes and the sh client are in a directory of its own under the temporary
+  directory (mode 0700, owned by the user the code runs as): reachable from the code's
+  namespace, which changes only /pfs, and by no other user. The socket's path is in
+  `$DF_BATCH_SOCKET`.
 - The layout directory stays the same from datum to datum (it is what the code's /pfs is bound
   to): it is emptied and filled in place, never replaced.
 - A datum ends with the code's next call (success, or failure with its `--error`), with the code's
@@ -209,6 +212,7 @@ class Batched:
             os.chown(sockets, *commands.run_as)
             os.chown(session.socket, *commands.run_as)
             os.chown(layout / "out", *commands.run_as)
+        session.serve_pipes(commands.run_as)
         root = self._root(layout)
         extra = dict(spec.transform.env)
         extra.update(
@@ -217,6 +221,9 @@ class Batched:
             PACH_OUTPUT_DIR=f"{root}/out",
         )
         extra[SOCKET_VAR] = str(session.socket)
+        # The sh client first on the PATH: `datumflow-next-datum` costs no interpreter start.
+        path = extra.get("PATH") or os.environ.get("PATH") or "/usr/bin:/bin"
+        extra["PATH"] = f"{session.pipes.bin}:{path}"
         stdin = spec.transform.stdin
         text = ("\n".join(stdin) + "\n").encode() if stdin else b""
         broker = commands.broker
