@@ -102,7 +102,7 @@ class Functions:
                 function=function,
                 task=task,
                 layouts=layouts,
-                objects=store.path,
+                objects=store.file,
                 attempt=attempt,
                 batch=number,
                 env=env,

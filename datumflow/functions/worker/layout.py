@@ -45,6 +45,8 @@ class Layout(msgspec.Struct, frozen=True, kw_only=True):
     """The datum's /pfs: `root / "<input name>" / "<path>"`, and `root / "out"`."""
     out: Path
     """Where `root / "out"` really is (itself, or the disk directory it links to)."""
+    link: Path
+    """`root / "out"`, what user code is given."""
 
 
 class Layouts:
@@ -55,6 +57,8 @@ class Layouts:
         self.direct = direct
         self.memory: Path | None = None
         self._made: set[Path] = set()
+        self._empty_out: set[Path] = set()
+        """Layouts whose `out` was seen empty after their last datum, or made anew."""
         self._picked: dict[tuple[int, bool], Layout] = {}
         self._parked = 0
         self._room_seen = (-1.0, False)
@@ -71,11 +75,11 @@ class Layouts:
         found = self._picked.get((lane, memory))
         if found is None:
             if self.direct:
-                found = Layout(root=Path("/pfs"), out=Path("/pfs/out"))
+                found = Layout(root=Path("/pfs"), out=Path("/pfs/out"), link=Path("/pfs/out"))
             else:
                 disk = self.scratch / f"thread-{lane}" / "pfs"
                 root = self.memory / f"thread-{lane}" / "pfs" if memory and self.memory else disk
-                found = Layout(root=root, out=disk / "out")
+                found = Layout(root=root, out=disk / "out", link=root / "out")
             self._picked[(lane, memory)] = found
         return found
 
@@ -116,7 +120,10 @@ class Layouts:
                     names.discard(entry.name)
                 else:
                     _remove(entry)
-        _empty(str(out))  # the last datum's outputs are stored by now
+        if out in self._empty_out:
+            self._empty_out.discard(out)  # until the coming datum is seen to leave it empty
+        else:
+            _empty(str(out))  # the last datum's outputs are stored by now
         for name in names:
             os.mkdir(f"{top}/{name}")
         total = 0
@@ -146,7 +153,12 @@ class Layouts:
                 raise
             shutil.move(layout.out, parked)  # /pfs in a pod is its own filesystem
         layout.out.mkdir()
+        self._empty_out.add(layout.out)
         return parked
+
+    def emptied(self, layout: Layout) -> None:
+        """The datum's call ended with `out` empty: the next `prepare` need not look again."""
+        self._empty_out.add(layout.out)
 
     def close(self) -> None:
         if self.memory is not None:
@@ -154,23 +166,34 @@ class Layouts:
 
 
 def _copy(src: str | Path, dest: str, size: int) -> None:
+    """Copy a stored object: in the kernel (sendfile, no bytes through Python), else by reads."""
     if size > COPY_WHOLE:
         shutil.copyfile(src, dest)
         return
     fd = os.open(src, os.O_RDONLY)
     try:
-        chunks = []
-        while chunk := os.read(fd, COPY_WHOLE):
-            chunks.append(chunk)
+        to = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            if size:
+                _send(fd, to, size)
+        finally:
+            os.close(to)
     finally:
         os.close(fd)
-    data = memoryview(b"".join(chunks))
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def _send(fd: int, to: int, size: int) -> None:
+    sent = 0
     try:
-        while data:
-            data = data[os.write(fd, data) :]
-    finally:
-        os.close(fd)
+        while sent < size and (n := os.sendfile(to, fd, sent, COPY_WHOLE)):
+            sent += n
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS) or sent:
+            raise
+        while chunk := os.read(fd, COPY_WHOLE):  # a file system without sendfile
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(to, view) :]
 
 
 def _empty(path: str) -> None:
