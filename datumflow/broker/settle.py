@@ -53,6 +53,25 @@ published, comes back."""
 _SETTLING = (*TRANSIENT, nats.errors.Error, BrokerError)
 
 
+def delivered(msg: Msg) -> int:
+    """How many times the stream has delivered `msg` (1 the first time). nats-py's
+    `msg.metadata` parses all of the reply subject into dataclasses, a timestamp among them; a
+    worker needs this one number for every datum."""
+    tokens = (msg.reply or "").split(".")
+    if tokens[:2] == ["$JS", "ACK"]:
+        if len(tokens) == _V1_TOKENS:
+            return int(tokens[4])
+        if len(tokens) >= _V2_TOKENS:
+            return int(tokens[Msg.Ack.NumDelivered])
+    return msg.metadata.num_delivered  # not a JetStream message: nats-py says so
+
+
+_V1_TOKENS = 9
+"""$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>"""
+_V2_TOKENS = 11
+"""$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>..., and maybe a token."""
+
+
 def _many(msgs: Msg | Sequence[Msg]) -> Sequence[Msg]:
     return [msgs] if isinstance(msgs, Msg) else msgs
 

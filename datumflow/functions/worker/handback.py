@@ -25,7 +25,7 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.consumer import decode
 from datumflow.broker.messages import DatumResult, DatumTask
-from datumflow.broker.settle import Msg, ack, nak
+from datumflow.broker.settle import Msg, ack, delivered, nak
 from datumflow.errors import PermanentError
 from datumflow.functions.max_deliveries import given_up
 
@@ -37,7 +37,7 @@ PATIENCE = 5.0
 
 def attempt_of(msg: Msg, task: DatumTask) -> int:
     """Which attempt of the user code this delivery of `task` is (1 for the first)."""
-    return task.tries + msg.metadata.num_delivered
+    return task.tries + delivered(msg)
 
 
 def spent(

@@ -32,7 +32,7 @@ from datumflow.broker.consumer import decode
 from datumflow.broker.messages import DatumResult, DatumTask
 from datumflow.broker.pull import Puller
 from datumflow.broker.records import PipelineInfo
-from datumflow.broker.settle import Msg, settle
+from datumflow.broker.settle import Msg, delivered, settle
 from datumflow.broker.streams import pending
 from datumflow.errors import BrokerError, NotFound, PermanentError, TemporaryError
 from datumflow.functions.worker import inprocess, sandbox
@@ -276,7 +276,7 @@ class Worker:
         items: list[Item] = []
         metrics = current_metrics()
         if metrics is not None:
-            again = sum(1 for msg in batch.msgs if msg.metadata.num_delivered > 1)
+            again = sum(1 for msg in batch.msgs if delivered(msg) > 1)
             if again:
                 metrics.redeliveries.labels(pipeline=self.pipeline).inc(again)
         for msg in batch.msgs:
