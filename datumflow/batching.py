@@ -7,8 +7,11 @@ next datum's inputs are at /pfs/<input> and /pfs/out is empty. When there are no
 worker is stopping) the call says so, and the code should exit 0.
 
 This module is what the user code's process loads: standard library only, and nothing else of
-datumflow, so that a call from a shell costs an interpreter start and a round trip on a Unix
-socket, not the import of the whole CLI. The worker's end is datumflow.functions.worker.batched.
+datumflow, so that a call costs a round trip on a Unix socket, not the import of the whole CLI.
+From a shell, the `datumflow-next-datum` first on the code's PATH is the worker's `#!/bin/sh`
+client (datumflow.functions.worker.batch_fifo), which starts no interpreter; `main` here is the
+same command through the socket, for where that one is not at hand. The worker's end is
+datumflow.functions.worker.batched.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from datumflow.functions.worker.batch_fifo import GARBLED, REQUEST
+from datumflow.functions.worker.batch_fifo import GARBLED, LINE_LIMIT, REQUEST
 from datumflow.functions.worker.batch_session import CONCURRENT, Session
 from datumflow.spec import Transform
 
@@ -111,6 +111,28 @@ async def test_a_second_call_while_one_waits_is_refused(session: Session) -> Non
     assert session.events.empty()
     await session.answer(None)
     assert await asyncio.wait_for(first.wait(), 10) == 3
+
+
+async def test_an_overlong_request_is_refused_and_takes_nothing(session: Session) -> None:
+    # Longer than the client can send (an argument holds 128 KiB): written by hand, as its
+    # caller, holding its reply pipe open as the client does.
+    pid = os.getpid()
+    reply = session.sockets / f"rep.{pid}"
+    os.mkfifo(reply)
+    fd = os.open(reply, os.O_RDWR)
+    try:
+        line = f"{pid} error " + "x" * (LINE_LIMIT + 10) + "\n"
+        await asyncio.to_thread((session.sockets / REQUEST).write_text, line)
+        answer = await asyncio.wait_for(asyncio.to_thread(os.read, fd, 4096), 10)
+    finally:
+        os.close(fd)
+    assert answer.decode() == f"{pid} E a request line longer than {LINE_LIMIT} bytes\n"
+    assert session.events.empty()
+    # The pipe is whole again: the next call is taken.
+    done = await call(session)
+    await taken(session, "")
+    await session.answer(None)
+    assert await asyncio.wait_for(done.wait(), 10) == 3
 
 
 async def test_usage_errors_exit_2(session: Session) -> None:

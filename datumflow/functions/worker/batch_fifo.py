@@ -134,8 +134,11 @@ class Pipes:
                 try:
                     line = await reader.readuntil(b"\n")
                 except asyncio.LimitOverrunError as exc:
-                    await reader.readexactly(exc.consumed)
-                    await take(0, None, f"a request line longer than {LINE_LIMIT} bytes")
+                    head = await reader.readexactly(exc.consumed)
+                    await _skip_line(reader)
+                    pid_text = head.split(b" ", 1)[0]
+                    pid = int(pid_text) if pid_text.isdigit() else 0
+                    await take(pid, None, f"a request line longer than {LINE_LIMIT} bytes")
                     continue
                 except asyncio.IncompleteReadError:
                     return
@@ -168,6 +171,16 @@ class Pipes:
             with contextlib.suppress(OSError):
                 os.close(self._request)
         self._request = -1
+
+
+async def _skip_line(reader: asyncio.StreamReader) -> None:
+    """The rest of an overlong line, thrown away."""
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
 
 
 def parse(line: bytes) -> tuple[int, str | None, str]:
