@@ -58,11 +58,20 @@ async def eventually(
             last = await last
         if until(last):  # type: ignore[arg-type]
             return last  # type: ignore[return-value]
+        if cancel_requested():  # Ctrl-C (or a test's own timeout) lost inside `check`
+            raise asyncio.CancelledError
         if time.monotonic() >= deadline:
             raise AssertionError(
                 f"timed out after {timeout:g}s waiting for {what or check}: last {last!r}"
             )
         await asyncio.sleep(interval)
+
+
+def cancel_requested() -> bool:
+    """The running task was cancelled, even if Python 3.11's asyncio.wait_for (under nats-py's calls)
+    swallowed the CancelledError: it does when the awaited call is already done, as under load."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def wait_until(

@@ -4,7 +4,8 @@ again while it runs, the kinds in turn; hundreds of faults in all. Every job mus
 exact figures and the output of a fault-free run.
 
 Skipped unless DATUMFLOW_LONG_FAULTS=1. DATUMFLOW_LONG_ROUNDS scales the jobs (default 1.0: 24, four
-of each kind); DATUMFLOW_LONG_MINUTES, when set, starts no job after that many minutes. Each job
+of each kind); DATUMFLOW_LONG_MINUTES, when set, starts no job and injects no fault after that
+many minutes (the job running then ends within its wait's deadline, and is verified). Each job
 appends its figures to $DATUMFLOW_FAULT_REPORT (summed up by tests.faults.summarize), and each
 fault its timings to $DATUMFLOW_FAULT_REPORT.faults:
 
@@ -31,7 +32,7 @@ from tests.cluster.deployment import ACK_WAIT, Deployment, Job, Workload
 from tests.cluster.faults import Fault
 from tests.cluster.timings import Timed
 from tests.faults.harness import REPORT_ENV
-from tests.helpers import eventually
+from tests.helpers import cancel_requested, eventually
 
 pytestmark = [
     pytest.mark.asyncio,
@@ -48,21 +49,29 @@ SLEEP = 0.2
 """Seconds of user code per datum: a job runs for a minute or more, through several faults."""
 PER_JOB = 6
 """Faults of one kind injected into one job at most (fewer if it ends first)."""
+SAMPLE_TIMEOUT = 30.0
+"""Seconds one reading of a job's progress may take (it opens a client through any fault)."""
 
 
 class Progress:
-    """When the job's count of datums processed went up, sampled every 0.1 s."""
+    """When the job's count of datums processed went up, sampled every 0.1 s.
+
+    `stop` does not rest on cancelling the sampler alone: Python 3.11's asyncio.wait_for swallows
+    a cancel that lands once its call is done (see tests.helpers.cancel_requested), and a sampler
+    that missed it ran on forever, with the test waiting for it. The sampler also ends on a flag,
+    each sample has a deadline, and `stop` waits for it a bounded time."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.times: list[float] = []
+        self.stopping = False
         self.task = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
         last = -1
-        while True:
+        while not self.stopping and not cancel_requested():
             with contextlib.suppress(Exception):  # the broker may be in the midst of a fault
-                n = await self.job.processed()
+                n = await asyncio.wait_for(self.job.processed(), SAMPLE_TIMEOUT)
                 if n != last:
                     if last >= 0:
                         self.times.append(time.monotonic())
@@ -70,9 +79,10 @@ class Progress:
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
+        self.stopping = True
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        await asyncio.wait({self.task}, timeout=SAMPLE_TIMEOUT + 5)
+        assert self.task.done(), "the progress sampler did not stop"
 
     def after(self, fault: Fault, recovered: float, scenario: str) -> Timed:
         later = [t for t in self.times if t > fault.at]
@@ -151,8 +161,12 @@ async def test_long_cluster_faults(deployment: Deployment, tmp_path: Path) -> No
     rng = random.Random(7)
     workload = await Workload.start(d, tmp_path, sleep=SLEEP)
     total = 0
+
+    def over() -> bool:
+        return bool(minutes) and time.monotonic() - began > minutes * 60
+
     for i in range(jobs):
-        if minutes and time.monotonic() - began > minutes * 60:
+        if over():
             break
         scenario, inject = KINDS[i % len(KINDS)]
         await eventually(d.replicas_current, timeout=120, interval=0.5, what="a whole cluster")
@@ -161,7 +175,7 @@ async def test_long_cluster_faults(deployment: Deployment, tmp_path: Path) -> No
         injected: list[Timed] = []
         try:
             await job.reach(DATUMS // 10, timeout=180)
-            while len(injected) < PER_JOB and await job.processed() < DATUMS * 0.8:
+            while len(injected) < PER_JOB and not over() and await job.processed() < DATUMS * 0.8:
                 for fault in await inject(d, workload, rng):
                     injected.append(progress.after(fault, time.monotonic(), scenario))
                     total += 1
@@ -169,7 +183,7 @@ async def test_long_cluster_faults(deployment: Deployment, tmp_path: Path) -> No
             info = await job.wait(timeout=600)
         finally:
             await progress.stop()
-        assert injected, f"{scenario}: the job ended before the first fault"
+        assert injected or over(), f"{scenario}: the job ended before the first fault"
         # The progress after the last faults is known only now that the job is done.
         injected = [progress.after(t.fault, t.fault.at + t.recovered, scenario) for t in injected]
         figures = await job.verify(
