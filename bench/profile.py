@@ -3,6 +3,8 @@
 python -m bench.profile noop                # CPU seconds per process, broker messages per datum
 python -m bench.profile cpu --scale 0.5     # the same for half the 10 ms scenario
 python -m bench.profile noop --spy          # and each function's hottest code (py-spy)
+python -m bench.profile spawn --spy         # the command path: bench.spawn_limit's datumflow run
+python -m bench.profile spawn --spy --idle  # wall time (waits included) rather than CPU
 
 One fresh `datumflow up`, one scenario as `python -m bench` runs it. Between the commit and the
 job's end it reads every process's CPU time from /proc, the broker's message counts from its
@@ -24,12 +26,14 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from bench import datumflow_runner
+from bench import datumflow_runner, spawn_limit
 from bench.cluster import Cluster
 from bench.scenarios import scenarios
 
 TICKS = os.sysconf("SC_CLK_TCK")
 SAMPLED = ("planner", "committer", "worker")
+SPAWN = "spawn"
+"""The command path's scenario (bench.spawn_limit): not one of bench.scenarios'."""
 
 
 def _cpu(pid: int) -> float:
@@ -92,50 +96,125 @@ def top_functions(raw: Path, count: int = 12) -> list[tuple[float, str]]:
     return [(n / total, frame) for frame, n in own.most_common(count)] if total else []
 
 
-def _spy_on(binary: str, pid: int, raw: Path) -> subprocess.Popen[bytes]:
+def _spy_on(binary: str, pid: int, raw: Path, *, idle: bool) -> subprocess.Popen[bytes]:
     argv = [binary, "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(raw)]
+    argv += ["--idle"] if idle else []
     quiet = subprocess.DEVNULL
     return subprocess.Popen([*argv, "--nonblocking"], stdout=quiet, stderr=quiet)
 
 
-async def _profile(cluster: Cluster, key: str, scale: float, spy: str, out: Path) -> None:
+class _Profile:
+    """CPU per process, broker messages and py-spy samples between a commit and its job's end."""
+
+    def __init__(
+        self, cluster: Cluster, *, title: str, datums: int, spy: str, idle: bool, out: Path
+    ) -> None:
+        self.cluster, self.title, self.datums, self.spy, self.out = cluster, title, datums, spy, out
+        self.idle = idle
+        self.before: dict[int, tuple[str, float]] = {}
+        self.counts: dict[str, int] = {}
+        self.spies: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+
+    async def start(self) -> None:
+        processes = _processes(self.cluster)
+        self.before.update({pid: (name, _cpu(pid)) for pid, name in processes.items()})
+        self.counts.update(_broker_counts(self.cluster))
+        if self.spy:
+            for pid, (name, _) in self.before.items():
+                if name.split(" ")[0] in SAMPLED:
+                    raw = self.out / f"{name.replace(' ', '-')}-{pid}.txt"
+                    self.spies.append((name, raw, _spy_on(self.spy, pid, raw, idle=self.idle)))
+            await asyncio.sleep(1.0)  # py-spy attaches
+            # the CPU from here on: py-spy's attaching is not the scenario's
+            self.before.update({pid: (name, _cpu(pid)) for pid, name in processes.items()})
+
+    async def finish(self, job) -> None:  # type: ignore[no-untyped-def]
+        spent = {pid: (name, _cpu(pid) - cpu) for pid, (name, cpu) in self.before.items()}
+        children = _children_cpu(self.before)
+        after = _broker_counts(self.cluster)
+        total = sum(cpu for _, cpu in spent.values())
+        n = self.datums
+        print(f"\n{self.title}: {n:,} datums")
+        print(f"job {job.finished - job.created:.2f} s; CPU between commit and job end:")
+        for _, (name, cpu) in sorted(spent.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {cpu:7.2f} s  {cpu / n * 1e6:8.0f} us/datum  {name}")
+        for name, cpu in children.items():
+            print(f"  {cpu:7.2f} s  {cpu / n * 1e6:8.0f} us/datum  {name}: its reaped children")
+        print(f"  {total:7.2f} s  {total / n * 1e6:8.0f} us/datum  in all (children apart)")
+        for k, v in after.items():
+            print(f"broker {k}: {(v - self.counts[k]) / n:.2f} per datum")
+        for _, _, process in self.spies:
+            process.send_signal(2)  # SIGINT: py-spy writes its profile and exits
+        for name, raw, process in self.spies:
+            await asyncio.to_thread(process.wait, 60)
+            if raw.exists():
+                print(f"\n{name}: where its samples were (own time)")
+                for share, frame in top_functions(raw, 20):
+                    print(f"  {share:6.1%}  {frame}")
+
+
+_CHILDREN: dict[int, float] = {}
+
+
+def _children_cpu(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """The CPU of each worker's reaped children (the user code) since `start`."""
+    spent = {}
+    for pid, (name, _) in before.items():
+        if name.startswith("worker"):
+            spent[f"{name} {pid}"] = _reaped(pid) - _CHILDREN.get(pid, 0.0)
+    return spent
+
+
+def _reaped(pid: int) -> float:
+    """cutime + cstime of a process: the CPU of the children it waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / TICKS
+
+
+async def _profile(
+    cluster: Cluster, key: str, scale: float, spy: str, idle: bool, out: Path
+) -> None:
+    if key == SPAWN:
+        files = max(1, int(1000 * scale))
+        title = f"a process per datum ({SPAWN}): {files:,} one-line files, 2 workers"
+        profile = _Profile(cluster, title=title, datums=files, spy=spy, idle=idle, out=out)
+
+        async def before_commit() -> None:
+            await profile.start()
+            for pid, (name, _) in profile.before.items():
+                if name.startswith("worker"):
+                    _CHILDREN[pid] = _reaped(pid)
+
+        wait_job = spawn_limit.wait_job
+
+        async def measured(api, pipeline: str, **kw):  # type: ignore[no-untyped-def]
+            job = await wait_job(api, pipeline, **kw)
+            await profile.finish(job)
+            return job
+
+        spawn_limit.wait_job = measured
+        try:
+            await spawn_limit.datumflow(
+                cluster, files=files, workers=2, sets=0, before_commit=before_commit
+            )
+        finally:
+            spawn_limit.wait_job = wait_job
+        return
     [scenario] = [s for s in scenarios(scale) if s.key == key]
-    before: dict[int, tuple[str, float]] = {}
-    counts: dict[str, int] = {}
-    spies: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+    title = f"{scenario.title}: {scenario.workers} workers"
+    profile = _Profile(cluster, title=title, datums=scenario.datums, spy=spy, idle=idle, out=out)
     commit, wait_job = datumflow_runner._commit, datumflow_runner.wait_job
 
     async def measured_commit(c: Cluster, repo: str, files: int) -> float:
-        before.update({pid: (name, _cpu(pid)) for pid, name in _processes(c).items()})
-        counts.update(_broker_counts(c))
-        if spy:
-            for pid, (name, _) in before.items():
-                if name.split(" ")[0] in SAMPLED:
-                    raw = out / f"{name.replace(' ', '-')}-{pid}.txt"
-                    spies.append((name, raw, _spy_on(spy, pid, raw)))
-            await asyncio.sleep(1.0)  # py-spy attaches
+        await profile.start()
         return await commit(c, repo, files)
 
     async def measured_wait(api, pipeline: str, **kw):  # type: ignore[no-untyped-def]
         job = await wait_job(api, pipeline, **kw)
-        spent = {pid: (name, _cpu(pid) - cpu) for pid, (name, cpu) in before.items()}
-        after = _broker_counts(cluster)
-        total = sum(cpu for _, cpu in spent.values())
-        print(f"\n{scenario.title}: {scenario.datums:,} datums, {scenario.workers} workers")
-        print(f"job {job.finished - job.created:.2f} s; CPU between commit and job end:")
-        for _, (name, cpu) in sorted(spent.items(), key=lambda kv: -kv[1][1]):
-            print(f"  {cpu:7.2f} s  {cpu / scenario.datums * 1e6:8.0f} us/datum  {name}")
-        print(f"  {total:7.2f} s  {total / scenario.datums * 1e6:8.0f} us/datum  in all")
-        for k, v in after.items():
-            print(f"broker {k}: {(v - counts[k]) / scenario.datums:.2f} per datum")
-        for _, _, process in spies:
-            process.send_signal(2)  # SIGINT: py-spy writes its profile and exits
-        for name, raw, process in spies:
-            await asyncio.to_thread(process.wait, 60)
-            if raw.exists():
-                print(f"\n{name}: where its samples were (own time)")
-                for share, frame in top_functions(raw):
-                    print(f"  {share:6.1%}  {frame}")
+        await profile.finish(job)
         return job
 
     datumflow_runner._commit, datumflow_runner.wait_job = measured_commit, measured_wait
@@ -149,16 +228,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.profile", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("scenario", choices=[s.key for s in scenarios()])
+    parser.add_argument("scenario", choices=[*(s.key for s in scenarios()), SPAWN])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the datum count")
     parser.add_argument("--spy", action="store_true", help="sample the functions with py-spy")
+    parser.add_argument(
+        "--idle", action="store_true", help="with --spy: wall time, waits included (py-spy --idle)"
+    )
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="datumflow-profile-"))
     cluster = Cluster(work / "datumflow")
     cluster.start()
     try:
         spy = _ensure_py_spy() if args.spy else ""
-        asyncio.run(_profile(cluster, args.scenario, args.scale, spy, work))
+        asyncio.run(_profile(cluster, args.scenario, args.scale, spy, args.idle, work))
     finally:
         cluster.stop()
     print(f"\nbench: profiles and logs in {work}", file=sys.stderr)

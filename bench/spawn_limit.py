@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.cluster import Cluster, wait_job, wait_workers
@@ -41,7 +42,16 @@ def _names(files: int) -> list[str]:
     return [f"f{i:07d}" for i in range(files)]
 
 
-async def _datumflow(cluster: Cluster, *, files: int, workers: int, sets: int) -> Measure:
+async def datumflow(
+    cluster: Cluster,
+    *,
+    files: int,
+    workers: int,
+    sets: int,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
+) -> Measure:
+    """The datumflow measure; `before_commit` (bench.profile's) runs once the files are stored,
+    just before they are committed."""
     async with cluster.api() as api:
         await api.repos.create_repo(REPO)
     spec: dict[str, object] = {
@@ -59,6 +69,8 @@ async def _datumflow(cluster: Cluster, *, files: int, workers: int, sets: int) -
         for name in _names(files):
             key, size = await api.store.put_bytes(f"{name}\n".encode())
             refs.append(FileRef(path=f"/{name}", size=size, hash=key))
+        if before_commit is not None:
+            await before_commit()
         await api.repos.commit_files(REPO, "master", puts=refs)
         job = await wait_job(api, PIPELINE)
     ok = job.state == "success" and job.data_processed == files
@@ -108,7 +120,7 @@ def run(work: Path, *, files: int = 1000, workers: int = 2) -> list[Measure]:
         cluster.start()
         try:
             measures.append(
-                asyncio.run(_datumflow(cluster, files=files, workers=workers, sets=sets))
+                asyncio.run(datumflow(cluster, files=files, workers=workers, sets=sets))
             )
         finally:
             cluster.stop()
