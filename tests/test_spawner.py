@@ -72,6 +72,31 @@ async def test_each_datum_sees_its_own_layout_at_pfs(tmp_path: Path, in_namespac
 
 @needs_root
 @pytest.mark.asyncio
+async def test_a_reused_layout_keeps_its_mount_only_after_a_user_who_cannot_mount(
+    tmp_path: Path, in_namespace: Spawner
+) -> None:
+    layout = _layout(tmp_path / "d", "first\n")
+    nobody = (65534, 65534)
+    # Root's process mounts over /pfs/in: the next datum on the same layout must not see that.
+    script = "mount -t tmpfs none /pfs/in && echo hidden > /pfs/in/file; cat /pfs/in/file"
+    outcome = await _run(in_namespace, layout, ["sh", "-c", script])
+    assert (outcome.returncode, outcome.log) == (0, b"hidden\n")
+    (layout / "in" / "file").write_text("second\n")
+    outcome = await _run(in_namespace, layout, ["cat", "/pfs/in/file"], run_as=nobody)
+    assert outcome.log == b"second\n"
+    # Kept after nobody's process: the layout's new content shows through the same mount.
+    (layout / "in" / "file").write_text("third\n")
+    outcome = await _run(in_namespace, layout, ["cat", "/pfs/in/file"], run_as=nobody)
+    assert outcome.log == b"third\n"
+    # The same path, another directory (a layout removed and made anew): mounted afresh.
+    os.rename(layout, tmp_path / "old")
+    layout = _layout(tmp_path / "d", "fourth\n")
+    outcome = await _run(in_namespace, layout, ["cat", "/pfs/in/file"], run_as=nobody)
+    assert outcome.log == b"fourth\n"
+
+
+@needs_root
+@pytest.mark.asyncio
 async def test_two_workers_at_once_each_see_their_own_pfs(tmp_path: Path) -> None:
     spawners = [_spawner("namespace"), _spawner("namespace")]
     try:

@@ -10,7 +10,10 @@ before exec is done elsewhere:
   so nothing in it reaches the machine's. That thread starts every process; a datum's layout is
   bind-mounted at /pfs for as long as its process runs, and unmounted before the next datum's is
   mounted. Datums take turns: a process, and everything it started, is dead before the next one's
-  /pfs is mounted (sandbox.run kills the tree first).
+  /pfs is mounted (sandbox.run kills the tree first). When the next datum's layout is the very
+  directory already at /pfs (commands reuses its layouts, emptied) and the last process ran as
+  a user other than root (so it could mount nothing under /pfs), the mount is kept: an unmount
+  waits for the kernel's RCU grace period, about a millisecond a datum on a busy machine.
   The namespace is a copy of the machine's mounts when the worker started: a file system mounted
   on the machine later is not seen by user code (a datum's own namespace used to copy them anew).
 - the user switch and death with the worker: `setpriv` (util-linux) is exec'd first; it clears the
@@ -92,9 +95,12 @@ class Spawner:
             initializer=_enter_namespace if namespace else None,
         )
         self._turn = asyncio.Lock()
-        self._mounted = False
-        """Whether the last datum's layout is still at /pfs (the thread's own to read and set):
-        it is unmounted just before the next one is mounted, or when the spawner closes."""
+        self._mounted: tuple[int, int] | None = None
+        """The (device, inode) of the layout directory still at /pfs, if any (the thread's own to
+        read and set): unmounted just before another one is mounted, or when the spawner closes."""
+        self._kept = False
+        """Whether the mount may serve the next datum whose layout is that same directory: the
+        last process ran as a user other than root, who cannot have mounted anything under it."""
 
     @classmethod
     def create(cls, *, mode: str) -> Spawner | None:
@@ -131,8 +137,9 @@ class Spawner:
         loop = asyncio.get_running_loop()
         await self._turn.acquire()
         argv = [self.setpriv, *_identity(run_as), "--pdeathsig", "KILL", "--", *cmd]
+        keep = run_as is not None and run_as[0] != 0
         started = self._thread.submit(
-            self._popen, argv, env=env, cwd=cwd, layout=layout, stdin=stdin
+            self._popen, argv, env=env, cwd=cwd, layout=layout, stdin=stdin, keep=keep
         )
         try:
             proc = await asyncio.shield(asyncio.wrap_future(started))
@@ -159,23 +166,36 @@ class Spawner:
         """Fails where the thread's namespace cannot mount at /pfs (or was not made)."""
         if self.namespace:
             _mount(b"/tmp")
-            self._mounted = True
+            self._mounted = (0, 0)
             self._unmount()
 
     def _unmount(self) -> None:
-        if self._mounted:
+        if self._mounted is not None:
             if _libc().umount2(b"/pfs", _MNT_DETACH) != 0:
                 raise OSError(ctypes.get_errno(), "unmounting the last datum's /pfs")
-            self._mounted = False
+            self._mounted = None
 
     def _popen(
-        self, argv: list[str], *, env: dict[str, str], cwd: str, layout: Path, stdin: bytes
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str,
+        layout: Path,
+        stdin: bytes,
+        keep: bool,
     ) -> subprocess.Popen[bytes]:
-        """The datum's layout at /pfs, then its process, on subprocess's vfork path."""
+        """The datum's layout at /pfs, then its process, on subprocess's vfork path; `keep`:
+        the process runs as a user other than root (see `_kept`)."""
         if self.namespace:
-            self._unmount()
-            _mount(str(layout).encode())
-            self._mounted = True
+            found = os.stat(layout)
+            directory = (found.st_dev, found.st_ino)
+            if not (self._kept and self._mounted == directory):
+                self._unmount()
+                self._kept = False
+                _mount(str(layout).encode())
+                self._mounted = directory
+            self._kept = keep
         return subprocess.Popen(
             argv,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
