@@ -93,6 +93,28 @@ async def test_a_renewal_whose_answer_was_lost_is_recognised(broker: Broker) -> 
     assert await a.renew()  # and the next one goes on from the right revision
 
 
+async def test_a_renewal_that_finds_its_lost_one_does_not_outlast_the_key(
+    broker: Broker, nats_server: EmbeddedServer
+) -> None:
+    """The lost renewal was dated by the server when it landed: a renewal made later that only
+    recognises it must not count the lease from its own sending, or the holder would think it
+    holds the lease after the key expired and a standby took it."""
+    other = await _second(nats_server)
+    try:
+        a, b = Lease(broker, name="committer"), Lease(other, name="committer")
+        assert await a.acquire()
+        kv = await broker.kv(subjects.LEASES_BUCKET)
+        entry = await kv.get("committer")
+        assert entry.value is not None
+        await kv.update("committer", entry.value, last=entry.revision)  # its answer lost
+        await asyncio.sleep(2.0)  # the next renewal comes late, as under load
+        assert await a.renew()
+        await eventually(b.acquire, timeout=LEASE_TTL + 3, interval=0.05, what="b to take over")
+        assert not a.held(), "a still counts on a lease b holds"
+    finally:
+        await other.close()
+
+
 async def test_a_clean_stop_hands_over_at_once(broker: Broker, nats_server: EmbeddedServer) -> None:
     other = await _second(nats_server)
     try:

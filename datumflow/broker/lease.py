@@ -112,20 +112,26 @@ class Lease:
             return False
         kv = await self.broker.kv(subjects.LEASES_BUCKET)
         payload = msgspec.json.encode(self._info)
-        try:
-            self._revision = await asyncio.wait_for(
-                kv.update(self.name, payload, last=self._revision), ATTEMPT
-            )
-        except KeyWrongLastSequenceError:
-            # Either someone else holds it, or a renewal of ours whose answer was lost is there.
-            if not await self._still_ours():
-                self.drop()
-                return False
-        except TRANSIENT as exc:
-            log.warning("lease %s: renewing: %s", self.name, type(exc).__name__)
-            return self.held()  # tried again in RENEW_EVERY, while the lease lasts
-        self._valid_until = sent + self.ttl - MARGIN
-        return True
+        for _ in range(2):
+            try:
+                self._revision = await asyncio.wait_for(
+                    kv.update(self.name, payload, last=self._revision), ATTEMPT
+                )
+            except KeyWrongLastSequenceError:
+                # Either someone else holds it, or a renewal of ours whose answer was lost is
+                # there. That one was dated by the server when it got it, before `sent`: the
+                # lease lasts from it, not from now, so it is written again on its revision.
+                if not await self._still_ours():
+                    self.drop()
+                    return False
+                sent = time.monotonic()
+                continue
+            except TRANSIENT as exc:
+                log.warning("lease %s: renewing: %s", self.name, type(exc).__name__)
+                return self.held()  # tried again in RENEW_EVERY, while the lease lasts
+            self._valid_until = sent + self.ttl - MARGIN
+            return True
+        return self.held()  # ours, but not written again: it lasts from the last write we know
 
     async def _still_ours(self) -> bool:
         kv = await self.broker.kv(subjects.LEASES_BUCKET)
