@@ -5,6 +5,7 @@ nothing taken, and the cost of a call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
@@ -133,6 +134,31 @@ async def test_an_overlong_request_is_refused_and_takes_nothing(session: Session
     await taken(session, "")
     await session.answer(None)
     assert await asyncio.wait_for(done.wait(), 10) == 3
+
+
+async def test_a_caller_that_does_not_read_its_reply_does_not_block_the_worker(
+    session: Session,
+) -> None:
+    """A reply pipe its caller filled and does not read: the worker's write must not wait on it
+    (it runs on the worker's event loop)."""
+    pid = 4_000_000
+    path = session.pipes.directory / f"rep.{pid}"
+    os.mkfifo(path, 0o600)
+    held = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # the caller's end, never read
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(held, b"x" * 4096)
+        loop = asyncio.get_running_loop()
+        replied = loop.run_in_executor(None, session.pipes.reply, pid, "N")
+        try:
+            await asyncio.wait_for(asyncio.shield(replied), 2.0)
+        except TimeoutError:
+            os.read(held, 1 << 20)  # let the stuck write end, then fail
+            await replied
+            pytest.fail("the reply waited on a caller that does not read")
+    finally:
+        os.close(held)
 
 
 async def test_usage_errors_exit_2(session: Session) -> None:

@@ -156,11 +156,23 @@ class Pipes:
         except OSError as exc:
             log.warning("next datum: no pipe to answer %s on (%s): %s", pid, path, exc)
             return
+        data = line.encode()
         try:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            os.set_blocking(fd, True)  # the caller is reading it
-            os.write(fd, line.encode())
+            # Never blocking: a write to a pipe its caller filled and does not read would stop
+            # the worker's event loop for good. A reply fits an empty pipe (64 KiB).
+            written = os.write(fd, data)
+            if written < len(data):
+                log.warning(
+                    "next datum: %s does not read its reply pipe %s; %d of %d bytes answered",
+                    pid,
+                    path,
+                    written,
+                    len(data),
+                )
+        except BlockingIOError:
+            log.warning("next datum: %s does not read its reply pipe %s; not answered", pid, path)
         except OSError as exc:
             log.warning("next datum: answering %s on %s: %s", pid, path, exc)
         finally:
