@@ -199,3 +199,29 @@ async def test_a_committer_that_lost_its_lease_writes_no_job_a_newer_one_wrote(
     with pytest.raises(Superseded):
         await fresh._progress("p", "j")
     assert (await jobs.get(key))[0] == record
+
+
+async def test_a_committer_that_lost_its_lease_removes_no_datum_of_a_later_job(
+    broker: Broker, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A committer paused in the middle of killing a job (its lease still good by its own clock)
+    wakes after a newer one ended that job and the next job's datums were queued: it stops
+    before removing them."""
+    store = FileStore(tmp_path / "objects")
+    old, new = Lease(broker, name="committer"), Lease(broker, name="committer-new")
+    assert await old.acquire()
+    assert await new.acquire()
+    committer = Committer(broker=broker, store=store, lease=old)
+    committer._stop = asyncio.Event()
+    committer.tallies[("p", "j")] = Tally()  # counted before the pause
+    ended = JobInfo(
+        pipeline="p", id="j", version=1, seq=1, state="success", created=1.0, fence=new.fence
+    )
+    await committer.pipelines.jobs.create(job_key("p", "j"), ended)
+    for n in range(3):  # the next job's datums
+        await broker.publish(subjects.datum("p"), b"{}", msg_id=f"next:{n}")
+    before = (await broker.js.stream_info(subjects.DATUMS_STREAM)).state.messages
+    assert before == 3
+    with pytest.raises(Superseded):
+        await committer.kill("p", "j", why="timed out")
+    assert (await broker.js.stream_info(subjects.DATUMS_STREAM)).state.messages == before

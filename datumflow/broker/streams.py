@@ -37,10 +37,19 @@ async def delete_message(broker: Broker, *, stream: str, seq: int, what: str) ->
             pass
 
 
-async def purge_subject(broker: Broker, *, stream: str, subject: str, what: str) -> None:
-    """Remove every message of `subject` from `stream`."""
+async def purge_subject(
+    broker: Broker, *, stream: str, subject: str, what: str, below: int | None = None
+) -> None:
+    """Remove every message of `subject` from `stream`, or only those before sequence `below`."""
     async with broker_errors(what):
-        await broker.js.purge_stream(stream, subject=subject)
+        await broker.js.purge_stream(stream, subject=subject, seq=below)
+
+
+async def last_sequence(broker: Broker, *, stream: str, what: str) -> int:
+    """The sequence of the last message stored in `stream` so far (0 if none ever was)."""
+    async with broker_errors(what):
+        info = await broker.js.stream_info(stream)
+    return info.state.last_seq
 
 
 async def pending(broker: Broker, *, stream: str, durable: str) -> int:

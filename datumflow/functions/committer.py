@@ -37,7 +37,7 @@ from datumflow.broker.messages import FileRef
 from datumflow.broker.pull import Puller
 from datumflow.broker.records import JobInfo, JobState, PipelineInfo
 from datumflow.broker.settle import Msg, settle
-from datumflow.broker.streams import purge_subject
+from datumflow.broker.streams import last_sequence, purge_subject
 from datumflow.errors import BrokerError, NotFound, PermanentError, Superseded
 from datumflow.functions.job_metrics import job_ended, job_progress
 from datumflow.functions.job_timeouts import JobTimeouts
@@ -340,14 +340,23 @@ class Committer:
             total = "?" if tally.total is None else tally.total
             reason = f"{why}; {done} of {total} datums were done"
             # Purge before the record says killed: the planner plans the pipeline's next job only
-            # once this one has ended, and that job's datums must not go with these. One job runs
-            # at a time per pipeline, so everything under the subject is this job's.
-            await purge_subject(
-                self.broker,
-                stream=subjects.DATUMS_STREAM,
-                subject=subjects.datum(pipeline),
-                what=f"removing the queued datums of {pipeline}@{job}",
-            )
+            # once this one has ended, and that job's datums must not go with these. So only
+            # what was queued before the record was seen running and ours goes: a committer that
+            # lost the lease while paused here removes no datum of a job planned since.
+            what = f"removing the queued datums of {pipeline}@{job}"
+            end = await last_sequence(self.broker, stream=subjects.DATUMS_STREAM, what=what)
+            record = await self.pipelines.jobs.find(job_key(pipeline, job))
+            if record is not None:
+                self._fenced(record)
+            if record is None or not record.done:
+                subject = subjects.datum(pipeline)
+                await purge_subject(
+                    self.broker,
+                    stream=subjects.DATUMS_STREAM,
+                    subject=subject,
+                    what=what,
+                    below=end + 1,
+                )
             won = await self._end(job_key(pipeline, job), tally, state="killed", reason=reason)
             tally.done = True
             tally.results = {}
