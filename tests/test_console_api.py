@@ -210,6 +210,9 @@ def test_up_serves_the_console_and_prints_its_url(shared: Cluster) -> None:
     assert url.startswith("http://127.0.0.1:") and "?token=" in url
     assert os.stat(shared.home / CONSOLE_FILE).st_mode & 0o077 == 0  # it carries the token
     wait_until(lambda: url in shared.log("up"), timeout=10, what="up to print the URL")
+    # The console's own log (a plain file under logs/) names where it listens, not the token.
+    wait_until(lambda: "datumflow console:" in shared.log("console"), timeout=10, what="its log")
+    assert url.split("?token=")[1] not in shared.log("console")
     base = url.split("?")[0]
     status, body = _get(base + "api/dag")  # loopback: no token needed to read
     assert status == 200 and b"shout" in body

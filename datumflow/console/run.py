@@ -72,7 +72,10 @@ async def run_console(
             if url_home is not None:
                 write_console_url(url_home, url)
             where = "this machine only" if loopback else "every client with the token"
-            announce(f"datumflow console: {url} ({where})")
+            # Under `up` this line goes to a log file anyone may read: the URL with the token is
+            # in console.json (owner-readable only), and `up` prints it.
+            shown = url if url_home is None else url.split("?")[0]
+            announce(f"datumflow console: {shown} ({where})")
             try:
                 await serve_until(app, runner, stop)
             finally:
