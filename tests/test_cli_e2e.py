@@ -47,6 +47,7 @@ def sh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shell]:
         started.stdout
     )
     try:
+        assert os.stat(shell.home / "up.log").st_mode & 0o077 == 0  # it carries that URL too
         yield shell
     finally:
         # Not through `shell`: a test that already stopped it must not fail here.

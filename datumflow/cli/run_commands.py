@@ -115,7 +115,10 @@ def up(
             argv += ["--secure"]
         if replicas:
             argv += ["--replicas", str(replicas)]
-        with open(home / "up.log", "ab") as log_file:
+        # up prints the console's URL, token and all, to this log: its owner alone reads it.
+        fd = os.open(home / "up.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "ab") as log_file:
             proc = subprocess.Popen(
                 argv,
                 stdout=log_file,
