@@ -38,7 +38,8 @@ def test_loopback(host: str, loopback: bool) -> None:
 
 def test_reading_needs_the_token_beyond_loopback_only() -> None:
     none: dict[str, str] = {}
-    assert auth.may_read(loopback=True, token="t0k", headers=none, query=none, cookies=none)
+    local = {"Host": "127.0.0.1:7480"}
+    assert auth.may_read(loopback=True, token="t0k", headers=local, query=none, cookies=none)
     assert not auth.may_read(loopback=False, token="t0k", headers=none, query=none, cookies=none)
     for where in [
         {"headers": {"X-Datumflow-Token": "t0k"}},
@@ -50,6 +51,33 @@ def test_reading_needs_the_token_beyond_loopback_only() -> None:
         assert auth.may_read(loopback=False, token="t0k", **given), where
         wrong = {k: {n: "nope" for n in v} for k, v in given.items()}
         assert not auth.may_read(loopback=False, token="t0k", **wrong), where
+
+
+@pytest.mark.parametrize(
+    ("host", "local"),
+    [
+        ("127.0.0.1:7480", True),
+        ("127.0.0.1", True),
+        ("localhost:7480", True),
+        ("LOCALHOST", True),
+        ("[::1]:7480", True),
+        ("[::1]", True),
+        ("rebound.example:7480", False),  # DNS rebinding: another site's name, our address
+        ("rebound.example", False),
+        ("127.0.0.1.rebound.example", False),
+        ("[::1", False),
+        ("", False),
+    ],
+)
+def test_loopback_reads_need_a_loopback_host(host: str, local: bool) -> None:
+    none: dict[str, str] = {}
+    headers = {"Host": host}
+    assert auth.may_read(loopback=True, token="t0k", headers=headers, query=none, cookies=none) is (
+        local
+    )
+    # The token still opens it, whatever the name.
+    with_token = {**headers, "X-Datumflow-Token": "t0k"}
+    assert auth.may_read(loopback=True, token="t0k", headers=with_token, query=none, cookies=none)
 
 
 def test_acting_needs_the_token_in_a_header() -> None:

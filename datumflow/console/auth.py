@@ -1,7 +1,9 @@
 """Who may read the console, and who may act through it.
 
 - Bound to a loopback address (127.0.0.0/8, ::1, localhost), reading needs no token: whoever can
-  reach it is on this machine.
+  reach it is on this machine. The request must then name a loopback host (its Host header): a
+  page of another site whose name was made to resolve to 127.0.0.1 (DNS rebinding) names its own
+  and is refused without the token.
 - Bound to any other address, every request needs the token, else 401.
 - The one action (rerun a job's failed datums) always needs the token, in a header: a cookie alone
   does not do, so another site cannot make a browser act with it.
@@ -59,6 +61,16 @@ def request_token(
     return header_token(headers) or query.get(TOKEN_QUERY, "") or cookies.get(TOKEN_COOKIE, "")
 
 
+def names_loopback(host_header: str) -> bool:
+    """Whether a Host header (`name[:port]`, `[v6][:port]`) names this machine's loopback."""
+    value = host_header.strip().lower()
+    if value.startswith("["):
+        name = value[1 : value.find("]")] if "]" in value else ""
+    else:
+        name = value.rpartition(":")[0] if ":" in value else value
+    return bool(name) and is_loopback(name)
+
+
 def may_read(
     *,
     loopback: bool,
@@ -67,7 +79,9 @@ def may_read(
     query: Mapping[str, str],
     cookies: Mapping[str, str],
 ) -> bool:
-    return loopback or same(request_token(headers, query, cookies), token)
+    if same(request_token(headers, query, cookies), token):
+        return True
+    return loopback and names_loopback(headers.get("Host", ""))
 
 
 def may_act(*, token: str, headers: Mapping[str, str]) -> bool:
