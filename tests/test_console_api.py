@@ -25,10 +25,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from datumflow.console.samples import Sampler
 from datumflow.console.server import make_app
 from datumflow.console.views import Views
-from datumflow.runtime.status import CONSOLE_FILE, read_console_url
+from datumflow.runtime.status import CONSOLE_FILE, read_console_url, read_status
 from tests.helpers import (
     Cluster,
     create_pipeline,
+    eventually,
     put_files,
     shared_cluster,
     wait_job_done,
@@ -70,6 +71,15 @@ async def _jobs(cluster: Cluster, root: Path) -> None:
 async def client(shared: Cluster) -> AsyncIterator[TestClient[Any, Any]]:
     async with shared.api() as api:
         views = Views(broker=api.broker, store=api.store)
+        # The jobs are done; the local scaler's status, which the sampler reads, follows within
+        # its own period: one sample once it has seen no lag left.
+        await eventually(
+            lambda: all(
+                (read_status(shared.home).get(p) or {}).get("lag") == 0 for p in ("shout", "copy")
+            ),
+            timeout=30,
+            what="up's scaler to see no lag left",
+        )
         sampler = Sampler(broker=api.broker, home=shared.home)
         await sampler.sample()
         app = make_app(views=views, sampler=sampler, token=TOKEN, loopback=True)
