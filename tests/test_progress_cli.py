@@ -142,6 +142,21 @@ async def test_wait_commit_shows_every_job_downstream(cluster: Cluster, tmp_path
     assert [j["id"] for j in json.loads(as_json.stdout)] == [first.id, second.id]
 
 
+async def test_wait_commit_on_a_branch_no_pipeline_reads(cluster: Cluster, tmp_path: Path) -> None:
+    await put_files(cluster, "branch-in", {"/a": b"a"})
+    create_pipeline(cluster, tmp_path, slow_spec("on-master", "branch-in", 0))
+    await wait_job_done(cluster, "on-master")
+    src = tmp_path / "b"
+    src.write_bytes(b"b")
+    cluster.cli("put", "file", "branch-in@dev:/b", "-f", str(src))
+    # No job reads branch-in@dev: nothing to wait for, at once (it waited out --timeout).
+    started = time.monotonic()
+    done = cluster.cli("wait", "commit", "branch-in@dev", "--timeout", "10", check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), done
+    assert time.monotonic() - started < 8
+    assert len(await jobs_of(cluster, "on-master")) == 1
+
+
 async def test_put_file_r_shows_files_and_bytes(cluster: Cluster, tmp_path: Path) -> None:
     local = tmp_path / "many"
     local.mkdir()

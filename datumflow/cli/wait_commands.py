@@ -56,23 +56,30 @@ def wait_job(
         raise typer.Exit(1)
 
 
+def reads(info: PipelineInfo, repo: str, branch: str) -> bool:
+    """Whether the pipeline takes commits of repo@branch as input (a commit on another branch of
+    the repo starts none of its jobs)."""
+    return any(x.repo == repo and x.branch == branch for x in input_leaves(info.spec.input))
+
+
 async def wait_downstream(
     api: Api,
     repo: str,
+    branch: str,
     commit: str,
     *,
     timeout: float,
     report: Callable[[JobInfo], None] = lambda job: None,
 ) -> list[JobInfo]:
-    """Wait for every job that `repo@commit` feeds, and then for the jobs their outputs feed;
-    `report` sees each job every time it is read."""
+    """Wait for every job that `repo@commit` (on `branch`) feeds, and then for the jobs their
+    outputs feed; `report` sees each job every time it is read."""
     deadline = time.monotonic() + timeout
     finished: list[JobInfo] = []
-    frontier = [(repo, commit)]
+    frontier = [(repo, branch, commit)]
     while frontier:
-        repo, commit = frontier.pop()
+        repo, branch, commit = frontier.pop()
         for info in await api.pipelines.list():
-            if repo not in {leaf.repo for leaf in input_leaves(info.spec.input)}:
+            if not reads(info, repo, branch):
                 continue
             while True:
                 job = next(
@@ -94,7 +101,7 @@ async def wait_downstream(
                 await asyncio.sleep(0.1)
             finished.append(job)
             if job.state == "success" and job.output_commit:
-                frontier.append((info.name, job.output_commit))
+                frontier.append((info.name, info.spec.output_branch, job.output_commit))
     return finished
 
 
@@ -109,7 +116,7 @@ def wait_commit(
 
     async def body(api: Api) -> list[JobInfo]:
         head = await api.repos.inspect_commit(address.repo, address.ref)
-        expected = len(downstream(head.repo, await api.pipelines.list()))
+        expected = len(downstream(head.repo, head.branch, await api.pipelines.list()))
         seen: dict[str, JobInfo] = {}
 
         def report(job: JobInfo) -> None:
@@ -120,7 +127,9 @@ def wait_commit(
             show_job(bars, job)
 
         with Bars(show=wanted(as_json=as_json) and expected > 0) as bars:
-            return await wait_downstream(api, head.repo, head.id, timeout=timeout, report=report)
+            return await wait_downstream(
+                api, head.repo, head.branch, head.id, timeout=timeout, report=report
+            )
 
     jobs = run(with_api(settings_of(ctx), body))
     if as_json:
@@ -134,16 +143,14 @@ def wait_commit(
         raise typer.Exit(1)
 
 
-def downstream(repo: str, pipelines: list[PipelineInfo]) -> set[str]:
-    """The pipelines that `repo` feeds, and the ones their outputs feed, and so on."""
+def downstream(repo: str, branch: str, pipelines: list[PipelineInfo]) -> set[str]:
+    """The pipelines that `repo@branch` feeds, and the ones their outputs feed, and so on."""
     found: set[str] = set()
-    frontier = [repo]
+    frontier = [(repo, branch)]
     while frontier:
-        current = frontier.pop()
+        current, on = frontier.pop()
         for info in pipelines:
-            if info.name not in found and current in {
-                x.repo for x in input_leaves(info.spec.input)
-            }:
+            if info.name not in found and reads(info, current, on):
                 found.add(info.name)
-                frontier.append(info.name)
+                frontier.append((info.name, info.spec.output_branch))
     return found
