@@ -12,7 +12,7 @@ from datumflow.broker.messages import DatumResult, DatumStats, FileRef
 from datumflow.broker.records import DatumIndexEntry, JobInfo, PipelineInfo, RepoInfo
 from datumflow.console import auth
 from datumflow.console.run import console_url, parse_address
-from datumflow.console.views import dag_view, datum_rows, job_view
+from datumflow.console.views import FinishedJobs, dag_view, datum_rows, job_view
 from datumflow.errors import DatumflowError
 from datumflow.spec import load_spec
 
@@ -210,3 +210,22 @@ def test_dag_nodes_and_edges() -> None:
         ("images", "montage"),
         ("edges", "montage"),
     }
+
+
+def test_finished_jobs_kept_within_a_count_of_results() -> None:
+    def results(n: int) -> dict[str, DatumResult]:
+        return {f"d{i}": result(f"d{i}", "success", 0.1) for i in range(n)}
+
+    kept = FinishedJobs(jobs=3, results=10)
+    kept.put(("p", "huge"), results(11), {})
+    assert kept.get(("p", "huge")) is None and kept.results == 0  # read again when shown
+    for name, n in [("a", 4), ("b", 4)]:
+        kept.put(("p", name), results(n), {})
+    assert kept.get(("p", "a")) is not None  # now the most recently shown
+    kept.put(("p", "c"), results(4), {})  # 12 > 10: the least recently shown goes
+    assert kept.get(("p", "b")) is None
+    assert kept.get(("p", "a")) is not None and kept.get(("p", "c")) is not None
+    assert (len(kept), kept.results) == (2, 8)
+    for name in "def":
+        kept.put(("p", name), results(1), {})
+    assert len(kept) == 3 and kept.results <= 10  # and never more than `jobs` jobs

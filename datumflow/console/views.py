@@ -44,7 +44,11 @@ FILES_LISTED = 1000
 """Files a commit's view lists."""
 
 KEPT_JOBS = 64
-"""Finished jobs whose datums are kept in memory (they never change)."""
+"""Finished jobs whose datums are kept in memory (they never change)..."""
+
+KEPT_RESULTS = 200_000
+"""...and their datum results at most, over all of them: a job of a million datums is read again
+when shown, not kept (64 of those would hold gigabytes)."""
 
 LIVE_REREAD_PER_RESULT = 1 / 5000
 """Seconds a running job's results are kept before they are read again, per result read: fresh at
@@ -189,6 +193,45 @@ def commit_view(info: CommitInfo) -> dict[str, Any]:
     }
 
 
+class FinishedJobs:
+    """The datums of finished jobs, least recently shown dropped first, within KEPT_JOBS jobs and
+    KEPT_RESULTS results."""
+
+    def __init__(self, *, jobs: int = KEPT_JOBS, results: int = KEPT_RESULTS) -> None:
+        self.max_jobs = jobs
+        self.max_results = results
+        self.results = 0
+        self._kept: OrderedDict[
+            tuple[str, str], tuple[dict[str, DatumResult], dict[str, DatumIndexEntry]]
+        ] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(
+        self, key: tuple[str, str]
+    ) -> tuple[dict[str, DatumResult], dict[str, DatumIndexEntry]] | None:
+        found = self._kept.get(key)
+        if found is not None:
+            self._kept.move_to_end(key)
+        return found
+
+    def put(
+        self,
+        key: tuple[str, str],
+        first: dict[str, DatumResult],
+        index: dict[str, DatumIndexEntry],
+    ) -> None:
+        size = max(len(first), len(index))
+        if size > self.max_results or key in self._kept:
+            return
+        self._kept[key] = (first, index)
+        self.results += size
+        while len(self._kept) > self.max_jobs or self.results > self.max_results:
+            _, (old_first, old_index) = self._kept.popitem(last=False)
+            self.results -= max(len(old_first), len(old_index))
+
+
 class Views:
     """Reads what the pages show. Broker and store failures come out as datumflow's errors."""
 
@@ -197,8 +240,7 @@ class Views:
         self.store = store
         self.repos = Repos(broker=broker, store=store)
         self.pipelines = Pipelines(broker=broker, repos=self.repos)
-        self._finished: OrderedDict[tuple[str, str], dict[str, DatumResult]] = OrderedDict()
-        self._indexes: dict[tuple[str, str], dict[str, DatumIndexEntry]] = {}
+        self._finished = FinishedJobs()
         self._live: dict[tuple[str, str], tuple[float, dict[str, DatumResult]]] = {}
 
     async def dag(self, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -222,9 +264,9 @@ class Views:
 
     async def _results(self, job: JobInfo) -> tuple[dict[str, DatumResult], dict[str, Any]]:
         key = (job.pipeline, job.id)
-        if key in self._finished:
-            self._finished.move_to_end(key)
-            return self._finished[key], self._indexes.get(key, {})
+        kept = self._finished.get(key)
+        if kept is not None:
+            return kept
         now = time.monotonic()
         live = self._live.get(key)
         if live is not None and not job.done and now < live[0]:
@@ -239,11 +281,7 @@ class Views:
             data = await self.store.get_bytes(job.datums)
             index = {e.datum: e for e in msgspec.json.decode(data, type=list[DatumIndexEntry])}
         if job.done:
-            self._finished[key] = first
-            self._indexes[key] = index
-            while len(self._finished) > KEPT_JOBS:
-                old, _ = self._finished.popitem(last=False)
-                self._indexes.pop(old, None)
+            self._finished.put(key, first, index)
         return first, index
 
     async def job(self, pipeline: str, job_id: str) -> dict[str, Any]:
