@@ -234,9 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--idle", action="store_true", help="with --spy: wall time, waits included (py-spy --idle)"
     )
+    parser.add_argument(
+        "--user-code-user", default="", help="run user code as this user (as root): nobody, ..."
+    )
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="datumflow-profile-"))
-    cluster = Cluster(work / "datumflow")
+    extra = {"DATUMFLOW_USER_CODE_USER": args.user_code_user} if args.user_code_user else {}
+    cluster = Cluster(work / "datumflow", **extra)
     cluster.start()
     try:
         spy = _ensure_py_spy() if args.spy else ""
