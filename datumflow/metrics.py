@@ -310,8 +310,15 @@ def _serve(address: str, registry: CollectorRegistry) -> str:
             f"cannot serve metrics on {address}: {exc.strerror or exc}; set DATUMFLOW_METRICS to"
             " another host:port (port 0: any free one), or to off"
         ) from None
-    shown = host if host not in ("", "0.0.0.0") else "127.0.0.1"
-    return f"http://{shown}:{server.server_port}/metrics"
+    return metrics_url(host, server.server_port)
+
+
+def metrics_url(host: str, port: int) -> str:
+    """The URL to scrape a server bound to host:port (every address: this machine's loopback)."""
+    shown = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/metrics"
 
 
 def forget_gone(directory: Path, *, alive: set[int]) -> None:

@@ -372,6 +372,15 @@ def test_a_bad_metrics_address_is_refused_saying_what_to_write() -> None:
     assert Settings(metrics=":9090").metrics == ":9090"
 
 
+def test_metrics_urls_name_a_host_a_client_can_reach() -> None:
+    assert metrics.metrics_url("127.0.0.1", 9464) == "http://127.0.0.1:9464/metrics"
+    assert metrics.metrics_url("0.0.0.0", 9464) == "http://127.0.0.1:9464/metrics"
+    assert metrics.metrics_url("::", 9464) == "http://127.0.0.1:9464/metrics"
+    assert metrics.metrics_url(*metrics.split_address("[::1]:9464")) == (
+        "http://[::1]:9464/metrics"
+    )
+
+
 def test_user_code_does_not_inherit_the_metrics_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/state/run/metrics")
     monkeypatch.setenv("PATH_FOR_USER_CODE", "kept")
