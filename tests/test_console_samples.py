@@ -4,6 +4,8 @@ nats-server with datums queued and no worker to take them."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from datumflow.pfs.pipelines import Pipelines
 from datumflow.pfs.repos import Repos
 from datumflow.spec import load_spec
 from datumflow.storage.file import FileStore
+from tests.helpers import eventually
 
 
 @pytest.mark.asyncio
@@ -48,3 +51,35 @@ async def test_samples_without_a_local_scaler(broker: Broker, tmp_path: Path) ->
     await pipelines.delete("busy")
     await sampler.sample()
     assert sampler.series() == {}
+
+
+@pytest.mark.asyncio
+async def test_a_record_it_cannot_read_pauses_the_chart_not_the_console(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileStore(tmp_path / "objects")
+    repos = Repos(broker=broker, store=store)
+    pipelines = Pipelines(broker=broker, repos=repos)
+    await repos.create_repo("src")
+    spec = load_spec(
+        '{"pipeline": {"name": "fine"}, "input": {"pfs": {"repo": "src", "glob": "/*"}},'
+        ' "transform": {"cmd": ["true"]}}'
+    )
+    await pipelines.create(spec, ack_wait=30)
+    kv = await broker.kv(subjects.PIPELINES_BUCKET)
+    await kv.put("unreadable", b'{"name": 1}')  # not a PipelineInfo (another version's, say)
+
+    sampler = Sampler(broker=broker, home=tmp_path / "no-up-here", period=0.05)
+    stop = asyncio.Event()
+    caplog.set_level(logging.WARNING, logger="datumflow.console.samples")
+    running = asyncio.create_task(sampler.run(stop))
+    try:
+        await eventually(
+            lambda: running.done() or "sampling workers failed" in caplog.text, what="a sample"
+        )
+        assert not running.done()  # it samples on, rather than ending the console with it
+        await kv.delete("unreadable")
+        await eventually(lambda: sampler.series().get("fine"), what="samples again")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=10)

@@ -78,6 +78,8 @@ class Sampler:
                 await self.sample()
             except BrokerError as exc:
                 log.warning("console: sampling workers: %s", exc)
+            except Exception:  # a record it cannot read: the chart pauses, the console serves on
+                log.exception("console: sampling workers failed; trying again")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.period)
 
