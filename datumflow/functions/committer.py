@@ -39,7 +39,7 @@ from datumflow.broker.records import JobInfo, JobState, PipelineInfo
 from datumflow.broker.settle import Msg, settle
 from datumflow.broker.streams import last_sequence, purge_subject
 from datumflow.errors import BrokerError, NotFound, PermanentError, Superseded
-from datumflow.functions.job_metrics import job_ended, job_progress
+from datumflow.functions.job_metrics import job_ended, job_progress, stood_down
 from datumflow.functions.job_timeouts import JobTimeouts
 from datumflow.functions.lag_metrics import watch_backlogs
 from datumflow.functions.max_deliveries import watch_max_deliveries
@@ -85,18 +85,23 @@ class Committer:
         self._stop = stop
         timeouts = JobTimeouts(committer=self)
         try:
-            await self._resume()
-        except BrokerError as exc:
-            log.warning("committer: resuming the running jobs: %s; their next results will", exc)
-        except Superseded:
-            return
-        await asyncio.gather(
-            self._results_loop(stop),
-            watch_max_deliveries(broker=self.broker, stop=stop),
-            timeouts.run(stop),
-            self._report_loop(stop),
-            watch_backlogs(broker=self.broker, pipelines=self.pipelines, stop=stop),
-        )
+            try:
+                await self._resume()
+            except BrokerError as exc:
+                log.warning(
+                    "committer: resuming the running jobs: %s; their next results will", exc
+                )
+            except Superseded:
+                return
+            await asyncio.gather(
+                self._results_loop(stop),
+                watch_max_deliveries(broker=self.broker, stop=stop),
+                timeouts.run(stop),
+                self._report_loop(stop),
+                watch_backlogs(broker=self.broker, pipelines=self.pipelines, stop=stop),
+            )
+        finally:
+            stood_down()
 
     @property
     def fence(self) -> int:

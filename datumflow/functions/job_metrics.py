@@ -68,3 +68,19 @@ def running(metrics: Metrics, *, pipeline: str, tally: Tally | None) -> None:
     counts = tally.counts if tally is not None else dict.fromkeys(RESULT_STATES, 0)
     for state, count in counts.items():
         metrics.running_datums.labels(pipeline=pipeline, state=state).set(count)
+
+
+def stood_down() -> None:
+    """A committer that stops (its lease lost, or shut down) no longer shows the running jobs'
+    figures nor the backlogs: the replica that took over does, and a sum over both pods (as the
+    dashboard does) would count them twice, a max would keep a stale lag."""
+    metrics = current()
+    if metrics is None:
+        return
+    for gauge in (
+        metrics.running_datums,
+        metrics.pending,
+        metrics.ack_pending,
+        metrics.redelivered,
+    ):
+        gauge.clear()
