@@ -37,6 +37,10 @@ class Conflict(DatumflowError):
     """A compare-and-set lost the race; re-read and try again."""
 
 
+class BranchMoved(PermanentError):
+    """A commit named the head it was built on as its parent, and the branch has moved since."""
+
+
 class Superseded(DatumflowError):
     """This replica lost its lease: another one is active now, and this one must write nothing
     more until it holds the lease again."""

@@ -15,6 +15,7 @@ from nats.js.api import StreamConfig
 
 from datumflow.broker.connection import Broker
 from datumflow.broker.ingest_stream import INGEST_DURABLE, INGEST_STREAM, ensure_ingest_stream
+from datumflow.broker.lease import Lease
 from datumflow.broker.messages import FileRef, ObjectSource
 from datumflow.broker.records import CommitInfo
 from datumflow.functions.ingest import Ingest, IngestOptions
@@ -352,3 +353,50 @@ async def test_clashes_between_files_and_directories() -> None:
     # A removed file no longer clashes.
     kept = drop_conflicts([put("/a/b")], head, {"/a"}, Batch())  # type: ignore[arg-type]
     assert [ref.path for ref, _, _ in kept] == ["/a/b"]
+
+
+async def test_a_replica_paused_mid_commit_never_applies_an_older_version_on_top(
+    broker: Broker, harness: Harness
+) -> None:
+    """Ingest checked its lease, then was paused before its commit while the replica that took
+    over committed a newer version of the same key: the older version is not applied on top of
+    it, and the batch goes back (to the active replica)."""
+    lease = Lease(broker, name="ingest")
+    assert await lease.acquire()
+    url = f"s3://{harness.bucket}/incoming/k"
+    newer = FileRef(path="/k", size=5, source=ObjectSource(url=url, etag="newer"))
+    took_over = asyncio.Event()
+
+    class PausedMidCommit(Repos):
+        async def commit_files(self, *args: Any, **kwargs: Any) -> CommitInfo:
+            if not took_over.is_set():
+                took_over.set()  # meanwhile, the other replica commits the newer version
+                await harness.repos.commit_files("raw", "master", puts=[newer], origin="ingest")
+                lease.drop()  # and this one's lease ran out during the pause
+            return await super().commit_files(*args, **kwargs)
+
+    handled = 0
+
+    class Counting(Ingest):
+        async def handle(self, msgs: list[Msg]) -> None:
+            nonlocal handled
+            await super().handle(msgs)
+            handled += 1
+
+    ingest = Counting(
+        broker=broker,
+        store=harness.store,
+        options=IngestOptions(window=0.3, max_retry_delay=0.3),
+        lease=lease,
+    )
+    ingest.repos = PausedMidCommit(broker=broker, store=harness.store)
+    record = put_and_describe(harness.client, harness.bucket, "incoming/k", b"older")
+    await harness.publish(minio_notification(record))
+    harness.start(ingest)
+
+    async def settled() -> bool:  # handed back and seen again, or (wrongly) committed and acked
+        return handled >= 2 or await harness.drained()
+
+    await eventually(settled, timeout=20, what="the batch to be handled")
+    assert (await harness.files())["/k"].source == newer.source
+    assert not await harness.drained(), "the older version's notification was acked"

@@ -25,7 +25,7 @@ Invariants:
 Replicas run active/standby (datumflow.runtime.leader): two ingests sharing the stream would each
 take part of a burst, so a key's older version could be committed after its newer one by the
 other replica, and the memory of applied sequencers is per process. The active replica checks its
-lease before each commit.
+lease before each commit, made only on the head it was built on.
 
 Order: notifications of one key are applied in stream order unless their sequencers say otherwise;
 across a restart, only the comparison with the head protects against a stale redelivered event.
@@ -47,7 +47,7 @@ from datumflow.broker.ingest_stream import Binding, ensure_ingest_stream
 from datumflow.broker.lease import Lease
 from datumflow.broker.messages import FileRef, ObjectSource
 from datumflow.broker.settle import UNEXPECTED_DELAY, Msg, dead_letter, keep_alive, settle
-from datumflow.errors import BrokerError, PermanentError, Superseded, TemporaryError
+from datumflow.errors import BranchMoved, BrokerError, PermanentError, Superseded, TemporaryError
 from datumflow.functions.ingest_changes import (
     Batch,
     commit_id,
@@ -345,26 +345,28 @@ class Ingest:
                 continue  # this very version is in the head already
             puts.append((FileRef(path=path, size=size, source=source), change, msg))
         puts = drop_conflicts(puts, files, set(deletes), batch)
-        if (puts or deletes) and self.lease is not None:
-            self.lease.check()  # Superseded: the batch is nak'ed and goes to the active replica
         if puts or deletes:
-            refs = [ref for ref, _, _ in puts]
-            made_id = commit_id(repo, branch, head.id if head else "", refs, deletes)
+            if self.lease is not None:  # Superseded: the batch goes to the active replica
+                self.lease.check()
+            refs, base = [ref for ref, _, _ in puts], head.id if head else ""
+            made_id = commit_id(repo, branch, base, refs, deletes)
             try:
                 info = await self.repos.commit_files(
-                    repo, branch, puts=refs, deletes=deletes, origin="ingest", commit_id=made_id
+                    repo,
+                    branch,
+                    puts=refs,
+                    deletes=deletes,
+                    origin="ingest",
+                    commit_id=made_id,
+                    parent=base,
                 )
+            except BranchMoved as exc:  # not applied on top (a newer version of a key, maybe,
+                raise TemporaryError(str(exc), delay=0.0) from None  # by a replica taking over)
             except PermanentError as exc:
                 self._blame_all(repo, branch, entries, batch, exc)
                 return
-            log.info(
-                "ingest: %s@%s commit %s: %d written, %d removed",
-                repo,
-                branch,
-                info.id,
-                len(refs),
-                len(deletes),
-            )
+            done = f"{len(refs)} written, {len(deletes)} removed"
+            log.info("ingest: %s@%s commit %s: %s", repo, branch, info.id, done)
         for change, _ in entries.values():
             self._remember(change)
 

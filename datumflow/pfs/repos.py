@@ -17,7 +17,7 @@ from datumflow.broker.connection import Broker
 from datumflow.broker.kv import Records
 from datumflow.broker.messages import CommitEvent, CommitRef, FileRef, ObjectSource, Origin
 from datumflow.broker.records import BranchInfo, CommitInfo, RepoInfo
-from datumflow.errors import Conflict, NotFound, PermanentError
+from datumflow.errors import BranchMoved, Conflict, NotFound, PermanentError
 from datumflow.pfs import manifest
 from datumflow.pfs.paths import check_name, clean_path
 from datumflow.storage.base import ObjectStore, reads_in_place
@@ -199,8 +199,8 @@ class Repos:
     async def _check_parent(
         self, repo: str, branch: str, commit_id: str, expected: str, head: CommitInfo | None
     ) -> None:
-        if head is not None and head.id == expected:
-            return
+        if (head.id if head is not None else "") == expected:
+            return  # "" names the empty branch
         what = f"commit {repo}@{commit_id}" if commit_id else f"a commit on {repo}@{branch}"
         now = f"{repo}@{branch} is at {head.id}" if head else f"{repo}@{branch} has no commit"
         if await self.commits.find(f"{repo}.{expected}") is None:
@@ -208,7 +208,7 @@ class Repos:
                 f"{what} names parent {expected}, which is no commit of {repo}; {now}. Build"
                 " on the branch's head, and name it as the parent"
             )
-        raise PermanentError(
+        raise BranchMoved(
             f"{what} names parent {expected}, but {now}: another commit landed since its"
             " producer read the branch. Its changes were not applied; build them again on"
             f" {head.id if head else 'the empty branch'} and send a new event with that parent"
