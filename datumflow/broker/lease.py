@@ -36,7 +36,9 @@ from datumflow.errors import BrokerError, Superseded
 log = logging.getLogger(__name__)
 
 RENEW_EVERY = 1.0
-"""Seconds between two renewals: three may fail before the lease runs out."""
+"""Seconds between two renewals: three refused at once may fail before the lease runs out, but
+one that waits its whole ATTEMPT for an answer leaves no time for another (a slow broker, 2 s
+to answer, costs the lease and a takeover after the TTL)."""
 POLL_EVERY = 0.5
 """Seconds between a standby's tries to take the lease."""
 MARGIN = 0.5
