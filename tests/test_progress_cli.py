@@ -174,3 +174,19 @@ async def test_put_file_r_shows_files_and_bytes(cluster: Cluster, tmp_path: Path
     piped = cluster.cli("put", "file", "many@master:/u/", "-f", str(local), "-r")
     assert piped.stdout == ""
     assert re.fullmatch(r"many@\w+: 12 file\(s\)\n", piped.stderr), piped.stderr
+
+
+async def test_put_file_r_refuses_a_file_it_cannot_read_by_name(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    local = tmp_path / "with-lock"
+    local.mkdir()
+    (local / "a.txt").write_bytes(b"a")
+    (local / ".#a.txt").symlink_to(local / "gone")  # an editor's lock: a link to nothing
+    cluster.cli("create", "repo", "locked")
+    put = cluster.cli("put", "file", "locked@master:/", "-f", str(local), "-r", check=False)
+    assert put.returncode == 1, put
+    assert f"{local / '.#a.txt'}: not a file that can be read; nothing was put" in put.stderr
+    assert "Traceback" not in put.stderr
+    listed = cluster.cli("list", "commit", "locked", check=False).stdout.strip().splitlines()
+    assert listed[1:] == [], listed  # the header alone: no commit

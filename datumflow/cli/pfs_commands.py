@@ -205,6 +205,13 @@ def put_file(
             )
         refs: list[FileRef] = []
         pairs = _plan_put(file, source, address.path, full_path=full_path)
+        for local, _ in pairs if recursive else []:
+            if not os.access(local, os.R_OK) or not local.is_file():
+                # A broken link (an editor's lock file), a socket, a file not ours to read.
+                raise DatumflowError(
+                    f"{local}: not a file that can be read; nothing was put: remove it, or put"
+                    " the rest without it"
+                )
         total = sum(local.stat().st_size for local, _ in pairs) if recursive else 0
         sent = 0
         with Bars(show=recursive and wanted()) as bars:
