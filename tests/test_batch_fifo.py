@@ -161,6 +161,22 @@ async def test_a_caller_that_does_not_read_its_reply_does_not_block_the_worker(
         os.close(held)
 
 
+async def test_a_reply_is_never_written_through_a_link_or_into_a_file(
+    session: Session, tmp_path: Path
+) -> None:
+    """rep.<pid> is in the code's directory: a worker running as root must not write its reply
+    to a file the code links there, nor to a plain file of that name."""
+    target = tmp_path / "precious"
+    target.write_bytes(b"kept as it was\n")
+    linked, plain = session.pipes.directory / "rep.1001", session.pipes.directory / "rep.1002"
+    linked.symlink_to(target)
+    plain.write_bytes(b"kept as it was\n")
+    session.pipes.reply(1001, "E", "x" * 20)
+    session.pipes.reply(1002, "N")
+    assert target.read_bytes() == b"kept as it was\n"
+    assert plain.read_bytes() == b"kept as it was\n"
+
+
 async def test_usage_errors_exit_2(session: Session) -> None:
     wrong = await call(session, "--bogus")
     _, err = await asyncio.wait_for(wrong.communicate(), 10)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import re
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -152,12 +153,16 @@ class Pipes:
         line = f"{pid} {kind}" + (f" {escape(text)}" if text else "") + "\n"
         path = self.directory / f"rep.{pid}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            # The directory is the code's: as root, a symlink or file there must not be written.
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError as exc:
             log.warning("next datum: no pipe to answer %s on (%s): %s", pid, path, exc)
             return
         data = line.encode()
         try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                log.warning("next datum: %s is no pipe; %s not answered", path, pid)
+                return
             with contextlib.suppress(OSError):
                 os.unlink(path)
             # Never blocking: a write to a pipe its caller filled and does not read would stop
