@@ -195,6 +195,39 @@ async def test_a_shell_loop_on_the_sh_client(cluster: Cluster, tmp_path: Path, m
     assert lines(marks / "clients") == ["#!/bin/sh"] * len(files)
 
 
+async def test_a_datum_whose_caller_is_gone_goes_to_the_next_call(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # A request on the pipes from a caller gone before its answer (no reply pipe, no process):
+    # the datum it would have got goes to the next call instead of passing, unrun, on that
+    # call's report.
+    files = {f"/g{i}": f"{i}\n".encode() for i in range(3)}
+    await put_files(cluster, "ghosts", files)
+    create_pipeline(
+        cluster,
+        tmp_path,
+        {
+            "pipeline": {"name": "ghosted"},
+            "input": {"pfs": {"repo": "ghosts", "glob": "/*"}},
+            "transform": {
+                "cmd": [
+                    "sh",
+                    "-c",
+                    'd=$(dirname "$(dirname "$(command -v datumflow-next-datum)")");'
+                    " printf '2147483646 done\\n' > \"$d/next.req\";"
+                    ' while vars=$(datumflow-next-datum); do eval "$vars";'
+                    ' cp "$ghosts" "$PFS/out/"; done; [ $? -eq 3 ] || exit 1',
+                ],
+                "datum_batching": True,
+            },
+            "parallelism_spec": {"constant": 1},
+        },
+    )
+    [job] = await wait_job_done(cluster, "ghosted")
+    assert job.state == "success", job.reason
+    assert await output_files(cluster, "ghosted") == files
+
+
 async def test_a_datum_reported_failed(cluster: Cluster, tmp_path: Path, marks: Path) -> None:
     files = {"/a": b"a", "/bad": b"fail", "/c": b"c"}
     await put_files(cluster, "reported", files)

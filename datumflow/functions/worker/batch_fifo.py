@@ -148,8 +148,9 @@ class Pipes:
         finally:
             transport.close()
 
-    def reply(self, pid: int, kind: str, text: str = "") -> None:
-        """Write one reply line to the pipe of `pid`'s call, which it holds open."""
+    def reply(self, pid: int, kind: str, text: str = "") -> bool:
+        """Write one reply line to the pipe of `pid`'s call, which it holds open; False if it
+        could not be (the caller is gone, or does not read)."""
         line = f"{pid} {kind}" + (f" {escape(text)}" if text else "") + "\n"
         path = self.directory / f"rep.{pid}"
         try:
@@ -157,12 +158,12 @@ class Pipes:
             fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError as exc:
             log.warning("next datum: no pipe to answer %s on (%s): %s", pid, path, exc)
-            return
+            return False
         data = line.encode()
         try:
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 log.warning("next datum: %s is no pipe; %s not answered", path, pid)
-                return
+                return False
             with contextlib.suppress(OSError):
                 os.unlink(path)
             # Never blocking: a write to a pipe its caller filled and does not read would stop
@@ -176,10 +177,13 @@ class Pipes:
                     written,
                     len(data),
                 )
+            return written == len(data)
         except BlockingIOError:
             log.warning("next datum: %s does not read its reply pipe %s; not answered", pid, path)
+            return False
         except OSError as exc:
             log.warning("next datum: answering %s on %s: %s", pid, path, exc)
+            return False
         finally:
             os.close(fd)
 

@@ -41,17 +41,21 @@ class SocketReply:
     def gone(self) -> bool:
         return self.writer.is_closing()
 
-    async def send(self, *, env: dict[str, str] | None, refused: str = "") -> None:
+    async def send(self, *, env: dict[str, str] | None, refused: str = "") -> bool:
         if refused:
             data = b"E" + refused.encode()
         elif env is None:
             data = b"N"
         else:
             data = b"D" + "\0".join(f"{k}={v}" for k, v in env.items()).encode()
-        with contextlib.suppress(OSError):
+        try:
             self.writer.write(data)
             await self.writer.drain()
-        self.writer.close()
+        except OSError:
+            return False
+        finally:
+            self.writer.close()
+        return True
 
     def close(self) -> None:
         self.writer.close()
@@ -68,15 +72,14 @@ class PipeReply:
     def gone(self) -> bool:
         return self.answered or not alive(self.pid)
 
-    async def send(self, *, env: dict[str, str] | None, refused: str = "") -> None:
+    async def send(self, *, env: dict[str, str] | None, refused: str = "") -> bool:
         self.answered = True
         if refused:
-            self.pipes.reply(self.pid, "E", refused)
-        elif env is None:
-            self.pipes.reply(self.pid, "N")
-        else:
-            lines = "".join(f"export {k}={quote(v)}\n" for k, v in sorted(env.items()))
-            self.pipes.reply(self.pid, "D", lines)
+            return self.pipes.reply(self.pid, "E", refused)
+        if env is None:
+            return self.pipes.reply(self.pid, "N")
+        lines = "".join(f"export {k}={quote(v)}\n" for k, v in sorted(env.items()))
+        return self.pipes.reply(self.pid, "D", lines)
 
     def close(self) -> None:
         pass  # the caller waits for a reply line until the code is stopped
@@ -166,11 +169,11 @@ class Session:
         self.open_call = reply
         self.events.put_nowait((error, reply))
 
-    async def answer(self, env: dict[str, str] | None) -> None:
-        """Answer the waiting call: the next datum's variables, or None for no more datums."""
+    async def answer(self, env: dict[str, str] | None) -> bool:
+        """Answer the waiting call: the next datum's variables, or None for no more datums;
+        False if no caller got the answer (none waited, or it was gone)."""
         reply, self.waiting = self.waiting, None
-        if reply is not None:
-            await reply.send(env=env)
+        return reply is not None and await reply.send(env=env)
 
     async def next_event(self, timeout: float | None) -> Call | Exited | None:
         """The code's next call, or its exit; None at `timeout`."""

@@ -87,7 +87,15 @@ class Batched:
                 os.chown(layout / "out", *self.commands.run_as)
             session.live = subjects.logs(task.pipeline, task.job, task.datum)
             t1 = time.monotonic()
-            await session.answer(self._datum_env(task))
+            while not await session.answer(self._datum_env(task)):
+                # Its caller was gone (killed after asking): the datum goes to the next call,
+                # whose report is of no datum, rather than pass unrun on that report.
+                event = await session.next_event(timeout)
+                if not isinstance(event, tuple):
+                    return await self._failed(
+                        task, info, attempt, make, stats, session, event, asked=True
+                    )
+                session.waiting = event[1]
             event = await session.next_event(timeout)
             stats.process_time = time.monotonic() - t1
             if isinstance(event, tuple) and not event[0]:
