@@ -3,6 +3,7 @@ the planner's datum list, the committer's tally, reasons and job timeouts, the r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from datumflow.broker.messages import (
     JobPlanned,
 )
 from datumflow.broker.records import JobInfo
+from datumflow.errors import StorageError
 from datumflow.functions.committer import Committer
 from datumflow.functions.job_timeouts import JobTimeouts
 from datumflow.functions.tally import Tally, failure_reason
@@ -327,3 +329,56 @@ async def test_job_timeout_kills_only_the_overdue_job(broker: Broker, tmp_path: 
     await committer._progress("bounded", "bounded-job")
     assert await committer.pipelines.get_job("bounded", "bounded-job") == killed
     await store.close()
+
+
+@pytest.mark.asyncio
+async def test_an_object_store_failure_ending_a_job_redelivers_its_results(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The store failing (past its own retries) while the committer writes a job's output
+    commit: the results come back and the job ends once the store answers, and the committer
+    keeps running rather than exiting with the error."""
+    store = await open_store((tmp_path / "objects").as_uri())
+    failures = [StorageError("the store is unreachable (injected)")]
+    real_put = store.put_bytes
+
+    async def put_bytes(data: bytes) -> tuple[str, int]:
+        if armed and failures:
+            raise failures.pop()
+        return await real_put(data)
+
+    armed = False
+    store.put_bytes = put_bytes  # type: ignore[method-assign]
+    committer = Committer(broker=broker, store=store)
+    await committer.repos.create_repo("in")
+    spec = {
+        "pipeline": {"name": "flaky"},
+        "input": {"pfs": {"repo": "in", "glob": "/*"}},
+        "transform": {"cmd": ["true"]},
+    }
+    await committer.pipelines.create(load_spec(json.dumps(spec)), ack_wait=2)
+    await running_job(committer, "flaky", "flaky-job", started=time.time())
+    # The job is planned and half done when the committer starts: it resumes the job (counting
+    # one result) and the second result, fetched in a batch, is the one that ends it.
+    planned = JobPlanned(pipeline="flaky", job="flaky-job", data_total=2)
+    await broker.publish(subjects.job_planned("flaky", "flaky-job"), planned, msg_id="p")
+    first = DatumResult(pipeline="flaky", job="flaky-job", datum="d1", state="success")
+    await broker.publish(subjects.result("flaky", "flaky-job"), first, msg_id="d1")
+    armed = True
+    stop = asyncio.Event()
+    run = asyncio.create_task(committer.run(stop))
+    try:
+        await eventually(lambda: ("flaky", "flaky-job") in committer.tallies, what="resumed")
+        second = DatumResult(pipeline="flaky", job="flaky-job", datum="d2", state="success")
+        await broker.publish(subjects.result("flaky", "flaky-job"), second, msg_id="d2")
+
+        async def ended() -> bool:
+            assert not run.done(), "the committer stopped"
+            return (await committer.pipelines.get_job("flaky", "flaky-job")).state == "success"
+
+        await eventually(ended, timeout=30)
+        assert not failures  # the failure did happen
+        assert not run.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 10)

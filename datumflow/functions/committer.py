@@ -38,7 +38,7 @@ from datumflow.broker.pull import Puller
 from datumflow.broker.records import JobInfo, JobState, PipelineInfo
 from datumflow.broker.settle import Msg, settle
 from datumflow.broker.streams import last_sequence, purge_subject
-from datumflow.errors import BrokerError, NotFound, PermanentError, Superseded
+from datumflow.errors import BrokerError, NotFound, PermanentError, Superseded, TemporaryError
 from datumflow.functions.job_metrics import job_ended, job_progress, stood_down
 from datumflow.functions.job_timeouts import JobTimeouts
 from datumflow.functions.lag_metrics import watch_backlogs
@@ -87,7 +87,7 @@ class Committer:
         try:
             try:
                 await self._resume()
-            except BrokerError as exc:
+            except TemporaryError as exc:  # the broker, or the store writing an output commit
                 log.warning(
                     "committer: resuming the running jobs: %s; their next results will", exc
                 )
@@ -182,8 +182,9 @@ class Committer:
                     await self._progress(*key)
                 else:
                     self._unreported.add(key)
-        except BrokerError as exc:
-            # Nothing is acked: the batch comes back and is counted again, harmlessly.
+        except TemporaryError as exc:
+            # The broker or the object store (writing an output commit) failed for now. Nothing
+            # is acked: the batch comes back and is counted again, harmlessly.
             log.warning("committer: %s; the batch will be redelivered", exc)
             self.tallies.clear()
             await settle(self.broker, function="committer", msgs=usable, outcome=exc)
