@@ -229,9 +229,9 @@ class Batched:
             PACH_OUTPUT_DIR=f"{root}/out",
         )
         extra[SOCKET_VAR] = str(session.socket)
+        env = sandbox.user_environment(extra)
         # The sh client first on the PATH: `datumflow-next-datum` costs no interpreter start.
-        path = extra.get("PATH") or os.environ.get("PATH") or "/usr/bin:/bin"
-        extra["PATH"] = f"{session.pipes.bin}:{path}"
+        env["PATH"] = f"{session.pipes.bin}:{env.get('PATH') or '/usr/bin:/bin'}"
         stdin = spec.transform.stdin
         text = ("\n".join(stdin) + "\n").encode() if stdin else b""
         broker = commands.broker
@@ -253,7 +253,7 @@ class Batched:
             sandbox.run(
                 spec.transform.cmd,
                 stdin=text,
-                env=sandbox.user_environment(extra),
+                env=env,
                 layout=layout,
                 mode=commands.mode,
                 timeout=None,
