@@ -51,6 +51,9 @@ class Metrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         r = registry
+        self.shared = registry is None
+        """Recorded into files that `datumflow up` serves for all its processes (multiprocess
+        mode), not served by this process alone."""
         # -- datums and jobs: counted by the committer when a job ends (see docs/metrics.md)
         self.datums = Counter(
             "datumflow_datums",

@@ -75,7 +75,9 @@ def stood_down() -> None:
     figures nor the backlogs: the replica that took over does, and a sum over both pods (as the
     dashboard does) would count them twice, a max would keep a stale lag."""
     metrics = current()
-    if metrics is None:
+    if metrics is None or metrics.shared:
+        # Under `datumflow up` these gauges show the value written last by any process (the
+        # active committer's), and prometheus-client cannot clear a series there.
         return
     for gauge in (
         metrics.running_datums,
