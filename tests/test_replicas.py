@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats.errors
+import nats.js.errors
 import pytest
 import pytest_asyncio
 
@@ -84,7 +85,16 @@ async def test_an_r1_topology_is_upgraded_in_place(nats_cluster: NatsCluster) ->
         await ensure_topology(one)
         assert set((await replicas(one)).values()) == {1}
         kv = await one.kv(subjects.REPOS_BUCKET)
-        await kv.put("kept", b"across the upgrade")
+
+        async def put_kept() -> bool:
+            # The bucket's stream has just been made: until its leader is placed, no one answers.
+            try:
+                await kv.put("kept", b"across the upgrade")
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                return False
+            return True
+
+        await eventually(put_kept, timeout=30, what="the new bucket to take a write")
         await one.publish(subjects.dead("test"), Settings(), msg_id="kept")
 
         # More than the cluster has servers: refused at the first stream, naming it and what to

@@ -25,8 +25,8 @@ import nats
 
 from datumflow.broker import subjects
 from datumflow.broker.messages import FileRef
-from datumflow.broker.records import JobInfo
-from datumflow.errors import DatumflowError
+from datumflow.broker.records import CommitInfo, JobInfo
+from datumflow.errors import BrokerError, DatumflowError
 from datumflow.pfs import manifest
 from tests.helpers import Cluster, eventually, jobs_of
 
@@ -206,7 +206,18 @@ async def verify_exact(
         f" expected ({data.size}, {data.size}, 0, 0, 0)"
     )
     async with cluster.api() as api:
-        head = await api.repos.head(pipeline, "master")
+
+        async def read_head() -> tuple[bool, CommitInfo | None]:
+            # Just after a fault the cluster may still be settling (a server rejoining answers
+            # "temporarily unavailable"): read again, as a user would.
+            try:
+                return True, await api.repos.head(pipeline, "master")
+            except BrokerError:
+                return False, None
+
+        _, head = await eventually(
+            read_head, until=lambda read: read[0], timeout=60, what="the output branch, read"
+        )
         assert head is not None and head.id == job.output_commit, (
             f"{scenario}: the output branch is at {head and head.id}, the job made"
             f" {job.output_commit}"
