@@ -121,16 +121,8 @@ class Puller:
         out: list[Msg] = []
         box = self._box
         while len(out) < batch:
-            if not box:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    break
-                continue
+            if not await self._arrival(deadline):
+                break
             msg = box.popleft()
             status = _status(msg)
             if not status:
@@ -141,14 +133,32 @@ class Puller:
             elif status != _CONTROL:
                 self._open_until = 0.0  # 404, 408, 409: the request is over
                 if status == _CONFLICT:
-                    log.info("%s: %s", self.durable, (msg.headers or {}).get("Description", ""))
-                    await asyncio.sleep(0.5)
+                    await self._conflict(msg)
                 if out:
                     break
                 deadline = min(deadline, loop.time())  # ask again on the next fetch
         if self._open_until and loop.time() >= self._open_until + 0.5:
             self._open_until = 0.0
         return out
+
+    async def _arrival(self, deadline: float) -> bool:
+        """Until a message or status is in the box: False if `deadline` (loop time) comes first."""
+        loop = asyncio.get_running_loop()
+        while not self._box:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _conflict(self, msg: Msg) -> None:
+        # The consumer was deleted or is changing leader: do not spin on it.
+        log.info("%s: %s", self.durable, (msg.headers or {}).get("Description", ""))
+        await asyncio.sleep(0.5)
 
     def _leftovers(self) -> list[Msg]:
         out = [m for m in self._box if not _status(m)]
@@ -164,16 +174,8 @@ class Puller:
         deadline = loop.time() + timeout
         out: list[Msg] = []
         while len(out) < request.batch:
-            if not box:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    break
-                continue
+            if not await self._arrival(deadline):
+                break
             msg = box.popleft()
             status = _status(msg)
             if not status:
@@ -182,9 +184,7 @@ class Puller:
                 continue
             else:
                 if status == _CONFLICT:
-                    # The consumer was deleted or is changing leader: do not spin on it.
-                    log.info("%s: %s", self.durable, (msg.headers or {}).get("Description", ""))
-                    await asyncio.sleep(0.5)
+                    await self._conflict(msg)
                 break  # 404 nothing (more) now, 408 expired, 409: this request is over
         return out
 
