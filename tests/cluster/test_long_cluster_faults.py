@@ -5,8 +5,9 @@ exact figures and the output of a fault-free run.
 
 Skipped unless DATUMFLOW_LONG_FAULTS=1. DATUMFLOW_LONG_ROUNDS scales the jobs (default 1.0: 28,
 four of each kind, each round opening with a fault-free job that the others' datums/s are compared
-with); DATUMFLOW_LONG_MINUTES, when set, starts no job and injects no fault after that many minutes
-(the job running then ends within its wait's deadline, and is verified). Each job appends its
+with); DATUMFLOW_LONG_DATUMS (default 400) and DATUMFLOW_LONG_PER_JOB (default 6) size each job
+and the faults it may take; DATUMFLOW_LONG_MINUTES, when set, starts no job and injects no fault
+after that many minutes (the job running then ends within its wait's deadline, and is verified). Each job appends its
 figures to $DATUMFLOW_FAULT_REPORT (summed up by tests.faults.summarize), and each fault its
 timings to $DATUMFLOW_FAULT_REPORT.faults:
 
@@ -45,10 +46,11 @@ pytestmark = [
     ),
 ]
 
-DATUMS = 400
+DATUMS = int(os.environ.get("DATUMFLOW_LONG_DATUMS", "400"))
+"""Datums a job: more datums, a longer job, more faults to each job's start and verification."""
 SLEEP = 0.2
 """Seconds of user code per datum: a job runs for a minute or more, through several faults."""
-PER_JOB = 6
+PER_JOB = int(os.environ.get("DATUMFLOW_LONG_PER_JOB", "6"))
 """Faults of one kind injected into one job at most (fewer if it ends first)."""
 SAMPLE_TIMEOUT = 30.0
 """Seconds one reading of a job's progress may take (it opens a client through any fault)."""
