@@ -210,15 +210,17 @@ class NatsCluster:
         for node in self.nodes:
             node.stop()
 
-    async def leader(self, stream: str, *, timeout: float = 30.0) -> str:
-        """The name of the node leading `stream` (from $JS.API.STREAM.INFO's cluster info)."""
+    async def leader(self, stream: str, *, timeout: float = 30.0, other_than: str = "") -> str:
+        """The name of the node leading `stream` (from $JS.API.STREAM.INFO's cluster info); with
+        `other_than`, a leader other than that node (a server may still name a leader that was
+        just killed, until it notices: that is no answer to "who leads now")."""
 
         async def leader() -> str:
             # Asked of the running nodes only, briefly: this also times elections.
             running = ",".join(node.url for node in self.nodes if node.running)
             with contextlib.suppress(Exception):  # while the cluster settles, anything may fail
                 info = await stream_info(running, stream, timeout=1.0)
-                if info.cluster is not None:
+                if info.cluster is not None and info.cluster.leader != other_than:
                     return info.cluster.leader
             return ""
 
@@ -226,8 +228,11 @@ class NatsCluster:
             leader, timeout=timeout, interval=0.1, what=f"stream {stream} to have a leader"
         )
 
-    async def consumer_leader(self, stream: str, consumer: str, *, timeout: float = 30.0) -> str:
-        """The name of the node leading the durable `consumer` of `stream`."""
+    async def consumer_leader(
+        self, stream: str, consumer: str, *, timeout: float = 30.0, other_than: str = ""
+    ) -> str:
+        """The name of the node leading the durable `consumer` of `stream` (other than
+        `other_than`, as for `leader`)."""
 
         async def leader() -> str:
             running = [node.url for node in self.nodes if node.running]
@@ -240,7 +245,7 @@ class NatsCluster:
                 finally:
                     await nc.close()
                 info = msgspec.json.decode(answer.data, type=_ConsumerInfo)
-                if info.cluster is not None:
+                if info.cluster is not None and info.cluster.leader != other_than:
                     return info.cluster.leader
             return ""
 
