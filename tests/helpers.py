@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from datumflow.broker import subjects
 from datumflow.broker.messages import DatumResult, DatumResults, DeadLetter, FileRef
 from datumflow.broker.records import JobInfo
+from datumflow.broker.streams import read_subjects
 from datumflow.cli.context import Api, open_api
 from datumflow.pfs import manifest
 from datumflow.runtime.embedded import EmbeddedServer, read_instance
@@ -353,25 +354,26 @@ async def wait_job_done(
 
 async def results_of(cluster: Cluster, pipeline: str, job: str = "") -> list[DatumResult]:
     """Every datum result of the pipeline (of one job, if named) in the results stream, in stream
-    order; results sent together in one message come one by one. Read as `list datum` reads them,
-    by an ordered consumer that acknowledges nothing."""
-    assert cluster.settings is not None
-    nc = await nats.connect(cluster.settings.nats_url)
+    order; results sent together in one message come one by one.
+
+    Read as `list datum` reads them (broker.streams.read_subjects: a pull consumer that
+    acknowledges nothing, asked how many wait before the first fetch). A push consumer would not
+    do: the server may deliver every message before its count is asked for, which then says 0."""
     out: list[DatumResult] = []
-    sub = None
-    try:
-        sub = await nc.jetstream().subscribe(f"df.result.{pipeline}.>", ordered_consumer=True)
-        # Up to the last message there now: the consumer says how many are left after each.
-        pending = (await sub.consumer_info()).num_pending
-        while pending:
-            msg = await sub.next_msg(timeout=30)
-            if msg.subject.endswith(".set"):
-                out += msgspec.json.decode(msg.data, type=DatumResults).results
-            else:
-                out.append(msgspec.json.decode(msg.data, type=DatumResult))
-            pending = msg.metadata.num_pending
-    finally:
-        await _close(nc, sub)
+    async with cluster.api() as api:
+        batches = read_subjects(
+            api.broker,
+            stream=subjects.RESULTS_STREAM,
+            filters=[f"df.result.{pipeline}.>"],
+            what=f"reading the results of {pipeline}",
+        )
+        async with contextlib.aclosing(batches):
+            async for msgs in batches:
+                for msg in msgs:
+                    if subjects.is_results(msg.subject):
+                        out += msgspec.json.decode(msg.data, type=DatumResults).results
+                    else:
+                        out.append(msgspec.json.decode(msg.data, type=DatumResult))
     return [r for r in out if not job or r.job == job]
 
 
