@@ -50,6 +50,32 @@ class BrokerError(TemporaryError):
     """NATS failed (timeout, disconnect, no responders). Wrapped at the broker boundary."""
 
 
+class BrokerFull(BrokerError):
+    """The broker is out of room: its storage or memory, or one of its limits (streams, consumers,
+    an account's or a stream's bytes), is used up. Nothing is wrong with the message, which waits
+    in its stream until an operator frees space or raises the limit."""
+
+
+class BrokerRefused(PermanentError):
+    """The broker answered and refused, as it will every time the same request is made: a bad
+    request, a message over a size limit, a permission the broker's user lacks. The message says
+    what datumflow was doing, the server's words (`description`, `err_code`) and what to do."""
+
+    def __init__(
+        self, message: str, *, code: int = 0, err_code: int = 0, description: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        """The status of the refusal (400, 404, ...); 0 for one the client made itself."""
+        self.err_code = err_code
+        """JetStream's own code for it (10054: message too large, ...); 0 if none came."""
+        self.description = description
+
+
+class BrokerNotFound(BrokerRefused):
+    """The broker has no such stream, consumer, bucket, key or message."""
+
+
 class TopologyRefused(PermanentError):
     """The broker cannot keep the streams and buckets as asked (their replicas): the message says
     what to change."""

@@ -18,7 +18,7 @@ from datumflow.broker.connection import Broker, connect
 from datumflow.broker.kv import Records
 from datumflow.broker.outbox import Outbox
 from datumflow.broker.topology import ensure_topology
-from datumflow.errors import BrokerError
+from datumflow.errors import BrokerError, BrokerNotFound
 from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.settings import Settings
 from tests.helpers import eventually
@@ -86,7 +86,9 @@ async def test_a_publish_gives_up_saying_why(tmp_path: Path) -> None:
         # No stream captures the subject: the server answers "no responders", as it does for a
         # stream without a leader, but no wait can mend this one.
         started = time.monotonic()
-        with pytest.raises(BrokerError, match=r"nowhere\.at\.all: no stream captures this subject"):
+        with pytest.raises(
+            BrokerNotFound, match=r"nowhere\.at\.all: no stream captures this subject"
+        ):
             await broker.publish("nowhere.at.all", b"{}", msg_id="x")
         assert time.monotonic() - started < 5
         # No broker for longer than the publish's patience.

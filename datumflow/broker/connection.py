@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,28 +26,15 @@ from nats.aio.subscription import Subscription as Subscription  # core NATS, for
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from datumflow.broker.nats_errors import PERMISSIONS, permission_refused, translate
+from datumflow.broker.nats_errors import TRANSIENT as TRANSIENT
+from datumflow.broker.nats_errors import broker_errors as broker_errors
 from datumflow.broker.subjects import JS_API
-from datumflow.errors import BrokerError
+from datumflow.errors import BrokerError, BrokerFull, BrokerNotFound, BrokerRefused
 from datumflow.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Errors that mean "the broker did not answer", as opposed to a JetStream API refusal.
-TRANSIENT = (
-    asyncio.TimeoutError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.ServiceUnavailableError,
-    # A JetStream publish that found no stream listening: the stream has no leader (an election
-    # after a server was lost takes seconds) or its server is restarting.
-    nats.js.errors.NoStreamResponseError,
-    ConnectionError,
-)
 
 PUBLISH_PATIENCE = 60.0
 """Seconds a publish is retried before it fails: long enough for a stream's leader election
@@ -58,15 +45,6 @@ PING_INTERVAL = 5.0
 PUBLISH_ATTEMPT = 5.0
 """Seconds one attempt waits for the stream's answer: a request sent to a leader that has just
 died is never answered, and the next attempt finds the new one."""
-
-
-@contextlib.asynccontextmanager
-async def broker_errors(what: str) -> AsyncIterator[None]:
-    """Turn the broker's own exceptions into `BrokerError` naming what we were doing."""
-    try:
-        yield
-    except TRANSIENT as exc:
-        raise BrokerError(f"{what}: the broker did not answer ({type(exc).__name__})") from exc
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -128,15 +106,42 @@ class _StreamNames(msgspec.Struct):
     error: dict[str, object] | None = None
 
 
+class Violations:
+    """The permissions violations the server reported on a connection, lately: it sends them
+    on the side, for a publish or a subscription it drops, and nothing raises them."""
+
+    KEPT = 32
+
+    def __init__(self) -> None:
+        self._seen: list[tuple[float, str]] = []
+
+    def note(self, text: str) -> None:
+        self._seen.append((asyncio.get_running_loop().time(), text))
+        del self._seen[: -self.KEPT]
+
+    def since(self, when: float, subject: str) -> str:
+        """The last violation reported for `subject` since `when` (loop time); "" if none."""
+        quoted = f'"{subject}"'
+        for at, text in reversed(self._seen):
+            if at < when:
+                break
+            if quoted in text:
+                return text
+        return ""
+
+
 class Broker:
     """A NATS connection with its JetStream context and the KV buckets opened so far."""
 
-    def __init__(self, nc: Client, *, name: str, replicas: int = 1) -> None:
+    def __init__(
+        self, nc: Client, *, name: str, replicas: int = 1, violations: Violations | None = None
+    ) -> None:
         self.nc = nc
         self.replicas = replicas
         """Replicas of each stream and bucket this connection declares (DATUMFLOW_REPLICAS)."""
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.name = name
+        self.violations = violations if violations is not None else Violations()
         self._buckets: dict[str, KeyValue] = {}
 
     async def kv(self, bucket: str) -> KeyValue:
@@ -162,9 +167,17 @@ class Broker:
         runs out: the stream stores it once however many tries reach it. nats-py itself does not
         retry, and the server answers "no responders" at once while a stream has no leader."""
         payload = message if isinstance(message, bytes) else msgspec.json.encode(message)
+        what = f"publishing to {subject}"
+        if len(payload) > self.nc.max_payload:
+            raise BrokerRefused(
+                f"{what}: the message is {len(payload)} bytes, over the broker's max_payload of"
+                f" {self.nc.max_payload} bytes: make it smaller, or raise the server's max_payload",
+                code=413,
+            )
         headers = {"Nats-Msg-Id": msg_id}
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + patience
+        started = loop.time()
+        deadline = started + patience
         delay = 0.05
         tries = 0
         while True:
@@ -178,6 +191,14 @@ class Broker:
                     log.info("publishing to %s: stored after %d tries", subject, tries)
                 return ack.seq
             except TRANSIENT as exc:
+                full = translate(exc, what=what)
+                if isinstance(full, BrokerFull):
+                    raise full from exc  # waited out by a nak with its delay, not here
+                # A subject the user may not publish to is dropped by the server, which says so
+                # on the side (the error callback): the request itself just goes unanswered.
+                refused = self.violations.since(started, subject)
+                if refused:
+                    raise permission_refused(what, refused) from exc
                 left = deadline - loop.time()
                 if left <= 0 or self.nc.is_closed:
                     raise BrokerError(
@@ -188,13 +209,18 @@ class Broker:
                 if isinstance(exc, nats.js.errors.NoStreamResponseError) and not (
                     await self._captured(subject)
                 ):
-                    raise BrokerError(
-                        f"publishing to {subject}: no stream captures this subject"
+                    # No wait can mend this one: a refusal, not an outage.
+                    raise BrokerNotFound(
+                        f"{what}: no stream captures this subject (`datumflow up` declares"
+                        " datumflow's streams when it starts)",
+                        code=404,
                     ) from exc
                 if tries == 1:
                     log.warning("publishing to %s: %s; retrying", subject, type(exc).__name__)
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, 1.0)
+            except nats.errors.Error as exc:  # the stream refused it: too large, a bad header
+                raise (translate(exc, what=what) or BrokerError(f"{what}: {exc}")) from exc
 
     async def _captured(self, subject: str) -> bool:
         """Whether some stream captures `subject`: "no responders" means the stream has no
@@ -266,9 +292,13 @@ async def connect(*, settings: Settings, name: str, reconnect: bool = True) -> B
     }
     errors: list[Exception] = []
 
+    violations = Violations()
+
     async def _on_error(exc: Exception) -> None:
         errors.append(exc)
         del errors[:-1]
+        if PERMISSIONS in str(exc).lower():
+            violations.note(str(exc))
         log.warning("broker connection: %s", _why(exc))
 
     options["error_cb"] = _on_error
@@ -294,7 +324,7 @@ async def connect(*, settings: Settings, name: str, reconnect: bool = True) -> B
         raise BrokerError(f"connecting to the broker at {shown} failed: {_why(exc)}") from exc
     if reconnect:
         nc.options["max_reconnect_attempts"] = -1
-    return Broker(nc, name=name, replicas=settings.replicas)
+    return Broker(nc, name=name, replicas=settings.replicas, violations=violations)
 
 
 def _why(exc: Exception) -> str:
