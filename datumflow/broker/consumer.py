@@ -20,8 +20,9 @@ from nats.js import JetStreamContext
 
 from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
 from datumflow.broker.messages import MAX_MESSAGE, VERSION
+from datumflow.broker.nats_errors import wrapped
 from datumflow.broker.settle import Msg, settle
-from datumflow.errors import BrokerError, PermanentError, TemporaryError
+from datumflow.errors import BrokerError, BrokerNotFound, PermanentError, TemporaryError
 
 __all__ = ["MAX_MESSAGE", "Handler", "Subscription", "Unusable", "consume", "decode"]
 
@@ -105,11 +106,14 @@ class Subscription:
                 self._idle = 0
                 await self._rebind()
             return []
-        except (*TRANSIENT, BrokerError, nats.js.errors.NotFoundError) as exc:
+        except (*TRANSIENT, BrokerError, BrokerNotFound, nats.js.errors.NotFoundError) as exc:
+            # A consumer not found is one being made again (a pipeline updated): bind anew.
             log.warning("fetching from %s: %s; rebinding", self.durable, exc)
             await self._rebind()
             await asyncio.sleep(0.5)
             return []
+        except nats.errors.Error as exc:
+            raise wrapped(exc, what=f"fetching from consumer {self.durable}") from exc
         self._idle = 0
         return msgs
 

@@ -26,7 +26,8 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import PUBLISH_PATIENCE, TRANSIENT, Broker, broker_errors
-from datumflow.errors import BrokerError, Conflict, NotFound
+from datumflow.broker.nats_errors import refusal
+from datumflow.errors import BrokerError, BrokerRefused, Conflict, NotFound
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=msgspec.Struct)
@@ -42,6 +43,7 @@ class _Subjects(msgspec.Struct):
 
 class _ApiError(msgspec.Struct):
     code: int = 0
+    err_code: int = 0
     description: str = ""
 
 
@@ -178,8 +180,11 @@ class Records(Generic[R]):
                 )
                 page = msgspec.json.decode(answer.data, type=_StreamSubjects)
                 if page.error is not None:
-                    raise BrokerError(
-                        f"listing {self.bucket}: the broker refused ({page.error.description})"
+                    raise refusal(
+                        f"listing {self.bucket}",
+                        code=page.error.code,
+                        err_code=page.error.err_code,
+                        description=page.error.description,
                     )
                 found = list((page.state.subjects if page.state else None) or {})
                 names += [subject.removeprefix(head) for subject in found]
@@ -302,5 +307,7 @@ async def watch(broker: Broker, bucket: str, keys: str = ">") -> Watch:
         kv = await broker.kv(bucket)
         async with broker_errors(f"watching {bucket}"):
             return Watch(await kv.watch(keys, inactive_threshold=WATCH_LINGER))
-    except nats.errors.Error as exc:
-        raise BrokerError(f"watching {bucket}: {type(exc).__name__}: {exc}") from exc
+    except BrokerRefused as exc:
+        # A watcher watches again after a pause (the controller's pipelines): a bucket that is
+        # not there yet is declared by the next `datumflow up`, and the watch then starts.
+        raise BrokerError(str(exc)) from exc

@@ -15,11 +15,11 @@ async def consumer_lag(broker: Broker, *, stream: str, consumer: str) -> int:
     delivered and those delivered but unacknowledged. 0 for a consumer that does not exist (made
     a moment from now, or deleted): it has nothing for a worker. A broker that does not answer
     raises BrokerError."""
-    try:
-        async with broker_errors(f"reading consumer {consumer} of stream {stream}"):
+    async with broker_errors(f"reading consumer {consumer} of stream {stream}"):
+        try:
             info = await broker.js.consumer_info(stream, consumer, timeout=2)
-    except nats.js.errors.NotFoundError:
-        return 0
+        except nats.js.errors.NotFoundError:
+            return 0
     return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
 
@@ -35,11 +35,11 @@ class Backlog(NamedTuple):
 async def consumer_backlog(broker: Broker, *, stream: str, consumer: str) -> Backlog:
     """The durable `consumer`'s backlog; all 0 for one that does not exist. A broker that does
     not answer raises BrokerError."""
-    try:
-        async with broker_errors(f"reading consumer {consumer} of stream {stream}"):
+    async with broker_errors(f"reading consumer {consumer} of stream {stream}"):
+        try:
             info = await broker.js.consumer_info(stream, consumer, timeout=2)
-    except nats.js.errors.NotFoundError:
-        return Backlog(0, 0, 0)
+        except nats.js.errors.NotFoundError:
+            return Backlog(0, 0, 0)
     return Backlog(
         int(info.num_pending or 0),
         int(info.num_ack_pending or 0),

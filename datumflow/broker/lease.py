@@ -27,11 +27,11 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import TRANSIENT, Broker
+from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
 from datumflow.broker.kv import Records
 from datumflow.broker.records import LeaseInfo
 from datumflow.broker.topology import LEASE_TTL
-from datumflow.errors import BrokerError, Superseded
+from datumflow.errors import BrokerError, Conflict, DatumflowError, Superseded
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,16 @@ class Lease:
         kv = await self.broker.kv(subjects.LEASES_BUCKET)
         payload = msgspec.json.encode(info)
         self._info = info
-        try:
-            revision = await asyncio.wait_for(kv.create(self.name, payload), ATTEMPT)
-        except KeyWrongLastSequenceError:
-            return False
-        except TRANSIENT:
-            # The write may have been applied with its answer lost: then the key is ours.
-            if not await self._still_ours():
+        async with broker_errors(f"taking the {self.name} lease"):
+            try:
+                revision = await asyncio.wait_for(kv.create(self.name, payload), ATTEMPT)
+            except KeyWrongLastSequenceError:
                 return False
-            revision = self._revision
+            except TRANSIENT:
+                # The write may have been applied with its answer lost: then the key is ours.
+                if not await self._still_ours():
+                    return False
+                revision = self._revision
         self.fence = self._revision = revision
         self._valid_until = sent + self.ttl - MARGIN
         return True
@@ -116,10 +117,11 @@ class Lease:
         payload = msgspec.json.encode(self._info)
         for _ in range(2):
             try:
-                self._revision = await asyncio.wait_for(
-                    kv.update(self.name, payload, last=self._revision), ATTEMPT
-                )
-            except KeyWrongLastSequenceError:
+                async with broker_errors(f"renewing the {self.name} lease"):
+                    self._revision = await asyncio.wait_for(
+                        kv.update(self.name, payload, last=self._revision), ATTEMPT
+                    )
+            except Conflict:
                 # Either someone else holds it, or a renewal of ours whose answer was lost is
                 # there. That one was dated by the server when it got it, before `sent`: the
                 # lease lasts from it, not from now, so it is written again on its revision.
@@ -128,8 +130,8 @@ class Lease:
                     return False
                 sent = time.monotonic()
                 continue
-            except TRANSIENT as exc:
-                log.warning("lease %s: renewing: %s", self.name, type(exc).__name__)
+            except BrokerError as exc:
+                log.warning("%s", exc)
                 return self.held()  # tried again in RENEW_EVERY, while the lease lasts
             self._valid_until = sent + self.ttl - MARGIN
             return True
@@ -137,10 +139,11 @@ class Lease:
 
     async def _still_ours(self) -> bool:
         kv = await self.broker.kv(subjects.LEASES_BUCKET)
-        try:
-            entry = await asyncio.wait_for(kv.get(self.name), ATTEMPT)
-        except (KeyNotFoundError, *TRANSIENT):
-            return False
+        async with broker_errors(f"reading the {self.name} lease"):
+            try:
+                entry = await asyncio.wait_for(kv.get(self.name), ATTEMPT)
+            except (KeyNotFoundError, *TRANSIENT):
+                return False
         if not entry.value:
             return False
         try:
@@ -159,8 +162,9 @@ class Lease:
         revision, self.fence = self._revision, 0
         try:
             kv = await self.broker.kv(subjects.LEASES_BUCKET)
-            await asyncio.wait_for(kv.delete(self.name, last=revision), ATTEMPT)
-        except (KeyWrongLastSequenceError, BrokerError, *TRANSIENT):
+            async with broker_errors(f"giving the {self.name} lease up"):
+                await asyncio.wait_for(kv.delete(self.name, last=revision), ATTEMPT)
+        except DatumflowError:
             pass  # someone else's already, or it expires on its own
 
 

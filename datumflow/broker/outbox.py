@@ -23,12 +23,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 import msgspec
-import nats.js.errors
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from datumflow.broker.connection import TRANSIENT, Broker
-from datumflow.errors import BrokerError
+from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
+from datumflow.errors import BrokerError, DatumflowError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ class Outbox:
         nc = self.broker.nc
         if self._sub is None:
             self._prefix = nc.new_inbox()
-            self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._answered)
+            async with broker_errors("subscribing to the answers of published messages"):
+                self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._answered)
         while len(self._order) >= self.window:
             self._room.clear()
             await self._room.wait()
@@ -110,9 +111,11 @@ class Outbox:
             await nc.publish(
                 subject, payload, reply=f"{self._prefix}.{token}", headers=item.headers
             )
-        except TRANSIENT:
+        except (*TRANSIENT, nats.errors.Error):
+            # Published again, waiting, when its turn comes; a message the client refuses (over
+            # max_payload) is refused then by `Broker.publish`, saying why.
             self._waiting.pop(token, None)
-            item.state = _FAILED  # published again, waiting, when its turn comes
+            item.state = _FAILED
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._settler())
         self._progress.set()
@@ -168,7 +171,7 @@ class Outbox:
             await self.broker.publish(
                 item.subject, item.payload, msg_id=item.headers["Nats-Msg-Id"]
             )
-        except (BrokerError, nats.js.errors.Error) as exc:
+        except DatumflowError as exc:  # the broker's failures and refusals, wrapped
             log.warning("a message for %s was not stored: %s", item.subject, exc)
             return False
         return True

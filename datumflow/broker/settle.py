@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker
 from datumflow.broker.messages import MAX_MESSAGE, DeadLetter
-from datumflow.errors import BrokerError, PermanentError, TemporaryError
+from datumflow.errors import DatumflowError, PermanentError, TemporaryError
 from datumflow.metrics import current as current_metrics
 
 __all__ = [
@@ -49,8 +49,9 @@ UNEXPECTED_DELAY = 2.0
 published, comes back."""
 
 # What settling a message can raise: the broker's own failures (a closed or reconnecting
-# connection, a full buffer), and nats-py refusing a message that was settled already.
-_SETTLING = (*TRANSIENT, nats.errors.Error, BrokerError)
+# connection, a full buffer), nats-py refusing a message that was settled already, and the
+# broker's failures and refusals of a dead letter, wrapped by `Broker.publish`.
+_SETTLING = (*TRANSIENT, nats.errors.Error, DatumflowError)
 
 
 def delivered(msg: Msg) -> int:
@@ -107,7 +108,7 @@ async def keep_alive(msgs: Msg | Sequence[Msg]) -> None:
 
 async def dead_letter(broker: Broker, *, function: str, msg: Msg, reason: str) -> None:
     """Keep an unusable message with its reason, where an operator will look for it. Raises
-    BrokerError if the letter could not be stored."""
+    BrokerError if the letter could not be stored for now, BrokerRefused if it cannot be."""
     log.error("%s: dropping a message from %s: %s", function, msg.subject, reason)
     letter = DeadLetter(
         function=function,

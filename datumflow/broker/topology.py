@@ -189,13 +189,15 @@ async def stream_info(broker: Broker, stream: str, *, leader: bool = False) -> S
     deadline = loop.time() + LEADER_PATIENCE
     while True:
         try:
-            info = await asyncio.wait_for(broker.js.stream_info(stream), 2.0)
+            async with broker_errors(f"reading stream {stream}"):
+                try:
+                    info = await asyncio.wait_for(broker.js.stream_info(stream), 2.0)
+                except NotFoundError:
+                    return None
             if not leader or info.cluster is None or info.cluster.leader:
                 return info
-        except NotFoundError:
-            return None
-        except TRANSIENT:
-            pass
+        except BrokerError:
+            pass  # no answer, or "cannot handle request" (10009) while it has no leader
         if loop.time() > deadline:
             raise BrokerError(
                 f"stream {stream} has had no leader for {LEADER_PATIENCE:.0f}s: check that a"
@@ -362,15 +364,15 @@ async def ensure_pipeline_consumers(
 async def ensure_rerun_subject(broker: Broker, spec: PipelineSpec) -> None:
     """The pipeline's planner consumer reads its rerun requests: one made by an older datumflow
     is brought up to date in place (the server keeps its position)."""
-    try:
-        async with broker_errors(f"declaring the planner consumer of pipeline {spec.name}"):
+    async with broker_errors(f"declaring the planner consumer of pipeline {spec.name}"):
+        try:
             await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
-    except BadRequestError as exc:
-        raise TopologyRefused(
-            f"the planner consumer of pipeline {spec.name} cannot take rerun requests"
-            f" ({exc.description}): update the pipeline once (`datumflow update pipeline -f"
-            " SPEC`), then rerun"
-        ) from exc
+        except BadRequestError as exc:
+            raise TopologyRefused(
+                f"the planner consumer of pipeline {spec.name} cannot take rerun requests"
+                f" ({exc.description}): update the pipeline once (`datumflow update pipeline -f"
+                " SPEC`), then rerun"
+            ) from exc
 
 
 async def delete_pipeline_consumers(broker: Broker, name: str) -> None:
