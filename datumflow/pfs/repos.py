@@ -203,7 +203,9 @@ class Repos:
             return  # "" names the empty branch
         what = f"commit {repo}@{commit_id}" if commit_id else f"a commit on {repo}@{branch}"
         now = f"{repo}@{branch} is at {head.id}" if head else f"{repo}@{branch} has no commit"
-        if await self.commits.find(f"{repo}.{expected}") is None:
+        # "" (the empty branch) is a state the producer saw, never a commit to look up: the key
+        # would not even be a valid one ("repo.").
+        if expected and await self.commits.find(f"{repo}.{expected}") is None:
             raise PermanentError(
                 f"{what} names parent {expected}, which is no commit of {repo}; {now}. Build"
                 " on the branch's head, and name it as the parent"
