@@ -19,6 +19,7 @@ import nats.errors
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
+    NoKeysError,
     NoStreamResponseError,
     ServiceUnavailableError,
 )
@@ -131,6 +132,25 @@ class Records(Generic[R]):
                 await _resend(self.broker, kv, key, None, lambda: kv.delete(key))
             except KeyNotFoundError:
                 pass
+
+    async def history(self, key: str) -> list[R]:
+        """The values `key` has had that the bucket still keeps, oldest first (deletes and
+        values that no longer decode left out); [] for a key it has none of."""
+        kv = await self.broker.kv(self.bucket)
+        async with broker_errors(f"reading the history of {self.bucket}/{key}"):
+            try:
+                entries = await kv.history(key)
+            except (KeyNotFoundError, NoKeysError):
+                return []
+        out: list[R] = []
+        for entry in entries:
+            if not entry.value:
+                continue
+            try:
+                out.append(msgspec.json.decode(entry.value, type=self.type))
+            except msgspec.MsgspecError:
+                continue  # written by an older datumflow
+        return out
 
     async def keys(self, prefix: str = "") -> list[str]:
         """Keys under `prefix` ("pipeline." for one pipeline's jobs), deleted ones left out."""

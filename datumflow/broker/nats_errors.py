@@ -157,7 +157,14 @@ def translate(exc: BaseException, *, what: str) -> DatumflowError | None:
     for an exception that is not nats-py's (it is let through as it is)."""
     if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
         return Conflict(f"{what}: someone else wrote first ({exc.description})")
-    if isinstance(exc, (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)):
+    if isinstance(
+        exc,
+        (
+            nats.js.errors.KeyNotFoundError,
+            nats.js.errors.KeyDeletedError,
+            nats.js.errors.NoKeysError,
+        ),
+    ):
         return BrokerNotFound(f"{what}: no such key", code=404)
     if isinstance(exc, nats.js.errors.APIError) and not isinstance(
         exc, nats.js.errors.ServiceUnavailableError
@@ -166,7 +173,8 @@ def translate(exc: BaseException, *, what: str) -> DatumflowError | None:
             what,
             code=getattr(exc, "code", None) or _status_of(exc),
             err_code=getattr(exc, "err_code", None) or 0,
-            description=getattr(exc, "description", None) or "",
+            # nats-py raises some without the server's words (NoKeysError, ...): its own then.
+            description=getattr(exc, "description", None) or str(exc),
         )
     if isinstance(exc, nats.js.errors.ServiceUnavailableError):
         err_code = getattr(exc, "err_code", None) or 0

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import msgspec
 
-from datumflow.broker import subjects
 from datumflow.broker.messages import DatumInput, DatumResult
-from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobInfo, PipelineInfo
+from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobInfo
 from datumflow.cli.context import Api
 from datumflow.errors import DatumflowError, NotFound
 from datumflow.pfs import results
@@ -186,20 +185,13 @@ async def _spec_of(api: Api, job: JobInfo) -> PipelineSpec | None:
     if info is not None and info.version == job.version:
         return info.spec
     try:
-        kv = await api.broker.kv(subjects.PIPELINES_BUCKET)
-        history = await kv.history(job.pipeline)
-    except Exception:
-        return None  # older than the bucket's history: the files come from the results
-    for entry in history:
-        if not entry.value:
-            continue
-        try:
-            old = msgspec.json.decode(entry.value, type=PipelineInfo)
-        except msgspec.MsgspecError:
-            continue
+        history = await api.pipelines.records.history(job.pipeline)
+    except DatumflowError:
+        return None  # the files come from the results
+    for old in history:
         if old.version == job.version:
             return old.spec
-    return None
+    return None  # older than the bucket's history
 
 
 async def _input_commit(api: Api, job: JobInfo, repo: str, branch: str) -> CommitInfo | None:
