@@ -15,14 +15,19 @@ from typing import TypeVar
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.js import JetStreamContext
 
 from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
 from datumflow.broker.messages import MAX_MESSAGE, VERSION
 from datumflow.broker.nats_errors import wrapped
 from datumflow.broker.settle import Msg, settle
-from datumflow.errors import BrokerError, BrokerNotFound, PermanentError, TemporaryError
+from datumflow.errors import (
+    BrokerNotFound,
+    BrokerRefused,
+    DatumflowError,
+    PermanentError,
+    TemporaryError,
+)
 
 __all__ = ["MAX_MESSAGE", "Handler", "Subscription", "Unusable", "consume", "decode"]
 
@@ -106,14 +111,22 @@ class Subscription:
                 self._idle = 0
                 await self._rebind()
             return []
-        except (*TRANSIENT, BrokerError, BrokerNotFound, nats.js.errors.NotFoundError) as exc:
-            # A consumer not found is one being made again (a pipeline updated): bind anew.
-            log.warning("fetching from %s: %s; rebinding", self.durable, exc)
+        except (*TRANSIENT, DatumflowError, nats.errors.Error) as exc:
+            error = (
+                exc
+                if isinstance(exc, DatumflowError)
+                else wrapped(exc, what=f"fetching from consumer {self.durable}")
+            )
+            # A consumer not found is one being made again (a pipeline updated): bind anew, as
+            # after anything that may pass. A refusal would come back the same every time.
+            if isinstance(error, BrokerRefused) and not isinstance(error, BrokerNotFound):
+                if error is exc:
+                    raise
+                raise error from exc
+            log.warning("fetching from %s: %s; rebinding", self.durable, error)
             await self._rebind()
             await asyncio.sleep(0.5)
             return []
-        except nats.errors.Error as exc:
-            raise wrapped(exc, what=f"fetching from consumer {self.durable}") from exc
         self._idle = 0
         return msgs
 
