@@ -73,7 +73,10 @@ class BrokerRefused(PermanentError):
 
 
 class BrokerNotFound(BrokerRefused):
-    """The broker has no such stream, consumer, bucket, key or message."""
+    """The broker has no such stream, consumer, bucket, key or message.
+
+    Not a `NotFound`: callers read that as "no such record" and go on (a pipeline deleted while
+    its event was in flight), which a missing stream or bucket is not."""
 
 
 class TopologyRefused(PermanentError):
