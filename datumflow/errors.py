@@ -56,9 +56,16 @@ class BrokerFull(BrokerError):
     in its stream until an operator frees space or raises the limit."""
 
 
+class BrokerForbidden(BrokerError):
+    """The user datumflow connects as may not use a subject. Temporary, with a long delay, like
+    `BrokerFull`: it is about the deployment, not the message, which waits in its stream until an
+    operator grants the permission (a dead letter for every message meanwhile would need them all
+    replayed)."""
+
+
 class BrokerRefused(PermanentError):
     """The broker answered and refused, as it will every time the same request is made: a bad
-    request, a message over a size limit, a permission the broker's user lacks. The message says
+    request, a message over a size limit, an invalid name. The message says
     what datumflow was doing, the server's words (`description`, `err_code`) and what to do."""
 
     def __init__(
@@ -72,11 +79,33 @@ class BrokerRefused(PermanentError):
         self.description = description
 
 
-class BrokerNotFound(BrokerRefused):
+class BrokerNotFound(BrokerError):
     """The broker has no such stream, consumer, bucket, key or message.
+
+    Temporary, with a long delay, like `BrokerFull`: it is about the deployment, not about the
+    message being handled. In a cluster a server answers "stream not found" or "consumer not
+    found" for a moment while it is still setting the stream up (a server restarting while the
+    stream elects a leader), and a stream really missing is mended by `datumflow up`, which
+    declares them all; every message would meet it meanwhile, and a dead letter for each would
+    need an operator to replay them.
 
     Not a `NotFound`: callers read that as "no such record" and go on (a pipeline deleted while
     its event was in flight), which a missing stream or bucket is not."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        delay: float = 10.0,
+        code: int = 404,
+        err_code: int = 0,
+        description: str = "",
+    ) -> None:
+        super().__init__(message, delay=delay)
+        self.code = code
+        self.err_code = err_code
+        """JetStream's own code for it (10059: stream not found, 10014: consumer not found)."""
+        self.description = description
 
 
 class TopologyRefused(PermanentError):

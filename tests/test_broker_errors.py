@@ -30,12 +30,13 @@ from datumflow.broker.consumer import consume
 from datumflow.broker.kv import Records
 from datumflow.broker.lag import consumer_lag
 from datumflow.broker.messages import DeadLetter
-from datumflow.broker.nats_errors import FULL_DELAY, refusal
+from datumflow.broker.nats_errors import FULL_DELAY, MISSING_DELAY, refusal
 from datumflow.broker.records import JobHead
 from datumflow.broker.settle import UNEXPECTED_DELAY, Msg
 from datumflow.broker.streams import pending, read_subjects
 from datumflow.errors import (
     BrokerError,
+    BrokerForbidden,
     BrokerFull,
     BrokerNotFound,
     BrokerRefused,
@@ -180,12 +181,14 @@ async def test_a_subject_the_user_may_not_publish_to_is_a_permission_refusal(
             # The server drops the publish and says why on the side; without that word the
             # publish would wait out its patience and blame an unanswering broker.
             started = time.monotonic()
-            with pytest.raises(BrokerRefused) as refused:
+            with pytest.raises(BrokerForbidden) as refused:
                 await limited.publish("forbidden.x", b"{}", msg_id="x", patience=30)
             assert time.monotonic() - started < 15
             message = str(refused.value)
             assert "publishing to forbidden.x" in message
             assert "permissions violation" in message.lower() and "grant it" in message
+            # Not dead-lettered: the message being handled waits for the permission to be granted.
+            assert isinstance(refused.value, TemporaryError) and refused.value.delay == FULL_DELAY
         finally:
             await limited.close()
             await admin.close()
@@ -204,7 +207,20 @@ async def test_the_error_table_by_err_code() -> None:
     taken = refusal(what, code=400, err_code=10058, description="name already in use")
     assert isinstance(taken, BrokerRefused) and isinstance(taken, PermanentError)
     assert "doing it: the broker refused" in str(taken)
-    assert isinstance(refusal(what, code=404, err_code=10059, description="x"), BrokerNotFound)
+    # A clustered stream's "wrong last sequence" while another write of the key is in flight.
+    assert isinstance(refusal(what, code=400, err_code=10164, description="x"), Conflict)
+    # Status 400, but the cluster is re-forming: a server down, or one joining.
+    for passing in (10005, 10202):
+        assert type(refusal(what, code=400, err_code=passing, description="x")) is BrokerError
+    # A stream not found may be one a server is still setting up: waited for, not dead-lettered.
+    missing = refusal(what, code=404, err_code=10059, description="stream not found")
+    assert isinstance(missing, BrokerNotFound) and isinstance(missing, TemporaryError)
+    assert missing.delay == MISSING_DELAY
+    # 10077 is a full stream only when it says so; a store closed under a leader change passes.
+    full = refusal(what, code=503, err_code=10077, description="maximum bytes exceeded")
+    assert isinstance(full, BrokerFull) and "free space" in str(full)
+    closed = refusal(what, code=500, err_code=10077, description="stream store closed")
+    assert type(closed) is BrokerError and closed.delay < FULL_DELAY
 
 
 # -- a handler meeting a refusal -----------------------------------------------------------------
@@ -278,6 +294,50 @@ async def test_a_handler_meeting_a_refusal_dead_letters_its_message(
         assert len(handled) == 1
         info = await broker.js.consumer_info(IN_STREAM, IN_DURABLE)
         assert info.num_redelivered == 0
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(run, 10)
+
+
+async def test_a_handler_meeting_a_missing_bucket_waits_for_it_not_dead_letters(
+    broker: Broker, incoming: None
+) -> None:
+    """A bucket (or stream) the broker says it lacks may be one a clustered server is still
+    setting up, or one `datumflow up` declares again: the message waits for it, and is handled
+    once it is there. Dead-lettered, a commit event would never be planned."""
+    tries: list[int] = []
+    handled: list[str] = []
+
+    async def handle(msg: Msg) -> None:
+        tries.append(1)
+        head = await Records(broker, bucket="late", type=JobHead).find("p")
+        handled.append(head.last_job if head else "")
+
+    await broker.publish("in.a", b"event", msg_id="in-a")
+    stop = asyncio.Event()
+    run = asyncio.create_task(
+        consume(
+            broker,
+            stream=IN_STREAM,
+            durable=IN_DURABLE,
+            function=FUNCTION,
+            handle=handle,
+            stop=stop,
+        )
+    )
+    try:
+        await eventually(lambda: len(tries) >= 1, timeout=10, what="a first try")
+        await broker.js.create_key_value(KeyValueConfig(bucket="late"))
+        await Records(broker, bucket="late", type=JobHead).put(
+            "p", JobHead(pipeline="p", last_job="j1")
+        )
+
+        async def done() -> bool:
+            return handled == ["j1"]
+
+        await eventually(done, timeout=MISSING_DELAY + 10, what="the message handled")
+        assert await _letters(broker) == []
     finally:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):

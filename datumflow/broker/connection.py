@@ -26,7 +26,12 @@ from nats.aio.subscription import Subscription as Subscription  # core NATS, for
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from datumflow.broker.nats_errors import PERMISSIONS, permission_refused, translate
+from datumflow.broker.nats_errors import (
+    MISSING_DELAY,
+    PERMISSIONS,
+    permission_refused,
+    translate,
+)
 from datumflow.broker.nats_errors import TRANSIENT as TRANSIENT
 from datumflow.broker.nats_errors import broker_errors as broker_errors
 from datumflow.broker.subjects import JS_API
@@ -209,11 +214,13 @@ class Broker:
                 if isinstance(exc, nats.js.errors.NoStreamResponseError) and not (
                     await self._captured(subject)
                 ):
-                    # No wait can mend this one: a refusal, not an outage.
+                    # Waiting out the patience cannot mend this one; `datumflow up` can, so the
+                    # message being handled waits (MISSING_DELAY) rather than be dead-lettered.
                     raise BrokerNotFound(
                         f"{what}: no stream captures this subject (`datumflow up` declares"
-                        " datumflow's streams when it starts)",
-                        code=404,
+                        f" datumflow's streams when it starts); tried again every"
+                        f" {MISSING_DELAY:.0f}s",
+                        delay=MISSING_DELAY,
                     ) from exc
                 if tries == 1:
                     log.warning("publishing to %s: %s; retrying", subject, type(exc).__name__)

@@ -22,7 +22,6 @@ from datumflow.broker.messages import MAX_MESSAGE, VERSION
 from datumflow.broker.nats_errors import wrapped
 from datumflow.broker.settle import Msg, settle
 from datumflow.errors import (
-    BrokerNotFound,
     BrokerRefused,
     DatumflowError,
     PermanentError,
@@ -118,8 +117,9 @@ class Subscription:
                 else wrapped(exc, what=f"fetching from consumer {self.durable}")
             )
             # A consumer not found is one being made again (a pipeline updated): bind anew, as
-            # after anything that may pass. A refusal would come back the same every time.
-            if isinstance(error, BrokerRefused) and not isinstance(error, BrokerNotFound):
+            # after anything that may pass (BrokerNotFound is a BrokerError). A refusal would
+            # come back the same every time.
+            if isinstance(error, BrokerRefused):
                 if error is exc:
                     raise
                 raise error from exc

@@ -11,11 +11,17 @@ package sees a nats-py exception:
 | is out of room: storage, memory, a limit of streams,    | BrokerFull     | nak'ed, FULL_DELAY  |
 | consumers or bytes (err_code 10023, 10047, 10028, 10002,| (a BrokerError)|                     |
 | 10026, 10027, 10077)                                    |                |                     |
-| refused a compare-and-set (wrong last sequence, 10071)  | Conflict       | re-read, try again  |
-| has no such stream, consumer, bucket, key, message (404)| BrokerNotFound | dead-lettered       |
+| refused a compare-and-set (wrong last sequence, 10071,  | Conflict       | re-read, try again  |
+| or 10164 from a clustered stream)                       |                |                     |
+| cannot place or change it now (no suitable peers 10005, | BrokerError    | nak'ed, 1 s         |
+| a member change in progress 10202), though status 400   |                |                     |
+| has no such stream, consumer, bucket, key, message (404)| BrokerNotFound | nak'ed,             |
+|                                                         | (a BrokerError)| MISSING_DELAY       |
+| does not let datumflow's user use a subject (a          | BrokerForbidden| nak'ed, FULL_DELAY  |
+| permissions violation)                                  | (a BrokerError)|                     |
 | refused the request (400): too large (10054, or over    | BrokerRefused  | dead-lettered       |
 | max_payload), bad request, name taken, invalid subject  |                |                     |
-| or key, a permission it does not grant                  |                |                     |
+| or key                                                  |                |                     |
 
 A full broker is temporary, though it takes an operator to mend: the message being handled is
 safe in its own stream, and once space is freed it goes on by itself. Dead-lettering it would
@@ -38,6 +44,7 @@ import nats.js.errors
 
 from datumflow.errors import (
     BrokerError,
+    BrokerForbidden,
     BrokerFull,
     BrokerNotFound,
     BrokerRefused,
@@ -66,6 +73,11 @@ FULL_DELAY = 30.0
 not freed in a second, and retrying every second would fill the log; work resumes at most this
 long after an operator has made room."""
 
+MISSING_DELAY = 10.0
+"""Seconds before a message whose handling met a missing stream, consumer or bucket is tried
+again: longer than a stream's leader election (4 to 9 s), in which a server may answer "not
+found" for a stream it is still setting up."""
+
 MAX_CONSUMERS = 10026
 MAX_STREAMS = 10027
 
@@ -81,7 +93,19 @@ FULL = {
     # when full (and other failures of a stream's store, which may pass too).
     10077: "the stream could not store the message",
 }
+STORE_FAILED = 10077
+"""A stream's store failed: full ("maximum bytes exceeded", "maximum messages exceeded", ...),
+or closed for a moment (see `refusal`)."""
 WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_SEQUENCE_CLUSTERED = 10164
+"""A clustered stream's "wrong last sequence" when another write of the same key is in flight."""
+
+# Status 400, yet they pass: the cluster cannot place the stream or consumer now (a server down,
+# or one joining or leaving).
+NOT_NOW = {
+    10005: "no suitable peers for placement",
+    10202: "cluster member change is in progress",
+}
 MESSAGE_TOO_LARGE = 10054
 
 # Statuses of refusals that come back the same however often the request is made.
@@ -104,6 +128,10 @@ publish or subscribe to a subject: nats-py hands it to the error callback, and n
 def refusal(what: str, *, code: int, err_code: int, description: str) -> DatumflowError:
     """The datumflow error for a JetStream API error answered to a request made for `what`."""
     words = f"{description or 'no description'}, code {code}, err_code {err_code}"
+    if err_code == STORE_FAILED and not description.lower().startswith(("maximum", "insufficient")):
+        # 10077 also wraps a stream store closed under a leader change or a shutdown: that
+        # passes in seconds, and is no full broker to free space on.
+        return BrokerError(f"{what}: the stream could not store it now ({words})")
     if err_code in FULL:
         if err_code in (MAX_CONSUMERS, MAX_STREAMS):
             advice = (
@@ -121,13 +149,17 @@ def refusal(what: str, *, code: int, err_code: int, description: str) -> Datumfl
             f" {FULL_DELAY:.0f}s",
             delay=FULL_DELAY,
         )
-    if err_code == WRONG_LAST_SEQUENCE:
+    if err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_CLUSTERED):
         return Conflict(f"{what}: someone else wrote first ({words})")
+    if err_code in NOT_NOW:
+        return BrokerError(f"{what}: the broker cannot do it now ({words})")
     if code == 404:
         return BrokerNotFound(
             f"{what}: the broker has no such stream, consumer, bucket, key or message ({words})"
             " (`datumflow up` declares datumflow's streams and buckets when it starts, and"
-            " `datumflow create pipeline` a pipeline's consumers)",
+            " `datumflow create pipeline` a pipeline's consumers); datumflow tries again every"
+            f" {MISSING_DELAY:.0f}s",
+            delay=MISSING_DELAY,
             code=code,
             err_code=err_code,
             description=description,
@@ -165,7 +197,7 @@ def translate(exc: BaseException, *, what: str) -> DatumflowError | None:
             nats.js.errors.NoKeysError,
         ),
     ):
-        return BrokerNotFound(f"{what}: no such key", code=404)
+        return BrokerNotFound(f"{what}: no such key", delay=MISSING_DELAY)
     if isinstance(exc, nats.js.errors.APIError) and not isinstance(
         exc, nats.js.errors.ServiceUnavailableError
     ):
@@ -174,7 +206,7 @@ def translate(exc: BaseException, *, what: str) -> DatumflowError | None:
             code=getattr(exc, "code", None) or _status_of(exc),
             err_code=getattr(exc, "err_code", None) or 0,
             # nats-py raises some without the server's words (NoKeysError, ...): its own then.
-            description=getattr(exc, "description", None) or str(exc),
+            description=getattr(exc, "description", None) or str(exc) or type(exc).__name__,
         )
     if isinstance(exc, nats.js.errors.ServiceUnavailableError):
         err_code = getattr(exc, "err_code", None) or 0
@@ -213,14 +245,14 @@ def wrapped(exc: BaseException, *, what: str) -> DatumflowError:
     return translate(exc, what=what) or BrokerError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-def permission_refused(what: str, text: str) -> BrokerRefused:
+def permission_refused(what: str, text: str) -> BrokerForbidden:
     """The error for a permissions violation the server reported (`text`, its words)."""
-    return BrokerRefused(
+    return BrokerForbidden(
         f"{what}: the broker refused ({text.removeprefix('nats: ')}): the user datumflow connects"
         " as may not use this subject; grant it publish and subscribe on df.>, $JS.>, $KV.> and"
-        " _INBOX.>, or connect as a user that has them",
-        code=403,
-        description=text,
+        f" _INBOX.>, or connect as a user that has them; datumflow tries again every"
+        f" {FULL_DELAY:.0f}s",
+        delay=FULL_DELAY,
     )
 
 
