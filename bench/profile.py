@@ -5,6 +5,7 @@ python -m bench.profile cpu --scale 0.5     # the same for half the 10 ms scenar
 python -m bench.profile noop --spy          # and each function's hottest code (py-spy)
 python -m bench.profile spawn --spy         # the command path: bench.spawn_limit's datumflow run
 python -m bench.profile spawn --spy --idle  # wall time (waits included) rather than CPU
+python -m bench.profile long --connz        # 200 ms sleeps: what costs CPU per second, not datum
 
 One fresh `datumflow up`, one scenario as `python -m bench` runs it. Between the commit and the
 job's end it reads every process's CPU time from /proc, the broker's message counts from its
@@ -23,17 +24,27 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 from bench import datumflow_runner, spawn_limit
 from bench.cluster import Cluster
-from bench.scenarios import scenarios
+from bench.scenarios import Scenario, scenarios
 
 TICKS = os.sysconf("SC_CLK_TCK")
 SAMPLED = ("planner", "committer", "worker")
 SPAWN = "spawn"
 """The command path's scenario (bench.spawn_limit): not one of bench.scenarios'."""
+LONG = "long"
+"""Datums that sleep 200 ms (bench.work.df_long), 2 workers: little happens per second, so what
+costs CPU per wall second rather than per datum (timers, polling, heartbeats) stands out."""
+
+
+def _long(scale: float) -> Scenario:
+    return Scenario(
+        key=LONG, title="200 ms sleep datums", kind=LONG, datums=max(int(100 * scale), 8), workers=2
+    )
 
 
 def _cpu(pid: int) -> float:
@@ -59,15 +70,43 @@ def _processes(cluster: Cluster) -> dict[int, str]:
     return found
 
 
-def _broker_counts(cluster: Cluster) -> dict[str, int]:
+def _monitor(cluster: Cluster, path: str) -> dict:  # type: ignore[type-arg]
     from datumflow.runtime.embedded import read_instance
 
     instance = read_instance(cluster.home)
     assert instance is not None
     host = instance.monitor_url.split("://")[-1].rstrip("/")
-    with urllib.request.urlopen(f"http://{host}/varz", timeout=5) as reply:
-        varz = json.load(reply)
+    with urllib.request.urlopen(f"http://{host}/{path}", timeout=5) as reply:
+        return json.load(reply)  # type: ignore[no-any-return]
+
+
+def _broker_counts(cluster: Cluster) -> dict[str, int]:
+    varz = _monitor(cluster, "varz")
     return {k: varz[k] for k in ("in_msgs", "out_msgs")}
+
+
+Counts = dict[int, tuple[str, int, int]]
+
+
+def _connections(cluster: Cluster) -> Counts:
+    """Messages each client connection has sent the broker and received from it, by its id."""
+    connz = _monitor(cluster, "connz?limit=1000")
+    return {
+        c["cid"]: (c.get("name", "") or "?", c["in_msgs"], c["out_msgs"])
+        for c in connz["connections"]
+    }
+
+
+def connection_rates(
+    before: Counts, after: Counts, seconds: float
+) -> list[tuple[str, float, float]]:
+    """Messages per second sent (to the broker) and received by each connection open throughout,
+    busiest first; connections opened meanwhile count from 0."""
+    rates = []
+    for cid, (name, sent, received) in after.items():
+        _, sent0, received0 = before.get(cid, (name, 0, 0))
+        rates.append((f"{name} #{cid}", (sent - sent0) / seconds, (received - received0) / seconds))
+    return sorted(rates, key=lambda r: -(r[1] + r[2]))
 
 
 def _ensure_py_spy() -> str:
@@ -107,10 +146,20 @@ class _Profile:
     """CPU per process, broker messages and py-spy samples between a commit and its job's end."""
 
     def __init__(
-        self, cluster: Cluster, *, title: str, datums: int, spy: str, idle: bool, out: Path
+        self,
+        cluster: Cluster,
+        *,
+        title: str,
+        datums: int,
+        spy: str,
+        idle: bool,
+        out: Path,
+        connz: bool = False,
     ) -> None:
         self.cluster, self.title, self.datums, self.spy, self.out = cluster, title, datums, spy, out
-        self.idle = idle
+        self.idle, self.connz = idle, connz
+        self.conns: Counts = {}
+        self.started = 0.0
         self.before: dict[int, tuple[str, float]] = {}
         self.counts: dict[str, int] = {}
         self.spies: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
@@ -127,9 +176,14 @@ class _Profile:
             await asyncio.sleep(1.0)  # py-spy attaches
             # the CPU from here on: py-spy's attaching is not the scenario's
             self.before.update({pid: (name, _cpu(pid)) for pid, name in processes.items()})
+        if self.connz:
+            self.conns = _connections(self.cluster)
+        self.started = time.monotonic()
 
     async def finish(self, job) -> None:  # type: ignore[no-untyped-def]
         spent = {pid: (name, _cpu(pid) - cpu) for pid, (name, cpu) in self.before.items()}
+        wall = time.monotonic() - self.started
+        conns = _connections(self.cluster) if self.connz else {}
         children = _children_cpu(self.before)
         after = _broker_counts(self.cluster)
         total = sum(cpu for _, cpu in spent.values())
@@ -137,12 +191,17 @@ class _Profile:
         print(f"\n{self.title}: {n:,} datums")
         print(f"job {job.finished - job.created:.2f} s; CPU between commit and job end:")
         for _, (name, cpu) in sorted(spent.items(), key=lambda kv: -kv[1][1]):
-            print(f"  {cpu:7.2f} s  {cpu / n * 1e6:8.0f} us/datum  {name}")
+            per_second = f"{cpu / wall * 1e3:6.1f} ms/s"
+            print(f"  {cpu:7.2f} s  {cpu / n * 1e6:8.0f} us/datum  {per_second}  {name}")
         for name, cpu in children.items():
             print(f"  {cpu:7.2f} s  {cpu / n * 1e6:8.0f} us/datum  {name}: its reaped children")
         print(f"  {total:7.2f} s  {total / n * 1e6:8.0f} us/datum  in all (children apart)")
         for k, v in after.items():
             print(f"broker {k}: {(v - self.counts[k]) / n:.2f} per datum")
+        if conns:
+            print(f"messages per second over {wall:.1f} s, by connection: to the broker, from it")
+            for name, sent, received in connection_rates(self.conns, conns, wall):
+                print(f"  {sent:8.1f} {received:8.1f}  {name}")
         for _, _, process in self.spies:
             process.send_signal(2)  # SIGINT: py-spy writes its profile and exits
         for name, raw, process in self.spies:
@@ -175,7 +234,7 @@ def _reaped(pid: int) -> float:
 
 
 async def _profile(
-    cluster: Cluster, key: str, scale: float, spy: str, idle: bool, out: Path
+    cluster: Cluster, key: str, scale: float, spy: str, idle: bool, out: Path, connz: bool
 ) -> None:
     if key == SPAWN:
         files = max(1, int(1000 * scale))
@@ -203,9 +262,11 @@ async def _profile(
         finally:
             spawn_limit.wait_job = wait_job
         return
-    [scenario] = [s for s in scenarios(scale) if s.key == key]
+    [scenario] = [s for s in [*scenarios(scale), _long(scale)] if s.key == key]
     title = f"{scenario.title}: {scenario.workers} workers"
-    profile = _Profile(cluster, title=title, datums=scenario.datums, spy=spy, idle=idle, out=out)
+    profile = _Profile(
+        cluster, title=title, datums=scenario.datums, spy=spy, idle=idle, out=out, connz=connz
+    )
     commit, wait_job = datumflow_runner._commit, datumflow_runner.wait_job
 
     async def measured_commit(c: Cluster, repo: str, files: int) -> float:
@@ -228,11 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.profile", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("scenario", choices=[*(s.key for s in scenarios()), SPAWN])
+    parser.add_argument("scenario", choices=[*(s.key for s in scenarios()), SPAWN, LONG])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the datum count")
     parser.add_argument("--spy", action="store_true", help="sample the functions with py-spy")
     parser.add_argument(
         "--idle", action="store_true", help="with --spy: wall time, waits included (py-spy --idle)"
+    )
+    parser.add_argument(
+        "--connz",
+        action="store_true",
+        help="messages per second each client connection exchanged with the broker",
     )
     parser.add_argument(
         "--user-code-user", default="", help="run user code as this user (as root): nobody, ..."
@@ -244,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     cluster.start()
     try:
         spy = _ensure_py_spy() if args.spy else ""
-        asyncio.run(_profile(cluster, args.scenario, args.scale, spy, args.idle, work))
+        asyncio.run(_profile(cluster, args.scenario, args.scale, spy, args.idle, work, args.connz))
     finally:
         cluster.stop()
     print(f"\nbench: profiles and logs in {work}", file=sys.stderr)

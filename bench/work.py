@@ -11,6 +11,9 @@ from pathlib import Path
 
 CPU_SECONDS = 0.010
 SLEEP_SECONDS = 0.100
+LONG_SECONDS = 0.200
+"""bench.profile's `long` datums: a wait long enough that what costs CPU per wall second, not
+per datum, shows."""
 
 
 def noop(_: object = None) -> None:
@@ -44,3 +47,7 @@ def df_cpu(inputs: dict[str, Path], out: Path) -> None:
 
 def df_sleep(inputs: dict[str, Path], out: Path) -> None:
     nap()
+
+
+def df_long(inputs: dict[str, Path], out: Path) -> None:
+    time.sleep(LONG_SECONDS)
