@@ -31,6 +31,7 @@ import msgspec
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.consumer import MAX_MESSAGE, consume, decode
+from datumflow.broker.kv_changes import Changes
 from datumflow.broker.messages import (
     CommitEvent,
     CommitRef,
@@ -57,6 +58,10 @@ from datumflow.spec import input_leaves, input_name
 from datumflow.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
+RELIST = 2.0
+"""Seconds after which the pipelines are listed again though no change to them was seen
+(datumflow.broker.kv_changes); a pipeline loop that ended on its own is started again within
+half a second either way."""
 HEARTBEAT = 5.0
 _replace = msgspec.structs.replace
 
@@ -91,14 +96,19 @@ class Planner:
         """Plan for every pipeline until `stop` is set, following pipelines as they come and go."""
         loops: dict[str, tuple[int, asyncio.Task[None], asyncio.Event]] = {}
         adopter = asyncio.create_task(self._adopt_loop(stop))
+        changes = Changes(self.broker, bucket=subjects.PIPELINES_BUCKET, every=RELIST)
+        current: dict[str, PipelineInfo | None] = {}
         try:
+            await changes.start()
             while not stop.is_set():
-                current: dict[str, PipelineInfo | None]
-                try:
-                    current = {p.name: p for p in await self.pipelines.list()}
-                except Exception as exc:
-                    log.warning("planner: listing pipelines failed: %s", exc)
-                    current = {name: None for name in loops}  # keep what runs
+                if changes.due():
+                    changes.reading()
+                    try:
+                        current = {p.name: p for p in await self.pipelines.list()}
+                    except Exception as exc:
+                        log.warning("planner: listing pipelines failed: %s", exc)
+                        changes.missed()
+                        current = {name: None for name in loops}  # keep what runs
                 for name in list(loops):
                     gone = name not in current
                     info = current.get(name)
@@ -112,15 +122,13 @@ class Planner:
                         halt = asyncio.Event()
                         task = asyncio.create_task(self._pipeline_loop(name, halt))
                         loops[name] = (info.version, task, halt)
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=0.5)
-                except TimeoutError:
-                    pass
+                await changes.wait(stop, 0.5)
         finally:
             for _, _task, halt in loops.values():
                 halt.set()
             await asyncio.gather(*(t for _, t, _ in loops.values()), return_exceptions=True)
             await adopter
+            await changes.close()
 
     async def _adopt_loop(self, stop: asyncio.Event) -> None:
         async def adopt(msg: Msg) -> None:

@@ -22,6 +22,7 @@ import msgspec
 from datumflow import metrics
 from datumflow.broker import subjects
 from datumflow.broker.kv import Records
+from datumflow.broker.kv_changes import Changes
 from datumflow.broker.records import PipelineInfo
 from datumflow.runtime.child import Child
 from datumflow.runtime.embedded import EmbeddedServer, Instance, instance_path
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 # How often the supervisor looks at its children and the pipelines. Each pipeline's lag is read
 # at its own polling interval (datumflow.scaling), on the first tick after it is due.
 TICK_SECONDS = 0.25
+SHOWN_LAG_SECONDS = 5.0
+"""Seconds between two readings of the lag of a pipeline that is not autoscaled: its workers do not
+depend on it, it is only shown (`list pipeline`, the console), and each reading of /jsz costs the
+broker as much as a dozen requests."""
+RELIST_SECONDS = 2.0
+"""Seconds after which the pipelines are listed again though no change to them was seen
+(datumflow.broker.kv_changes): listing them on every tick was most of an idle broker's work."""
 
 
 def function_names(function: str, replicas: int) -> list[str]:
@@ -132,6 +140,8 @@ class Supervisor:
         instance_path(self.home).write_bytes(msgspec.json.encode(instance))
         self.broker = await connect_patiently(settings=self.settings, name="datumflow-supervisor")
         self.records = Records(self.broker, bucket=subjects.PIPELINES_BUCKET, type=PipelineInfo)
+        self.changes = Changes(self.broker, bucket=subjects.PIPELINES_BUCKET, every=RELIST_SECONDS)
+        await self.changes.start()
         self.lags = LagReader(monitor_url=self.settings.monitor_url, broker=self.broker)
         self.functions = [
             self._child(name, function)
@@ -184,11 +194,15 @@ class Supervisor:
                 await self._scale(pw, 0)
                 continue
             if now >= pw.next_poll:
-                pw.next_poll = now + pw.params.polling_interval
+                autoscaled = pw.params.autoscaled
+                every = pw.params.polling_interval
+                pw.next_poll = now + (every if autoscaled else max(every, SHOWN_LAG_SECONDS))
                 lag = await self.lags.lag(name)
                 if lag is not None:
                     pw.lag = lag
-                    desired = pw.scaler.desired(lag, now)
+                if lag is not None or not autoscaled:
+                    # A constant parallelism is applied whatever the lag, known or not.
+                    desired = pw.scaler.desired(lag or 0, now)
                     if desired != pw.desired and self.metrics is not None:
                         direction = "up" if desired > pw.desired else "down"
                         self.metrics.scaler_decisions.labels(name, direction).inc()
@@ -216,6 +230,9 @@ class Supervisor:
         """Every pipeline now; on doubt, the ones we know. Workers are only stopped for a pipeline
         whose record is really gone."""
         known = {name: pw.info for name, pw in self.pipelines.items()}
+        if not self.changes.due():
+            return known
+        self.changes.reading()
         try:
             infos = {p.name: p for p in await self.records.all()}
             # A listing is a KV watch plus a read per key. Once, under load, workers were stopped
@@ -228,6 +245,7 @@ class Supervisor:
                     infos[name] = info
         except Exception as exc:
             log.warning("listing pipelines: %s", exc)
+            self.changes.missed()
             return known
         return infos
 
@@ -271,6 +289,8 @@ class Supervisor:
         for child in children:
             child.terminate()
         await asyncio.gather(*(c.wait(timeout=c.stop_timeout) for c in children))
+        with contextlib.suppress(Exception):
+            await self.changes.close()
         with contextlib.suppress(Exception):
             await self.broker.close()
         if self.server is not None:
