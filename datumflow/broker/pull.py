@@ -9,11 +9,15 @@ one drain of the inbox:
 1. `{"batch": n, "no_wait": true}`: whatever is there now, up to n, closed by a 404 status;
 2. if nothing was there, `{"batch": 1, "expires": wait}`: wait for the next datum, and only one,
    so that no datum is delivered to a worker busy with something else; then top up as in 1.
+   A consumer whose last fetch found nothing even after waiting starts here: an idle worker
+   sends one request per wait, not two.
 
 A consumer that takes whatever comes, whenever (the committer, with `linger`), keeps one request
 `{"batch": n, "expires": wait}` open instead: each fetch returns what came, once `linger` has
 passed since the first, and leaves the request open for the next one. Results trickling in one by
-one then cost the broker one request a second, not a round of three requests each.
+one then cost the broker one request a second, not a round of three requests each. A request
+that expired while no fetch was waiting on it still sends its 408: that one is told apart from
+the end of the request open now.
 
 A message that comes after we stopped waiting for it (its request expired as it was sent) stays in
 the inbox and is the first one the next fetch returns: delivered to us, it is ours to handle.
@@ -70,6 +74,13 @@ class Puller:
         """When the open request (linger) expires, on the loop's clock; 0: none is open."""
         self._open_left = 0
         """How many more messages the open request may bring."""
+        self._unclosed = 0
+        """Requests we stopped waiting for before their closing status came: the next statuses
+        are theirs. (A request expires when the fetch waiting on it gives up: its 408 often
+        comes just after, and taken for the end of the next request, it had that one sent
+        again at once, two requests a second on an idle consumer rather than one.)"""
+        self._empty = False
+        """The last fetch found nothing, even after waiting: the next one waits at once."""
 
     async def _receive(self, msg: Msg) -> None:
         self._box.append(msg)
@@ -91,14 +102,20 @@ class Puller:
                 return await self._open(batch=batch, wait=wait, linger=linger)
             msgs = self._leftovers()
             if msgs:
+                self._empty = False
                 return msgs
-            msgs = await self._ask(_Request(batch=batch, no_wait=True), timeout=wait or _ANSWER)
-            if msgs or wait <= 0:
-                return msgs
+            if not (self._empty and wait > 0):
+                # An idle consumer skips this: asking for what is there now, when nothing was
+                # a moment ago, only doubled the requests of a worker waiting for a job.
+                msgs = await self._ask(_Request(batch=batch, no_wait=True), timeout=wait or _ANSWER)
+                if msgs or wait <= 0:
+                    self._empty = not msgs
+                    return msgs
             msgs = await self._ask(_Request(batch=1, expires=int(wait * 1e9)), timeout=wait + 0.5)
             if msgs and len(msgs) < batch:
                 rest = _Request(batch=batch - len(msgs), no_wait=True)
                 msgs += await self._ask(rest, timeout=wait + 0.5)
+            self._empty = not msgs
             return msgs
         except TRANSIENT as exc:
             log.warning("fetching from %s: %s", self.durable, exc)
@@ -112,6 +129,8 @@ class Puller:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._open_until <= now or self._open_left <= 0:
+            if self._open_until and self._open_left > 0:
+                self._unclosed += 1  # expired unseen: its 408 is still to come
             self._arrived.clear()
             request = _Request(batch=batch, expires=int(wait * 1e9))
             await self.broker.nc.publish(self.subject, _encode(request), reply=self._inbox)
@@ -130,6 +149,8 @@ class Puller:
                 self._open_left -= 1
                 if len(out) == 1:
                     deadline = min(deadline, loop.time() + linger)
+            elif status != _CONTROL and self._unclosed:
+                self._unclosed -= 1  # the end of an earlier request, not of the open one
             elif status != _CONTROL:
                 self._open_until = 0.0  # 404, 408, 409: the request is over
                 if status == _CONFLICT:
@@ -138,7 +159,8 @@ class Puller:
                     break
                 deadline = min(deadline, loop.time())  # ask again on the next fetch
         if self._open_until and loop.time() >= self._open_until + 0.5:
-            self._open_until = 0.0
+            # Its status was lost (with a connection): over, and none is awaited any more.
+            self._open_until, self._unclosed = 0.0, 0
         return out
 
     async def _arrival(self, deadline: float) -> bool:
