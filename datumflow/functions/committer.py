@@ -229,9 +229,9 @@ class Committer:
         if tally is None or tally.done:
             return  # forgotten after a broker error: its results come back and report it
         key = job_key(pipeline, job)
-        if await self.pipelines.jobs.find(key) is None:
-            return  # the planner has not written the record yet; its results wait in the tally
         if tally.complete:
+            if await self.pipelines.jobs.find(key) is None:
+                return  # the planner has not written the record yet; its results wait in the tally
             await self._finish(pipeline, job, tally)
             return
 
@@ -243,7 +243,12 @@ class Committer:
             return None if new == record else new
 
         self._guard()
-        await self.pipelines.jobs.update(key, update)
+        try:
+            # Reads the record itself: no read before it (twice a second, the committer's most
+            # frequent request to the broker while a job runs).
+            await self.pipelines.jobs.update(key, update)
+        except NotFound:
+            return  # the planner has not written the record yet; its results wait in the tally
         job_progress(pipeline=pipeline, tally=tally)
 
     # -- ending a job ------------------------------------------------------------------------
