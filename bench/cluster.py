@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from nats.aio.msg import Msg
+
 from bench.deps import ROOT
 from datumflow.broker import subjects
 from datumflow.broker.records import JobInfo
@@ -126,20 +128,38 @@ async def wait_workers(api: Api, pipeline: str, count: int, *, timeout: float = 
 async def wait_job(
     api: Api, pipeline: str, *, planned_only: bool = False, timeout: float = 1800
 ) -> JobInfo:
-    """The pipeline's first job once it is done (or, with `planned_only`, once it is planned)."""
+    """The pipeline's first job once it is done (or, with `planned_only`, once it is planned).
+
+    The broker serves the bench's reads on the cores the measured work runs on, so the records are
+    read when one of the pipeline's jobs is written (a plain subscription to their subjects sees
+    each write) and at least every second, not polled four times a second. The figures come from
+    the job record's times, not from when we notice."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        # Two key reads, not a listing of every job: the broker serves the bench's polling on
-        # the cores the measured work runs on.
-        head = await api.pipelines.heads.find(pipeline)
-        job = None
-        if head is not None and head.last_job:
-            job = await api.pipelines.jobs.find(job_key(pipeline, head.last_job))
-        if job is not None and (job.done or (planned_only and job.state != "created")):
-            return job
-        # The figures come from the job record's times, not from when we notice: poll gently.
-        await asyncio.sleep(0.25)
-    raise RuntimeError(f"no job of {pipeline} finished within {timeout:.0f}s")
+    written = asyncio.Event()
+
+    async def seen(msg: Msg) -> None:
+        written.set()
+
+    subject = subjects.kv_keys(subjects.JOBS_BUCKET, f"{pipeline}.")
+    sub = await api.broker.nc.subscribe(subject, cb=seen)
+    try:
+        while time.monotonic() < deadline:
+            written.clear()
+            # Two key reads, not a listing of every job.
+            head = await api.pipelines.heads.find(pipeline)
+            job = None
+            if head is not None and head.last_job:
+                job = await api.pipelines.jobs.find(job_key(pipeline, head.last_job))
+            if job is not None and (job.done or (planned_only and job.state != "created")):
+                return job
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(written.wait(), 1.0)
+            if written.is_set():
+                # Seen as it reached the stream, which may not have stored it yet.
+                await asyncio.sleep(0.02)
+        raise RuntimeError(f"no job of {pipeline} finished within {timeout:.0f}s")
+    finally:
+        await sub.unsubscribe()
 
 
 def memory_kb(pid: int, field: str) -> int:
