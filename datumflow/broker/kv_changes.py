@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from datumflow.broker import subjects
-from datumflow.broker.connection import Broker
+from datumflow.broker.connection import Broker, broker_errors
 
 SETTLE = 0.5
 """Seconds after a change seen at which a listing surely holds it (a replicated stream stores a
@@ -49,7 +49,8 @@ class Changes:
         only ever due every `every` seconds."""
         if self._sub is None:
             subject = subjects.kv_keys(self.bucket)
-            self._sub = await self.broker.nc.subscribe(subject, cb=self._seen)
+            async with broker_errors(f"following the writes to bucket {self.bucket}"):
+                self._sub = await self.broker.nc.subscribe(subject, cb=self._seen)
 
     async def _seen(self, msg: Msg) -> None:
         self._last_change = time.monotonic()
