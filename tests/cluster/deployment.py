@@ -32,6 +32,8 @@ from tests.s3server import DUMMY_KEY, DUMMY_SECRET, make_bucket
 
 HOSTS = ["n1", "n2", "n3", "s3", "cp", "w1"]
 NATS_HOSTS = HOSTS[:3]
+CONTROL = ("cp", "cp2")
+"""The hosts of `datumflow up` where a test runs two control planes (cp2 is then in its HOSTS)."""
 ACK_WAIT = "10"
 
 

@@ -1,6 +1,7 @@
 """The faults the cluster tests inject, each one fault and its recovery, timed: a server SIGKILLed
 (the leader of the datums stream, of the workers' consumer, or any), a server's host cut off the
-network for a while, the three servers restarted in turn, a worker host cut off past ack_wait.
+network for a while, the three servers restarted in turn, a worker host cut off past ack_wait, the
+host of the active committer lost.
 
 Each returns once the cluster is whole again (the server back and caught up), with what it
 measured; the quick tests run each once, the long form loops over them.
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 import urllib.request
 
 import msgspec
+import nats
+from nats.js.errors import KeyNotFoundError
 
 from datumflow.broker import subjects
-from tests.cluster.deployment import Deployment
+from datumflow.broker.records import LeaseInfo
+from tests.cluster.deployment import CONTROL, Deployment, Workload
 from tests.helpers import eventually
 from tests.natscluster import NatsCluster, Node
 
@@ -130,6 +135,64 @@ async def rolling_restart(d: Deployment) -> list[Fault]:
         await rejoin(d, node)
         faults.append(Fault(kind="nats-server stopped and started", node=node.name, at=stopped))
     return faults
+
+
+async def lease_holder(d: Deployment, function: str) -> LeaseInfo | None:
+    """Who holds `function`'s lease, read from the `df_leases` bucket (None: nobody, or the
+    broker did not answer)."""
+    try:
+        nc = await nats.connect(d.server.url, connect_timeout=2, max_reconnect_attempts=1)
+    except Exception:
+        return None
+    try:
+        kv = await nc.jetstream(timeout=2).key_value(subjects.LEASES_BUCKET)
+        entry = await kv.get(function)
+        return msgspec.json.decode(entry.value, type=LeaseInfo) if entry.value else None
+    except (KeyNotFoundError, TimeoutError, nats.errors.Error):
+        return None
+    finally:
+        await nc.close()
+
+
+def host_of(d: Deployment, pid: int) -> str:
+    """The control host (network namespace) process `pid` runs on."""
+    out = subprocess.run(
+        ["ip", "netns", "identify", str(pid)], capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+    return next((name for name in CONTROL if d.lab[name].namespace == out), out or "?")
+
+
+async def lose_active_control_host(d: Deployment, workload: Workload) -> Fault:
+    """The host of the active committer loses power (its link down, every process on it
+    SIGKILLed); timed until the other host's committer holds the lease. Then the host comes back
+    and its `datumflow up` starts again, standing by for the next loss."""
+    active = await eventually(
+        lambda: lease_holder(d, "committer"), timeout=60, what="an active committer"
+    )
+    name = host_of(d, active.pid)
+    host = d.lab[name]
+    down = time.monotonic()
+    host.cut()
+    host.kill_all()
+    new = await eventually(
+        lambda: lease_holder(d, "committer"),
+        until=lambda lease: lease is not None and lease.holder != active.holder,
+        timeout=60,
+        interval=0.1,
+        what="another committer to take the lease",
+    )
+    takeover = time.monotonic() - down
+    host.heal()
+    # Left by the `up` that was killed: the new one is known to have started once it writes its own.
+    (d.root / name / "instance.json").unlink(missing_ok=True)
+    await workload.up(name)
+    return Fault(
+        kind="control-plane host lost (link cut, every process SIGKILLed)",
+        node=name,
+        new_leader=host_of(d, new.pid),
+        election=takeover,
+        at=down,
+    )
 
 
 def from_host(nats: NatsCluster, address: str) -> int:

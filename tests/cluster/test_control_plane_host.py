@@ -14,18 +14,13 @@ In a module of its own, so that it runs beside test_nats_cluster.py, not after i
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from pathlib import Path
 
-import msgspec
-import nats
 import pytest
-from nats.js.errors import KeyNotFoundError
 
-from datumflow.broker import subjects
-from datumflow.broker.records import LeaseInfo
-from tests.cluster.deployment import Deployment, Workload
+from tests.cluster.deployment import CONTROL, Deployment, Workload
+from tests.cluster.faults import host_of, lease_holder
 from tests.helpers import eventually
 
 # Two control planes and a job of 200 datums of 1.5 s through the loss of one: about three minutes
@@ -33,34 +28,8 @@ from tests.helpers import eventually
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(420)]
 log = logging.getLogger(__name__)
 
-HOSTS = ["n1", "n2", "n3", "s3", "cp", "cp2", "w1"]
-CONTROL = ("cp", "cp2")
+HOSTS = ["n1", "n2", "n3", "s3", *CONTROL, "w1"]
 DATUMS = 200
-
-
-async def lease_holder(d: Deployment, function: str) -> LeaseInfo | None:
-    """Who holds `function`'s lease, read from the `df_leases` bucket (None: nobody, or the
-    broker did not answer)."""
-    try:
-        nc = await nats.connect(d.server.url, connect_timeout=2, max_reconnect_attempts=1)
-    except Exception:
-        return None
-    try:
-        kv = await nc.jetstream(timeout=2).key_value(subjects.LEASES_BUCKET)
-        entry = await kv.get(function)
-        return msgspec.json.decode(entry.value, type=LeaseInfo) if entry.value else None
-    except (KeyNotFoundError, TimeoutError, nats.errors.Error):
-        return None
-    finally:
-        await nc.close()
-
-
-def host_of(d: Deployment, pid: int) -> str:
-    """The host (network namespace) process `pid` runs on."""
-    out = subprocess.run(
-        ["ip", "netns", "identify", str(pid)], capture_output=True, text=True, timeout=10
-    ).stdout.strip()
-    return next((name for name in CONTROL if d.lab[name].namespace == out), out or "?")
 
 
 def planned_on(d: Deployment, job: str) -> list[str]:

@@ -1,9 +1,10 @@
 """The long form of the multi-host fault tests, run by hand: one deployment (tests/cluster/
-deployment.py), job after job of a few hundred datums, each job hit by one kind of fault again and
+deployment.py, with a second control plane on cp2 as in test_control_plane_host.py), job after
+job of a few hundred datums, each job hit by one kind of fault again and
 again while it runs, the kinds in turn; hundreds of faults in all. Every job must end SUCCESS with
 exact figures and the output of a fault-free run.
 
-Skipped unless DATUMFLOW_LONG_FAULTS=1. DATUMFLOW_LONG_ROUNDS scales the jobs (default 1.0: 28,
+Skipped unless DATUMFLOW_LONG_FAULTS=1. DATUMFLOW_LONG_ROUNDS scales the jobs (default 1.0: 32,
 four of each kind, each round opening with a fault-free job that the others' datums/s are compared
 with); DATUMFLOW_LONG_DATUMS (default 400) and DATUMFLOW_LONG_PER_JOB (default 6) size each job
 and the faults it may take; DATUMFLOW_LONG_MINUTES, when set, starts no job and injects no fault
@@ -30,7 +31,7 @@ import msgspec
 import pytest
 
 from tests.cluster import faults
-from tests.cluster.deployment import ACK_WAIT, Deployment, Job, Workload
+from tests.cluster.deployment import ACK_WAIT, CONTROL, Deployment, Job, Workload
 from tests.cluster.faults import Fault
 from tests.cluster.timings import Timed
 from tests.faults.harness import REPORT_ENV
@@ -46,6 +47,7 @@ pytestmark = [
     ),
 ]
 
+HOSTS = ["n1", "n2", "n3", "s3", *CONTROL, "w1"]
 DATUMS = int(os.environ.get("DATUMFLOW_LONG_DATUMS", "400"))
 """Datums a job: more datums, a longer job, more faults to each job's start and verification."""
 SLEEP = 0.2
@@ -140,6 +142,10 @@ async def _worker_host(d: Deployment, w: Workload, rng: random.Random) -> list[F
     return [Fault(kind="worker host link cut past ack_wait", node="w1", at=cut)]
 
 
+async def _control_host(d: Deployment, w: Workload, rng: random.Random) -> list[Fault]:
+    return [await faults.lose_active_control_host(d, w)]
+
+
 async def _none(d: Deployment, w: Workload, rng: random.Random) -> list[Fault]:
     return []
 
@@ -149,6 +155,7 @@ BASELINE = "no fault"
 
 KINDS: list[tuple[str, Inject]] = [
     (BASELINE, _none),
+    ("active control-plane host lost", _control_host),
     ("stream leader SIGKILL", _stream_leader),
     ("consumer leader SIGKILL", _consumer_leader),
     ("any server SIGKILL", _any_server),
@@ -170,7 +177,7 @@ async def test_long_cluster_faults(deployment: Deployment, tmp_path: Path) -> No
     report = os.environ.get(REPORT_ENV, "")
     began = time.monotonic()
     rng = random.Random(7)
-    workload = await Workload.start(d, tmp_path, sleep=SLEEP)
+    workload = await Workload.start(d, tmp_path, sleep=SLEEP, control=CONTROL)
     total = 0
 
     def over() -> bool:
