@@ -17,8 +17,10 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.pull import Puller
 from datumflow.broker.settle import ack
-from datumflow.broker.topology import ensure_pipeline_consumers
+from datumflow.broker.topology import ensure_pipeline_consumers, ensure_topology
+from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.spec import load_spec
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -107,6 +109,43 @@ async def test_an_open_request_is_sent_once_per_wait_and_still_brings_the_next_m
             msgs = await puller.fetch(batch=64, wait=0.25, linger=0.05)
         assert len(msgs) == 1
         assert time.monotonic() - sent < 1.0
+        await ack(msgs)
+    finally:
+        await puller.close()
+
+
+async def test_a_status_lost_with_the_connection_does_not_hide_the_end_of_a_later_request(
+    nats_server: EmbeddedServer, broker: Broker
+) -> None:
+    puller = Puller(broker, stream=subjects.RESULTS_STREAM, durable=subjects.COMMITTER_CONSUMER)
+    try:
+        # The broker restarts while a request is open: that request's 408 never comes.
+        fetching = asyncio.create_task(puller.fetch(batch=64, wait=1.0, linger=0.05))
+        await asyncio.sleep(0.2)
+        nats_server.kill()
+        nats_server.start()
+        await nats_server.wait_ready()
+        assert await fetching == []
+        await eventually(lambda: broker.nc.is_connected, timeout=10, what="reconnected")
+        for _ in range(3):
+            assert await puller.fetch(batch=64, wait=1.0, linger=0.05) == []
+
+        # The consumer goes away and comes back (a leader change ends a request the same way):
+        # the 409 ends the open request at once, and the next request brings the next result.
+        fetching = asyncio.create_task(puller.fetch(batch=64, wait=5.0, linger=0.05))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await broker.js.delete_consumer(subjects.RESULTS_STREAM, subjects.COMMITTER_CONSUMER)
+        await ensure_topology(broker)
+        assert await fetching == []
+        assert time.monotonic() - started < 3.0, "the 409 taken for the lost 408"
+        sent = time.monotonic()
+        await broker.js.publish(subjects.result("p", "j"), b"{}", headers={"Nats-Msg-Id": "r"})
+        msgs: list[Msg] = []
+        while not msgs and time.monotonic() - sent < 10:
+            msgs = await puller.fetch(batch=64, wait=5.0, linger=0.05)
+        assert len(msgs) == 1
+        assert time.monotonic() - sent < 3.0
         await ack(msgs)
     finally:
         await puller.close()

@@ -15,9 +15,13 @@ one drain of the inbox:
 A consumer that takes whatever comes, whenever (the committer, with `linger`), keeps one request
 `{"batch": n, "expires": wait}` open instead: each fetch returns what came, once `linger` has
 passed since the first, and leaves the request open for the next one. Results trickling in one by
-one then cost the broker one request a second, not a round of three requests each. A request
-that expired while no fetch was waiting on it still sends its 408: that one is told apart from
-the end of the request open now.
+one then cost the broker one request a second, not a round of three requests each.
+
+Each request has a reply subject of its own under the inbox (`<inbox>.<n>`), and the broker
+sends its messages and its closing status there: a status ends only the request it names. The
+408 of a request that expired while no fetch was waiting on it often comes just after; taken
+for the end of the request open now, it had that one sent again at once. A count of the
+statuses still due could not tell them apart either once one was lost with a connection.
 
 A message that comes after we stopped waiting for it (its request expired as it was sent) stays in
 the inbox and is the first one the next fetch returns: delivered to us, it is ours to handle.
@@ -74,11 +78,10 @@ class Puller:
         """When the open request (linger) expires, on the loop's clock; 0: none is open."""
         self._open_left = 0
         """How many more messages the open request may bring."""
-        self._unclosed = 0
-        """Requests we stopped waiting for before their closing status came: the next statuses
-        are theirs. (A request expires when the fetch waiting on it gives up: its 408 often
-        comes just after, and taken for the end of the next request, it had that one sent
-        again at once, two requests a second on an idle consumer rather than one.)"""
+        self._sent = 0
+        """Requests sent: the last one's reply subject is `<inbox>.<_sent>`."""
+        self._open_reply = ""
+        """The reply subject of the open request (linger)."""
         self._empty = False
         """The last fetch found nothing, even after waiting: the next one waits at once."""
 
@@ -89,7 +92,14 @@ class Puller:
     async def _subscribe(self) -> None:
         if self._sub is None:
             self._inbox = self.broker.nc.new_inbox()
-            self._sub = await self.broker.nc.subscribe(self._inbox, cb=self._receive)
+            self._sub = await self.broker.nc.subscribe(f"{self._inbox}.*", cb=self._receive)
+
+    async def _request(self, request: _Request) -> str:
+        """Send one pull request; its reply subject, where its messages and status come."""
+        self._sent += 1
+        reply = f"{self._inbox}.{self._sent}"
+        await self.broker.nc.publish(self.subject, _encode(request), reply=reply)
+        return reply
 
     async def fetch(self, *, batch: int = 1, wait: float = 1.0, linger: float = 0.0) -> list[Msg]:
         """Up to `batch` messages (a few more if some were left over); [] when none came within
@@ -129,11 +139,9 @@ class Puller:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._open_until <= now or self._open_left <= 0:
-            if self._open_until and self._open_left > 0:
-                self._unclosed += 1  # expired unseen: its 408 is still to come
             self._arrived.clear()
             request = _Request(batch=batch, expires=int(wait * 1e9))
-            await self.broker.nc.publish(self.subject, _encode(request), reply=self._inbox)
+            self._open_reply = await self._request(request)
             self._open_until, self._open_left = now + wait, batch
         # A status may be lost with a connection: past its expiry (and a margin) it is over.
         deadline = min(now + wait, self._open_until + 0.5)
@@ -144,14 +152,14 @@ class Puller:
                 break
             msg = box.popleft()
             status = _status(msg)
+            ours = msg.subject == self._open_reply
             if not status:
-                out.append(msg)
-                self._open_left -= 1
+                out.append(msg)  # an earlier request's message too: delivered to us, ours
+                if ours:
+                    self._open_left -= 1
                 if len(out) == 1:
                     deadline = min(deadline, loop.time() + linger)
-            elif status != _CONTROL and self._unclosed:
-                self._unclosed -= 1  # the end of an earlier request, not of the open one
-            elif status != _CONTROL:
+            elif status != _CONTROL and ours:
                 self._open_until = 0.0  # 404, 408, 409: the request is over
                 if status == _CONFLICT:
                     await self._conflict(msg)
@@ -159,8 +167,7 @@ class Puller:
                     break
                 deadline = min(deadline, loop.time())  # ask again on the next fetch
         if self._open_until and loop.time() >= self._open_until + 0.5:
-            # Its status was lost (with a connection): over, and none is awaited any more.
-            self._open_until, self._unclosed = 0.0, 0
+            self._open_until = 0.0  # its status was lost (with a connection): over
         return out
 
     async def _arrival(self, deadline: float) -> bool:
@@ -190,7 +197,7 @@ class Puller:
     async def _ask(self, request: _Request, *, timeout: float) -> list[Msg]:
         """Send one pull request and collect its messages until its closing status."""
         self._arrived.clear()
-        await self.broker.nc.publish(self.subject, _encode(request), reply=self._inbox)
+        reply = await self._request(request)
         box = self._box
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -202,8 +209,8 @@ class Puller:
             status = _status(msg)
             if not status:
                 out.append(msg)
-            elif status == _CONTROL:
-                continue
+            elif status == _CONTROL or msg.subject != reply:
+                continue  # an earlier request's end (one we stopped waiting for): not this one's
             else:
                 if status == _CONFLICT:
                     await self._conflict(msg)
