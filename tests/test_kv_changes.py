@@ -10,8 +10,10 @@ import time
 import pytest
 
 from datumflow.broker import kv_changes, subjects
-from datumflow.broker.connection import Broker
+from datumflow.broker.connection import Broker, connect
 from datumflow.broker.kv_changes import Changes
+from datumflow.runtime.embedded import EmbeddedServer
+from datumflow.settings import Settings
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.asyncio
@@ -83,3 +85,14 @@ async def test_wait_returns_on_a_write_not_only_at_the_timeout(broker: Broker) -
         assert time.monotonic() - started < 10
     finally:
         await changes.close()
+
+
+async def test_a_subscription_refused_leaves_listings_due_every_so_often(
+    nats_server: EmbeddedServer,
+) -> None:
+    closed = await connect(settings=Settings(nats_url=nats_server.url), name="closed")
+    await closed.close()
+    changes = Changes(closed, bucket=subjects.PIPELINES_BUCKET, every=60)
+    await changes.start()  # logged: the planner's loop goes on, listing every `every`
+    assert changes.due()
+    await changes.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from nats.aio.msg import Msg
@@ -24,6 +25,9 @@ from nats.aio.subscription import Subscription
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, broker_errors
+from datumflow.errors import DatumflowError
+
+log = logging.getLogger(__name__)
 
 SETTLE = 0.5
 """Seconds after a change seen at which a listing surely holds it (a replicated stream stores a
@@ -49,8 +53,13 @@ class Changes:
         only ever due every `every` seconds."""
         if self._sub is None:
             subject = subjects.kv_keys(self.bucket)
-            async with broker_errors(f"following the writes to bucket {self.bucket}"):
-                self._sub = await self.broker.nc.subscribe(subject, cb=self._seen)
+            try:
+                async with broker_errors(f"following the writes to bucket {self.bucket}"):
+                    self._sub = await self.broker.nc.subscribe(subject, cb=self._seen)
+            except DatumflowError as exc:
+                # Raised, it would end the planner's loop while its adopter runs on: no pipeline
+                # planned, and no exit for `up` to restart.
+                log.warning("%s; listing every %gs", exc, self.every)
 
     async def _seen(self, msg: Msg) -> None:
         self._last_change = time.monotonic()
