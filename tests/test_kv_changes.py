@@ -96,3 +96,22 @@ async def test_a_subscription_refused_leaves_listings_due_every_so_often(
     await changes.start()  # logged: the planner's loop goes on, listing every `every`
     assert changes.due()
     await changes.close()
+
+
+async def test_the_connection_coming_back_makes_a_listing_due(
+    nats_server: EmbeddedServer, broker: Broker
+) -> None:
+    changes = Changes(broker, bucket=subjects.PIPELINES_BUCKET, every=60)
+    await changes.start()
+    try:
+        changes.reading()
+        await asyncio.sleep(kv_changes.SETTLE)
+        assert not changes.due()
+        # Writes made while it was down went unseen: the listing is due as it comes back, not
+        # `every` seconds later.
+        nats_server.kill()
+        nats_server.start()
+        await nats_server.wait_ready()
+        await eventually(changes.due, timeout=10, interval=0.05, what="due after reconnecting")
+    finally:
+        await changes.close()

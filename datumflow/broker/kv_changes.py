@@ -5,8 +5,9 @@ supervisor and the planner followed the pipelines bucket by listing it several t
 whether anything had changed or not: on an idle broker, most of its work. `Changes` listens
 instead: a plain subscription to the bucket's subjects sees every write to it as the writer
 publishes it (no consumer on the server, nothing sent while nothing changes), and says a listing
-is `due` when one came, or when `every` seconds have passed since the last one: a write missed
-while the connection was down, or a bucket changed without a publish (a purge), is seen then.
+is `due` when one came, or when `every` seconds have passed since the last one. The connection
+coming back counts as a change, for the writes made while it was down; a bucket changed without
+a publish (a purge), or a write stored long after it was seen, is listed within `every`.
 
 A write reaches the subscription as the stream receives it, perhaps just before the stream has
 stored it, so a listing counts as covering a change only if it started at least SETTLE seconds
@@ -47,6 +48,9 @@ class Changes:
         self._read_at: float | None = None
         """When the last listing started; None: none did, or it failed."""
         self._sub: Subscription | None = None
+        self._reconnects = broker.nc.stats["reconnects"]
+        """The connection's reconnections as of the last look: writes made while it was down
+        were not seen, so a reconnection counts as a change."""
 
     async def start(self) -> None:
         """Listen to the bucket's writes. If the broker refuses the subscription, listings are
@@ -67,6 +71,10 @@ class Changes:
 
     def due(self) -> bool:
         """Whether the bucket may hold something the last listing did not."""
+        reconnects = self.broker.nc.stats["reconnects"]
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            self._last_change = time.monotonic()
         read = self._read_at
         if read is None or time.monotonic() - read >= self.every:
             return True
