@@ -154,9 +154,11 @@ class Puller:
             status = _status(msg)
             ours = msg.subject == self._open_reply
             if not status:
+                # Counted against the open request whichever request brought it: a message
+                # carries the stream's subject, not the reply subject it was sent to, and a
+                # request thought spent early is only replaced sooner.
                 out.append(msg)  # an earlier request's message too: delivered to us, ours
-                if ours:
-                    self._open_left -= 1
+                self._open_left -= 1
                 if len(out) == 1:
                     deadline = min(deadline, loop.time() + linger)
             elif status != _CONTROL and ours:
