@@ -33,7 +33,6 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.consumer import Unusable
 from datumflow.broker.lease import Lease
-from datumflow.broker.messages import FileRef
 from datumflow.broker.pull import Puller
 from datumflow.broker.records import JobInfo, JobState, PipelineInfo
 from datumflow.broker.settle import Msg, settle
@@ -43,8 +42,9 @@ from datumflow.functions.job_metrics import job_ended, job_progress, stood_down
 from datumflow.functions.job_timeouts import JobTimeouts
 from datumflow.functions.lag_metrics import watch_backlogs
 from datumflow.functions.max_deliveries import watch_max_deliveries
+from datumflow.functions.merge_outputs import merge_outputs
 from datumflow.functions.tally import Tally, failure_reason
-from datumflow.pfs import manifest, results
+from datumflow.pfs import results
 from datumflow.pfs.pipelines import Pipelines, job_key
 from datumflow.pfs.repos import Repos
 from datumflow.storage.base import ObjectStore
@@ -291,7 +291,7 @@ class Committer:
         if failed:
             return "failure", failure_reason(failed), ""
         try:
-            files = await self._merge_outputs(tally)
+            files = await merge_outputs(store=self.store, tally=tally)
             commit = await self.repos.commit_files(
                 info.name,
                 info.spec.output_branch,
@@ -375,31 +375,3 @@ class Committer:
                 log.info("job %s@%s: killed: %s", pipeline, job, reason)
         self._ending.pop((pipeline, job), None)
         return won
-
-    async def _merge_outputs(self, tally: Tally) -> list[FileRef]:
-        """The union of the datums' outputs; two datums writing one path fail the job."""
-        owner: dict[str, str] = {}
-        merged: dict[str, FileRef] = {}
-        for result in sorted(tally.results.values(), key=lambda r: r.datum):
-            if result.state not in ("success", "skipped") or not result.output:
-                continue
-            for ref in await manifest.read(self.store, result.output):
-                if ref.path in merged:
-                    raise PermanentError(
-                        f"duplicate path output by different datums: {ref.path} (datums"
-                        f" {owner[ref.path][:12]} and {result.datum[:12]}); make each datum write"
-                        " its own paths, e.g. named after its input file"
-                    )
-                owner[ref.path] = result.datum
-                merged[ref.path] = ref
-        ordered = [merged[p] for p in sorted(merged)]
-        for ref in ordered:
-            parent = ref.path.rsplit("/", 1)[0]
-            while parent:
-                if parent in merged:
-                    raise PermanentError(
-                        f"{parent} is output both as a file (datum {owner[parent][:12]}) and as a"
-                        f" directory (datum {owner[ref.path][:12]})"
-                    )
-                parent = parent.rsplit("/", 1)[0]
-        return ordered
