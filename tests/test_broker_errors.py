@@ -119,6 +119,20 @@ async def test_a_full_stream_is_temporary_with_a_long_delay(broker: Broker) -> N
     assert "free space" in message
 
 
+@contextlib.asynccontextmanager
+async def server_with(tmp_path: Path, config: str) -> AsyncIterator[EmbeddedServer]:
+    """A nats-server of the test's own, with `config` added to its configuration."""
+    server = EmbeddedServer(
+        store_dir=tmp_path / "nats", log_file=tmp_path / "nats.log", extra_config=config
+    )
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 ACCOUNT = (
     "accounts { A: { jetstream: { max_file: 4096, max_mem: 4096, max_consumers: 1 },"
     " users: [{user: u, password: p}] } }"
@@ -128,12 +142,7 @@ ACCOUNT = (
 async def test_an_account_out_of_storage_or_consumers_is_full_not_refused(
     tmp_path: Path,
 ) -> None:
-    server = EmbeddedServer(
-        store_dir=tmp_path / "nats", log_file=tmp_path / "nats.log", extra_config=ACCOUNT
-    )
-    server.start()
-    try:
-        await server.wait_ready()
+    async with server_with(tmp_path, ACCOUNT) as server:
         settings = Settings(nats_url=server.url, nats_user="u", nats_password="p")
         broker = await connect(settings=settings, name="t")
         try:
@@ -148,8 +157,6 @@ async def test_an_account_out_of_storage_or_consumers_is_full_not_refused(
             assert "listing: " in str(full.value) and "max_consumers" in str(full.value)
         finally:
             await broker.close()
-    finally:
-        server.stop()
 
 
 USERS = (
@@ -163,12 +170,7 @@ USERS = (
 async def test_a_subject_the_user_may_not_publish_to_is_a_permission_refusal(
     tmp_path: Path,
 ) -> None:
-    server = EmbeddedServer(
-        store_dir=tmp_path / "nats", log_file=tmp_path / "nats.log", extra_config=USERS
-    )
-    server.start()
-    try:
-        await server.wait_ready()
+    async with server_with(tmp_path, USERS) as server:
         url = server.url
         admin = await connect(
             settings=Settings(nats_url=url, nats_user="admin", nats_password="a"), name="t"
@@ -192,8 +194,6 @@ async def test_a_subject_the_user_may_not_publish_to_is_a_permission_refusal(
         finally:
             await limited.close()
             await admin.close()
-    finally:
-        server.stop()
 
 
 async def test_the_error_table_by_err_code() -> None:

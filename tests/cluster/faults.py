@@ -162,14 +162,10 @@ def host_of(d: Deployment, pid: int) -> str:
     return next((name for name in CONTROL if d.lab[name].namespace == out), out or "?")
 
 
-async def lose_active_control_host(d: Deployment, workload: Workload) -> Fault:
-    """The host of the active committer loses power (its link down, every process on it
-    SIGKILLed); timed until the other host's committer holds the lease. Then the host comes back
-    and its `datumflow up` starts again, standing by for the next loss."""
-    active = await eventually(
-        lambda: lease_holder(d, "committer"), timeout=60, what="an active committer"
-    )
-    name = host_of(d, active.pid)
+async def power_off(d: Deployment, name: str, active: LeaseInfo) -> tuple[LeaseInfo, float]:
+    """Host `name` loses power: its link goes down (nothing it sends gets out) and every process
+    on it is SIGKILLed. Until another committer than `active` holds the lease: that one's lease,
+    and the seconds the takeover took."""
     host = d.lab[name]
     down = time.monotonic()
     host.cut()
@@ -181,8 +177,20 @@ async def lose_active_control_host(d: Deployment, workload: Workload) -> Fault:
         interval=0.1,
         what="another committer to take the lease",
     )
-    takeover = time.monotonic() - down
-    host.heal()
+    return new, time.monotonic() - down
+
+
+async def lose_active_control_host(d: Deployment, workload: Workload) -> Fault:
+    """The host of the active committer loses power (`power_off`); timed until the other host's
+    committer holds the lease. Then the host comes back and its `datumflow up` starts again,
+    standing by for the next loss."""
+    active = await eventually(
+        lambda: lease_holder(d, "committer"), timeout=60, what="an active committer"
+    )
+    name = host_of(d, active.pid)
+    down = time.monotonic()
+    new, takeover = await power_off(d, name, active)
+    d.lab[name].heal()
     # Left by the `up` that was killed: the new one is known to have started once it writes its own.
     (d.root / name / "instance.json").unlink(missing_ok=True)
     await workload.up(name)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.deployment import CONTROL, Deployment, Workload
-from tests.cluster.faults import host_of, lease_holder
+from tests.cluster.faults import host_of, lease_holder, power_off
 from tests.helpers import eventually
 
 # Two control planes and a job of 200 datums of 1.5 s through the loss of one: about three minutes
@@ -66,21 +66,10 @@ async def test_a_job_survives_the_loss_of_the_host_of_the_active_control_plane(
     assert host_of(d, active.pid) == first
     assert planned_on(d, (await job.info()).id) == [first]  # type: ignore[union-attr]
 
-    host = d.lab[first]
     before = await job.processed()
     assert before < DATUMS, "the job ended before the fault"
     down = time.monotonic()
-    host.cut()
-    host.kill_all()
-
-    new = await eventually(
-        lambda: lease_holder(d, "committer"),
-        until=lambda lease: lease is not None and lease.holder != active.holder,
-        timeout=60,
-        interval=0.1,
-        what="another committer to take the lease",
-    )
-    takeover = time.monotonic() - down
+    new, takeover = await power_off(d, first, active)
     assert host_of(d, new.pid) == survivor
     await job.reach(before + 1, timeout=120)
     next_datum = time.monotonic() - down
