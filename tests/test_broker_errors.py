@@ -26,7 +26,7 @@ from nats.js.api import (
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, connect
-from datumflow.broker.consumer import consume
+from datumflow.broker.consumer import Handler, consume
 from datumflow.broker.kv import Records
 from datumflow.broker.lag import consumer_lag
 from datumflow.broker.messages import DeadLetter
@@ -246,6 +246,28 @@ async def incoming(broker: Broker) -> AsyncIterator[None]:
     yield
 
 
+@contextlib.asynccontextmanager
+async def consuming(broker: Broker, handle: Handler) -> AsyncIterator[None]:
+    """`consume` running with `handle` on the incoming stream, stopped on the way out."""
+    stop = asyncio.Event()
+    run = asyncio.create_task(
+        consume(
+            broker,
+            stream=IN_STREAM,
+            durable=IN_DURABLE,
+            function=FUNCTION,
+            handle=handle,
+            stop=stop,
+        )
+    )
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(run, 10)
+
+
 async def _letters(broker: Broker) -> list[DeadLetter]:
     out: list[DeadLetter] = []
     async for msgs in read_subjects(
@@ -268,18 +290,7 @@ async def test_a_handler_meeting_a_refusal_dead_letters_its_message(
         await broker.publish(SMALL_SUBJECT, msg.data * 100, msg_id="out")  # too large
 
     await broker.publish("in.a", b"event", msg_id="in-a")
-    stop = asyncio.Event()
-    run = asyncio.create_task(
-        consume(
-            broker,
-            stream=IN_STREAM,
-            durable=IN_DURABLE,
-            function=FUNCTION,
-            handle=handle,
-            stop=stop,
-        )
-    )
-    try:
+    async with consuming(broker, handle):
         letters = await eventually(lambda: _letters(broker), timeout=20, what="a dead letter")
         assert [letter.subject for letter in letters] == ["in.a"]
         assert SMALL_SUBJECT in letters[0].reason and "err_code 10054" in letters[0].reason
@@ -294,10 +305,6 @@ async def test_a_handler_meeting_a_refusal_dead_letters_its_message(
         assert len(handled) == 1
         info = await broker.js.consumer_info(IN_STREAM, IN_DURABLE)
         assert info.num_redelivered == 0
-    finally:
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(run, 10)
 
 
 async def test_a_handler_meeting_a_missing_bucket_waits_for_it_not_dead_letters(
@@ -315,18 +322,7 @@ async def test_a_handler_meeting_a_missing_bucket_waits_for_it_not_dead_letters(
         handled.append(head.last_job if head else "")
 
     await broker.publish("in.a", b"event", msg_id="in-a")
-    stop = asyncio.Event()
-    run = asyncio.create_task(
-        consume(
-            broker,
-            stream=IN_STREAM,
-            durable=IN_DURABLE,
-            function=FUNCTION,
-            handle=handle,
-            stop=stop,
-        )
-    )
-    try:
+    async with consuming(broker, handle):
         await eventually(lambda: len(tries) >= 1, timeout=10, what="a first try")
         await broker.js.create_key_value(KeyValueConfig(bucket="late"))
         await Records(broker, bucket="late", type=JobHead).put(
@@ -338,7 +334,3 @@ async def test_a_handler_meeting_a_missing_bucket_waits_for_it_not_dead_letters(
 
         await eventually(done, timeout=MISSING_DELAY + 10, what="the message handled")
         assert await _letters(broker) == []
-    finally:
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(run, 10)
