@@ -46,6 +46,19 @@ async def _worker_consumer(broker: Broker, name: str) -> str:
     return subjects.worker_consumer(name)
 
 
+async def result_arrives(broker: Broker, puller: Puller, *, wait: float) -> float:
+    """Seconds from a result's publish to the committer's fetches returning it (then acked)."""
+    sent = time.monotonic()
+    await broker.js.publish(subjects.result("p", "j"), b"{}", headers={"Nats-Msg-Id": "r"})
+    msgs: list[Msg] = []
+    while not msgs and time.monotonic() - sent < 10:
+        msgs = await puller.fetch(batch=64, wait=wait, linger=0.05)
+    arrived = time.monotonic() - sent
+    assert len(msgs) == 1
+    await ack(msgs)
+    return arrived
+
+
 async def test_an_idle_worker_sends_one_request_per_wait_and_gets_the_next_datums_at_once(
     broker: Broker,
 ) -> None:
@@ -102,14 +115,7 @@ async def test_an_open_request_is_sent_once_per_wait_and_still_brings_the_next_m
         # to be taken for the end of the next request, which was sent again at once.
         assert len(requests) <= elapsed / 0.25 + 2, f"{len(requests)} requests in {elapsed:.2f}s"
 
-        sent = time.monotonic()
-        await broker.js.publish(subjects.result("p", "j"), b"{}", headers={"Nats-Msg-Id": "r"})
-        msgs: list[Msg] = []
-        while not msgs and time.monotonic() - sent < 10:
-            msgs = await puller.fetch(batch=64, wait=0.25, linger=0.05)
-        assert len(msgs) == 1
-        assert time.monotonic() - sent < 1.0
-        await ack(msgs)
+        assert await result_arrives(broker, puller, wait=0.25) < 1.0
     finally:
         await puller.close()
 
@@ -139,13 +145,6 @@ async def test_a_status_lost_with_the_connection_does_not_hide_the_end_of_a_late
         await ensure_topology(broker)
         assert await fetching == []
         assert time.monotonic() - started < 3.0, "the 409 taken for the lost 408"
-        sent = time.monotonic()
-        await broker.js.publish(subjects.result("p", "j"), b"{}", headers={"Nats-Msg-Id": "r"})
-        msgs: list[Msg] = []
-        while not msgs and time.monotonic() - sent < 10:
-            msgs = await puller.fetch(batch=64, wait=5.0, linger=0.05)
-        assert len(msgs) == 1
-        assert time.monotonic() - sent < 3.0
-        await ack(msgs)
+        assert await result_arrives(broker, puller, wait=5.0) < 3.0
     finally:
         await puller.close()
