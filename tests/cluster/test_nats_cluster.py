@@ -9,7 +9,6 @@ The hosts are network namespaces (tests/hosts.py): this needs root and iproute2.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from pathlib import Path
@@ -18,8 +17,7 @@ import pytest
 
 from datumflow.broker import subjects
 from tests.cluster import faults
-from tests.cluster.deployment import ACK_WAIT, Deployment, Workload
-from tests.helpers import eventually
+from tests.cluster.deployment import Deployment, Workload
 from tests.natscluster import stream_info
 
 # A job of a few hundred datums through a fault and its recovery: about a minute when the machine
@@ -65,46 +63,6 @@ async def test_a_job_survives_the_sigkill_of_its_stream_leader_then_its_consumer
         figures.seconds,
     )
     await faults.rejoin(d, d.nats.node(consumer_fault.node))
-
-
-async def test_late_results_of_a_worker_host_cut_off_change_nothing(
-    deployment: Deployment, tmp_path: Path
-) -> None:
-    """The host of two workers is cut off the network for longer than ack_wait while they hold
-    datums: those are given to the workers of another host, the job ends without them, and when
-    the host comes back its late results and acks (which NATS accepts) change nothing."""
-    d = deployment
-    # A tenth of a second per datum: the workers of the cut host surely hold one when it is cut.
-    workload = await Workload.start(d, tmp_path, sleep=0.1)
-    job = await workload.job(DATUMS, seed=12)
-
-    await job.reach(DATUMS // 5)
-    w1 = d.lab["w1"]
-    w1.cut()
-    cut = time.monotonic()
-    before = await asyncio.to_thread(faults.from_host, d.nats, w1.address)
-    info = await job.wait(timeout=120)
-    assert time.monotonic() - cut > float(ACK_WAIT), "the job ended before a redelivery"
-    w1.heal()
-    await eventually(
-        lambda: asyncio.to_thread(lambda: faults.from_host(d.nats, w1.address) > before),
-        # The cut-off clients find their servers again only after giving the old connection up.
-        timeout=120,
-        what="the cut-off host's late messages to reach the broker",
-    )
-    figures = await job.verify(
-        info, scenario="worker host cut off past ack_wait", faults={"worker host link cut": 1}
-    )
-    # The datums the cut-off workers held ran twice, once there and once elsewhere.
-    assert figures.rerun_datums >= 1, figures
-    assert await job.info() == info
-    log.warning(
-        "worker host cut for %.1fs; %d datums ran twice; job of %d datums in %.1fs",
-        time.monotonic() - cut,
-        figures.rerun_datums,
-        DATUMS,
-        figures.seconds,
-    )
 
 
 async def test_a_job_survives_its_stream_leader_partitioned_for_30s(
