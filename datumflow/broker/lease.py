@@ -93,7 +93,10 @@ class Lease:
         async with broker_errors(f"taking the {self.name} lease"):
             try:
                 revision = await asyncio.wait_for(kv.create(self.name, payload), ATTEMPT)
-            except KeyWrongLastSequenceError:
+            except (KeyWrongLastSequenceError, KeyNotFoundError):
+                # Held by another; or held a moment ago and expired while the client looked at
+                # it (a create that finds a key reads it, and the read finds it gone): either
+                # way not ours now, and tried again at the next round.
                 return False
             except TRANSIENT:
                 # The write may have been applied with its answer lost: then the key is ours.
