@@ -24,6 +24,7 @@ import nats
 from nats.js import JetStreamContext
 
 from datumflow.broker import subjects
+from datumflow.broker.connection import Broker
 from datumflow.broker.messages import DatumResult, DatumResults, DeadLetter, FileRef
 from datumflow.broker.records import JobInfo
 from datumflow.broker.streams import read_subjects
@@ -375,6 +376,17 @@ async def results_of(cluster: Cluster, pipeline: str, job: str = "") -> list[Dat
                     else:
                         out.append(msgspec.json.decode(msg.data, type=DatumResult))
     return [r for r in out if not job or r.job == job]
+
+
+async def dead_letters_now(broker: Broker, function: str) -> list[DeadLetter]:
+    """The dead letters of `function` in the dead-letter stream now, oldest first (read as
+    `list datum` reads results: without waiting for more)."""
+    out: list[DeadLetter] = []
+    async for msgs in read_subjects(
+        broker, stream=subjects.DEAD_STREAM, filters=[subjects.dead(function)], what="test"
+    ):
+        out += [msgspec.json.decode(m.data, type=DeadLetter) for m in msgs]
+    return out
 
 
 async def dead_letters(

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import msgspec
 import pytest
 import pytest_asyncio
 from nats.js.api import (
@@ -47,7 +46,7 @@ from datumflow.errors import (
 )
 from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.settings import Settings
-from tests.helpers import eventually
+from tests.helpers import dead_letters_now, eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -269,12 +268,7 @@ async def consuming(broker: Broker, handle: Handler) -> AsyncIterator[None]:
 
 
 async def _letters(broker: Broker) -> list[DeadLetter]:
-    out: list[DeadLetter] = []
-    async for msgs in read_subjects(
-        broker, stream=subjects.DEAD_STREAM, filters=[subjects.dead(FUNCTION)], what="test"
-    ):
-        out += [msgspec.json.decode(m.data, type=DeadLetter) for m in msgs]
-    return out
+    return await dead_letters_now(broker, FUNCTION)
 
 
 async def test_a_handler_meeting_a_refusal_dead_letters_its_message(

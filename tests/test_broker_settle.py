@@ -9,7 +9,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-import msgspec
 import pytest
 import pytest_asyncio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
@@ -19,11 +18,10 @@ from datumflow.broker.connection import Broker, connect
 from datumflow.broker.messages import DeadLetter
 from datumflow.broker.pull import Puller
 from datumflow.broker.settle import UNEXPECTED_DELAY, Msg, keep_alive, settle
-from datumflow.broker.streams import read_subjects
 from datumflow.errors import BrokerError, PermanentError, TemporaryError
 from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.settings import Settings
-from tests.helpers import eventually
+from tests.helpers import dead_letters_now, eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -85,12 +83,7 @@ async def _none_pending(broker: Broker) -> bool:
 
 
 async def _letters(broker: Broker) -> list[DeadLetter]:
-    out: list[DeadLetter] = []
-    async for msgs in read_subjects(
-        broker, stream=subjects.DEAD_STREAM, filters=[subjects.dead(FUNCTION)], what="test"
-    ):
-        out += [msgspec.json.decode(m.data, type=DeadLetter) for m in msgs]
-    return out
+    return await dead_letters_now(broker, FUNCTION)
 
 
 async def test_handled_messages_are_acked_one_or_a_batch(broker: Broker, puller: Puller) -> None:
