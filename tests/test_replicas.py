@@ -100,7 +100,7 @@ async def test_an_r1_topology_is_upgraded_in_place(nats_cluster: NatsCluster) ->
         # More than the cluster has servers: refused at the first stream, naming it and what to
         # do, and no stream is changed.
         with pytest.raises(TopologyRefused) as refused:
-            await ensure_topology(five)
+            await ensure_topology(five, patience=1.0)
         text = str(refused.value)
         assert f"stream {subjects.COMMITS_STREAM} has 1 replica(s)" in text
         assert "at least 5 nats-servers" in text and "DATUMFLOW_REPLICAS" in text
@@ -130,6 +130,37 @@ async def test_an_r1_topology_is_upgraded_in_place(nats_cluster: NatsCluster) ->
     finally:
         for broker in (one, three, five):
             await broker.close()
+
+
+async def test_streams_declared_before_the_last_server_joins_wait_for_it(tmp_path: Path) -> None:
+    """A function started while the cluster is still gathering its servers (two of three up, as
+    when pods start in any order): the cluster answers "no suitable peers for placement" to a
+    stream of three replicas until the third joins. The declaration waits for it, rather than
+    failing the function's start; a cluster that never gets the servers is refused, saying so."""
+    cluster = NatsCluster.on_loopback(tmp_path / "nats")
+    *early, late = cluster.nodes
+    broker: Broker | None = None
+    try:
+        for node in early:
+            cluster.start_node(node)
+        await cluster.wait_healthy()
+        broker = await connect(
+            settings=Settings(nats_url=",".join(n.url for n in early), replicas=3), name="early"
+        )
+        # Refused, saying what to do, when the servers do not come in time.
+        with pytest.raises(TopologyRefused, match="no suitable peers for placement"):
+            await ensure_topology(broker, patience=1.0)
+
+        declaring = asyncio.create_task(ensure_topology(broker))
+        done, _ = await asyncio.wait({declaring}, timeout=3)
+        assert not done, "the declaration gave up while the cluster was gathering its servers"
+        cluster.start_node(late)
+        await asyncio.wait_for(declaring, timeout=60)
+        assert set((await replicas(broker)).values()) == {3}
+    finally:
+        if broker is not None:
+            await broker.close()
+        cluster.stop()
 
 
 async def test_a_url_of_several_servers_reconnects_to_a_survivor(nats_cluster: NatsCluster) -> None:

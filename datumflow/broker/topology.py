@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 
 from nats.js.api import (
@@ -26,10 +27,16 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import TRANSIENT, Broker, broker_errors
+from datumflow.broker.nats_errors import NOT_NOW
 from datumflow.errors import BrokerError, TopologyRefused
 from datumflow.spec import PipelineSpec, input_leaves
 
+log = logging.getLogger(__name__)
+
 DAY = 24 * 3600.0
+LEADER_PATIENCE = 30.0
+"""Seconds a replicated stream just created or upgraded may take to elect its first leader, and
+that declaring one waits for a cluster still gathering its servers."""
 # The planner and committer heartbeat or finish well inside this; a crashed one's message comes
 # back to its restarted self after at most this long.
 CONTROL_ACK_WAIT = 10.0
@@ -132,22 +139,26 @@ SHARED_CONSUMERS = [
 ]
 
 
-async def ensure_topology(broker: Broker, *, replicas: int | None = None) -> None:
+async def ensure_topology(
+    broker: Broker, *, replicas: int | None = None, patience: float = LEADER_PATIENCE
+) -> None:
     """Create or update every stream, bucket and shared consumer, each kept on `replicas` servers
-    (the broker's setting, DATUMFLOW_REPLICAS, unless given)."""
+    (the broker's setting, DATUMFLOW_REPLICAS, unless given); waiting up to `patience` seconds
+    for the cluster to answer, or to have the servers to place them on."""
     replicas = broker.replicas if replicas is None else replicas
     async with broker_errors("declaring streams and buckets"):
         await refuse_unkeepable(broker, replicas=replicas)
         for config in STREAMS:
-            await ensure_stream(broker, config, replicas=replicas)
+            await ensure_stream(broker, config, replicas=replicas, patience=patience)
         for bucket in BUCKETS:
-            await ensure_bucket(broker, bucket, replicas=replicas)
+            await ensure_bucket(broker, bucket, replicas=replicas, patience=patience)
         for stream, consumer in SHARED_CONSUMERS:
             # A durable consumer left at 0 replicas takes its stream's, and the server scales it
             # with the stream when that is upgraded: one setting for both.
             await _patiently(
                 f"declaring consumer {consumer.durable_name}",
                 functools.partial(broker.js.add_consumer, stream, consumer),
+                patience=patience,
             )
 
 
@@ -173,10 +184,6 @@ async def refuse_unkeepable(broker: Broker, *, replicas: int) -> None:
             " one copy of each stream: set DATUMFLOW_REPLICAS=1, or point DATUMFLOW_NATS_URL at"
             f" a cluster of at least {replicas} nats-servers with JetStream"
         )
-
-
-LEADER_PATIENCE = 30.0
-"""Seconds a replicated stream just created or upgraded may take to elect its first leader."""
 
 
 async def stream_info(broker: Broker, stream: str, *, leader: bool = False) -> StreamInfo | None:
@@ -212,7 +219,9 @@ async def replicas_of(broker: Broker, stream: str) -> int:
     return 0 if info is None else info.config.num_replicas or 1
 
 
-async def ensure_stream(broker: Broker, config: StreamConfig, *, replicas: int) -> None:
+async def ensure_stream(
+    broker: Broker, config: StreamConfig, *, replicas: int, patience: float = LEADER_PATIENCE
+) -> None:
     """Declare `config` with at least `replicas` replicas, upgrading an existing stream in place."""
     name = config.name or ""
     have = await replicas_of(broker, name)
@@ -221,12 +230,14 @@ async def ensure_stream(broker: Broker, config: StreamConfig, *, replicas: int) 
     async def declare() -> None:
         try:
             await broker.js.add_stream(config)
-        except BadRequestError:
+        except BadRequestError as exc:
+            if exc.err_code in NOT_NOW:
+                raise  # the cluster cannot place it yet: waited for by _patiently
             # Same name, different config (an older datumflow, fewer replicas): bring it up to date.
             await broker.js.update_stream(config)
 
     try:
-        await _patiently(f"declaring stream {name}", declare)
+        await _patiently(f"declaring stream {name}", declare, patience=patience)
     except APIError as exc:
         if have >= replicas:
             raise  # not about replicas
@@ -235,7 +246,9 @@ async def ensure_stream(broker: Broker, config: StreamConfig, *, replicas: int) 
         await stream_info(broker, name, leader=True)
 
 
-async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int) -> None:
+async def ensure_bucket(
+    broker: Broker, config: KeyValueConfig, *, replicas: int, patience: float = LEADER_PATIENCE
+) -> None:
     """Declare a KV bucket with at least `replicas` replicas, upgrading an existing one in place."""
     stream = subjects.kv_stream(config.bucket)
     info = await stream_info(broker, stream)
@@ -246,12 +259,16 @@ async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int
         if info is None:
             bucket = dataclasses.replace(config, replicas=replicas)
             await _patiently(
-                f"declaring bucket {config.bucket}", lambda: broker.js.create_key_value(bucket)
+                f"declaring bucket {config.bucket}",
+                lambda: broker.js.create_key_value(bucket),
+                patience=patience,
             )
         else:
             upgraded = dataclasses.replace(info.config, num_replicas=replicas)
             await _patiently(
-                f"declaring bucket {config.bucket}", lambda: broker.js.update_stream(upgraded)
+                f"declaring bucket {config.bucket}",
+                lambda: broker.js.update_stream(upgraded),
+                patience=patience,
             )
     except APIError as exc:
         raise _refused(stream, have=have, replicas=replicas, exc=exc) from exc
@@ -259,13 +276,18 @@ async def ensure_bucket(broker: Broker, config: KeyValueConfig, *, replicas: int
         await stream_info(broker, stream, leader=True)
 
 
-async def _patiently(what: str, call: Callable[[], Awaitable[object]]) -> None:
-    """Call `call` until the broker answers it, for up to LEADER_PATIENCE seconds: JetStream
+async def _patiently(
+    what: str, call: Callable[[], Awaitable[object]], *, patience: float = LEADER_PATIENCE
+) -> None:
+    """Call `call` until the broker answers it, for up to `patience` seconds: JetStream
     answers "temporarily unavailable" while its servers re-form a cluster (a server back from a
-    partition), and nobody answers about a stream while it elects a leader."""
+    partition), nobody answers about a stream while it elects a leader, and a cluster that has
+    just lost sight of a server (restarting, or not yet joined) answers "no suitable peers for
+    placement" to a stream it could place once that server is back."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + LEADER_PATIENCE
+    deadline = loop.time() + patience
     delay = 0.1
+    waiting = False
     while True:
         try:
             await call()
@@ -273,9 +295,21 @@ async def _patiently(what: str, call: Callable[[], Awaitable[object]]) -> None:
         except TRANSIENT as exc:
             if loop.time() > deadline:
                 raise BrokerError(
-                    f"{what}: the broker did not answer for {LEADER_PATIENCE:.0f}s"
+                    f"{what}: the broker did not answer for {patience:.0f}s"
                     f" ({type(exc).__name__}); check that a majority of its servers are up"
                 ) from exc
+        except APIError as exc:
+            if exc.err_code not in NOT_NOW or loop.time() > deadline:
+                raise  # a refusal, or no server came: the caller says what to do
+            if not waiting:
+                waiting = True
+                log.warning(
+                    "%s: the cluster cannot place it yet (%s); waiting up to %.0fs for its"
+                    " servers to join",
+                    what,
+                    exc.description,
+                    patience,
+                )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
 
