@@ -2,9 +2,9 @@
 deployment.py: its datums are redone on another host, the job ends, and when the host comes back its
 late results and acks change nothing.
 
-In a module of its own so that pytest-xdist runs it beside test_nats_cluster.py, not after it: it
-is the longest of the cluster tests (a worker's upload to S3 caught by the cut waits for TCP to
-retransmit once the link is back, up to a minute more).
+In a module of its own so that pytest-xdist runs it beside test_nats_cluster.py, not after it: on
+a loaded machine it is the longest of the cluster tests (a worker's upload to S3 caught by the cut
+may wait for TCP to retransmit once the link is back).
 """
 
 from __future__ import annotations
