@@ -30,7 +30,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, broker_errors
-from datumflow.broker.topology import ensure_stream
+from datumflow.broker.declare import ensure_stream
 
 log = logging.getLogger(__name__)
 
