@@ -200,13 +200,19 @@ async def test_colliding_outputs_fail_the_job(cluster: Cluster, tmp_path: Path) 
     assert await output_files(cluster, "same-path") == {}
 
 
-async def test_job_timeout_kills_the_job_and_its_queue(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sets", [0, 4], ids=["single-datums", "sets-of-4"])
+async def test_job_timeout_kills_the_job_and_its_queue(
+    cluster: Cluster, tmp_path: Path, sets: int
+) -> None:
+    """Killed past job_timeout, a job's queued datums are removed, and its datums in a worker's
+    hands (a set of four) are dropped unrun: only the datum whose process had started finishes."""
+    pipeline, repo = f"bounded{sets}", f"timed{sets}"
     marks = tmp_path / "marks"
     marks.mkdir()
     # Datums of files named s* wait for the test's go; the others run at once.
     spec = {
-        "pipeline": {"name": "bounded"},
-        "input": {"pfs": {"repo": "timed", "name": "in", "glob": "/*"}},
+        "pipeline": {"name": pipeline},
+        "input": {"pfs": {"repo": repo, "name": "in", "glob": "/*"}},
         "transform": {
             "cmd": [
                 "sh",
@@ -218,19 +224,22 @@ async def test_job_timeout_kills_the_job_and_its_queue(cluster: Cluster, tmp_pat
             "env": {"MARKS": str(marks), "GO": str(tmp_path / "go")},
         },
     }
-    await put_files(cluster, "timed", {"/f0": b"fast"})
+    if sets:
+        spec["datum_set_spec"] = {"number": sets}
+    await put_files(cluster, repo, {"/f0": b"fast"})
     create_pipeline(cluster, tmp_path, spec)
     # The clock runs from the job's start, worker start-up included: set the timeout once the
     # worker is up, so that a slow machine cannot kill a job before its first datum.
-    await wait_job_done(cluster, "bounded")
+    await wait_job_done(cluster, pipeline)
     create_pipeline(cluster, tmp_path, {**spec, "job_timeout": "3s"}, update=True)
-    first = (await wait_job_done(cluster, "bounded", count=2))[0]
+    first = (await wait_job_done(cluster, pipeline, count=2))[0]
     assert (first.version, first.state, first.data_skipped) == (2, "success", 1), first.reason
 
-    # Four waiting datums and one worker: the job is killed with one datum in hand, three queued.
-    await commit(cluster, "timed", {f"/s{i}": b"slow" for i in range(1, 5)}, deletes=["/f0"])
+    # Four datums and one worker: the job is killed with one datum running and three queued, or
+    # (sets of four) waiting their turn in the worker's hands.
+    await commit(cluster, repo, {f"/s{i}": b"slow" for i in range(1, 5)}, deletes=["/f0"])
     await eventually(lambda: "start-s1" in marks_of(marks), what="s1 to start")
-    killed = (await wait_job_done(cluster, "bounded", count=3, timeout=30))[0]
+    killed = (await wait_job_done(cluster, pipeline, count=3, timeout=30))[0]
     assert killed.state == "killed"
     assert killed.reason == (
         "job_timeout: the job ran longer than 3s and was killed; 0 of 4 datums were done"
@@ -241,14 +250,16 @@ async def test_job_timeout_kills_the_job_and_its_queue(cluster: Cluster, tmp_pat
     # The datum in hand finishes after all; its late result changes nothing.
     (tmp_path / "go").touch()
     await eventually(lambda: "end-s1" in marks_of(marks), what="s1 to finish")
-    # The next commit gets a job of its own, which runs at once: the killed job's queued datums
-    # were removed, or the one worker would go through them first.
-    await commit(cluster, "timed", {"/f1": b"fast"}, deletes=[f"/s{i}" for i in range(1, 5)])
-    last = (await wait_job_done(cluster, "bounded", count=4, timeout=30))[0]
+    # The next commit gets a job of its own, which runs at once: the killed job's other datums
+    # were removed from the queue or dropped unrun, or the one worker would go through them first.
+    await commit(cluster, repo, {"/f1": b"fast"}, deletes=[f"/s{i}" for i in range(1, 5)])
+    last = (await wait_job_done(cluster, pipeline, count=4, timeout=30))[0]
     assert last.state == "success", last.reason
-    assert await output_files(cluster, "bounded") == {"/f1": b"fast"}
+    assert await output_files(cluster, pipeline) == {"/f1": b"fast"}
     assert marks_of(marks) == ["end-f0", "end-f1", "end-s1", "start-f0", "start-f1", "start-s1"]
-    after = {j.id: j for j in await jobs_of(cluster, "bounded")}[killed.id]
+    after = {j.id: j for j in await jobs_of(cluster, pipeline)}[killed.id]
     assert after == killed
-    states = {d["files"][0]["path"]: d["state"] for d in datums_of(cluster, f"bounded@{killed.id}")}
+    states = {
+        d["files"][0]["path"]: d["state"] for d in datums_of(cluster, f"{pipeline}@{killed.id}")
+    }
     assert states == {"/s1": "killed", "/s2": "killed", "/s3": "killed", "/s4": "killed"}

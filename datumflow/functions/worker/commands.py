@@ -13,6 +13,7 @@ import contextvars
 import os
 import shutil
 import time
+from collections.abc import Container
 from pathlib import Path
 
 from datumflow.broker import subjects
@@ -22,6 +23,7 @@ from datumflow.broker.records import PipelineInfo
 from datumflow.errors import PermanentError
 from datumflow.functions.worker import sandbox
 from datumflow.functions.worker.attempt import MakeResult, Retry, upload
+from datumflow.functions.worker.ended_jobs import JobEnded
 from datumflow.functions.worker.spawner import Spawner
 from datumflow.spec import parse_duration
 from datumflow.storage.base import ObjectStore, reads_in_place
@@ -40,6 +42,7 @@ class Commands:
         mode: str,
         run_as: sandbox.RunAs | None = None,
         fast: bool = True,
+        ended: Container[str] = (),
     ) -> None:
         self.broker = broker
         self.store = store
@@ -48,6 +51,8 @@ class Commands:
         """The sandbox's pfs mode (sandbox.choose_mode): where the layout is."""
         self.run_as = run_as
         """(uid, gid) the commands run as; None: as the worker."""
+        self.ended = ended
+        """Jobs ended (functions.worker.ended_jobs): a datum of one is not run."""
         self.spawner = Spawner.create(mode=mode) if fast else None
         """Starts each datum's process on subprocess's fast path (functions.worker.spawner);
         None where this machine has no `setpriv`: each is then forked with a preexec_fn."""
@@ -82,8 +87,11 @@ class Commands:
         """Download, run, upload one datum; raises Retry when the attempt failed and tries
         remain. The worker's datums may download and upload side by side
         (functions.worker.overlap), but their user code runs one datum at a time: TURN's event,
-        if any, is set once this datum's has its turn."""
+        if any, is set once this datum's has its turn. Raises JobEnded, before its user code
+        starts, for a datum whose job has ended (killed while the datum waited)."""
         spec = info.spec
+        if task.job in self.ended:
+            raise JobEnded(f"job {task.job} has ended")
         stats = DatumStats()
         workdir = self._layouts.pop() if self._layouts else self._new_layout()
         layout = Path("/pfs") if self.mode == "direct" else workdir / "pfs"
@@ -99,6 +107,8 @@ class Commands:
             async with self._turn:
                 if (turn := TURN.get()) is not None:
                     turn.set()
+                if task.job in self.ended:
+                    raise JobEnded(f"job {task.job} ended while the datum waited its turn")
                 outcome = await self.user_code(
                     task, info, layout, spec.transform.cmd, spec.transform.stdin
                 )

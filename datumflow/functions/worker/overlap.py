@@ -35,8 +35,9 @@ def overlaps(info: PipelineInfo, commands: Commands) -> bool:
 def adaptive_sets(info: PipelineInfo) -> bool:
     """Whether a worker's sets hold a fraction of a second of work (functions.worker.batch): a
     function's and a batching session's. A command's sets stay single datums unless the spec asks
-    otherwise (`datum_set_spec`): a datum in hand runs even once its job is killed, and a job
-    timeout is to stop a job's work at once, the datum in hand alone excepted."""
+    otherwise (`datum_set_spec`): a datum whose process kills its worker would take with it the
+    result of the datum before it, still being stored, and the datums after it in its set would
+    count that death as an attempt of theirs."""
     transform = info.spec.transform
     return bool(transform.function) or transform.datum_batching
 

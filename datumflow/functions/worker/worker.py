@@ -24,7 +24,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Protocol
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
@@ -32,7 +31,7 @@ from datumflow.broker.consumer import decode
 from datumflow.broker.messages import DatumResult, DatumTask
 from datumflow.broker.pull import Puller
 from datumflow.broker.records import PipelineInfo
-from datumflow.broker.settle import Msg, delivered, settle
+from datumflow.broker.settle import Msg, ack, delivered, settle
 from datumflow.broker.streams import pending
 from datumflow.errors import BrokerError, NotFound, PermanentError, TemporaryError
 from datumflow.functions.worker import inprocess, sandbox
@@ -42,8 +41,10 @@ from datumflow.functions.worker.batch import BatchSizer, Heartbeat
 from datumflow.functions.worker.batched import Batched
 from datumflow.functions.worker.calls import Functions, local_objects
 from datumflow.functions.worker.commands import Commands
+from datumflow.functions.worker.ended_jobs import EndedJobs, JobEnded
 from datumflow.functions.worker.handback import attempt_of, hand_back, spent
 from datumflow.functions.worker.overlap import adaptive_sets, overlapped, overlaps
+from datumflow.functions.worker.pod_cost import DeletionCostMarker, NoPodDeletionCost
 from datumflow.functions.worker.reporter import Reporter
 from datumflow.functions.worker.sandbox import user_code_run_as
 from datumflow.metrics import current as current_metrics
@@ -56,22 +57,6 @@ from datumflow.storage.base import ObjectStore
 log = logging.getLogger(__name__)
 
 Item = tuple[Msg, DatumTask]
-
-
-class Busy(Protocol):
-    """Marks the worker busy or idle where that matters (a pod's deletion cost)."""
-
-    async def busy(self) -> None: ...
-
-    async def idle(self) -> None: ...
-
-
-class _NotInAPod:
-    async def busy(self) -> None:
-        return None
-
-    async def idle(self) -> None:
-        return None
 
 
 class _Set:
@@ -103,7 +88,7 @@ class Worker:
         ack_wait: float,
         pfs_mode: PfsMode = "auto",
         grace: float = 20.0,
-        marker: Busy | None = None,
+        marker: DeletionCostMarker | None = None,
         user_code_user: str = "",
     ) -> None:
         self.broker = broker
@@ -114,12 +99,18 @@ class Worker:
         self.grace = grace
         self.mode = sandbox.choose_mode(pfs_mode)
         run_as = user_code_run_as(user=user_code_user, wanted=pfs_mode, mode=self.mode)
+        self.ended = EndedJobs(broker, pipeline=pipeline)
         self.commands = Commands(
-            broker=broker, store=store, scratch=scratch, mode=self.mode, run_as=run_as
+            broker=broker,
+            store=store,
+            scratch=scratch,
+            mode=self.mode,
+            run_as=run_as,
+            ended=self.ended,
         )
         self.functions = Functions(store=store, commands=self.commands, scratch=scratch)
         self.batched = Batched(commands=self.commands, grace=grace)
-        self.marker = marker or _NotInAPod()
+        self.marker = marker or NoPodDeletionCost()
         self._busy: bool | None = None  # unknown: the first mark is always made
         self.pipelines = Pipelines(broker=broker, repos=Repos(broker=broker, store=store))
         self.heartbeat = Heartbeat(every=max(min(ack_wait / 3, 10.0), 0.2))
@@ -140,6 +131,7 @@ class Worker:
         self.scratch.mkdir(parents=True, exist_ok=True)
         log.info("worker for %s started (pfs layout: %s)", self.pipeline, self.mode)
         self.ahead.stop = stop
+        await self.ended.start()
         await self._warm_up()
         try:
             while not stop.is_set():
@@ -150,6 +142,7 @@ class Worker:
                     await self._mark(busy=False)
         finally:
             await self.ahead.hand_back()
+            await self.ended.close()
             await self.reporter.close()
             await self.heartbeat.close()
             await self.ahead.puller.close()
@@ -320,6 +313,12 @@ class Worker:
             result = await self.process(task, info, attempt, number=batch.number)
         except Retry as exc:
             await self._retry(batch, msg, task, attempt, str(exc))
+            return
+        except JobEnded as exc:
+            log.info("datum %s not run: %s", task.datum[:12], exc)
+            batch.settle(msg)
+            self.heartbeat.release(msg)
+            await ack(msg)
             return
         except BrokerError as exc:
             log.warning("datum %s: broker trouble (%s); it will come back", task.datum[:12], exc)
