@@ -203,17 +203,26 @@ async def lose_active_control_host(d: Deployment, workload: Workload) -> Fault:
     )
 
 
-def from_host(nats: NatsCluster, address: str) -> int:
-    """Messages the broker's servers have received from clients at `address` (their /connz)."""
-    total = 0
+def from_host(nats: NatsCluster, address: str) -> dict[tuple[str, int], int]:
+    """Messages each connection from clients at `address` has sent, as the broker's servers
+    count them (their /connz), by (server, connection id). A connection closed since a reading
+    is gone from the next one: compare connection by connection (`sent_since`), never totals."""
+    sent: dict[tuple[str, int], int] = {}
     for node in nats.nodes:
         if not node.running:
             continue
         url = f"http://{node.host}:{node.monitor_port}/connz?limit=1024"
         with urllib.request.urlopen(url, timeout=2) as resp:
             connz = json.load(resp)
-        total += sum(c["in_msgs"] for c in connz.get("connections") or [] if c["ip"] == address)
-    return total
+        for c in connz.get("connections") or []:
+            if c["ip"] == address:
+                sent[(node.name, c["cid"])] = c["in_msgs"]
+    return sent
+
+
+def sent_since(before: dict[tuple[str, int], int], now: dict[tuple[str, int], int]) -> int:
+    """Messages sent between two readings of `from_host`, on connections old and new."""
+    return sum(max(count - before.get(key, 0), 0) for key, count in now.items())
 
 
 def tally(faults: list[Fault]) -> dict[str, int]:
