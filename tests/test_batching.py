@@ -99,6 +99,25 @@ def test_without_a_spec_a_set_holds_about_target_seconds() -> None:
     assert sizer.size() == 1
 
 
+def test_a_jobs_last_datums_are_shared_among_the_workers() -> None:
+    """Near a job's end the sets shrink, so that one worker does not take a whole set of the
+    last datums while the others sit idle."""
+    sizer = BatchSizer(None, parallelism=2)
+    for _ in range(20):
+        sizer.observe(datums=20, seconds=0.2, input_bytes=0)  # 10 ms each: sets of 20
+    assert sizer.size() == 20
+    sizer.waiting(1000)
+    assert sizer.size() == 20
+    sizer.waiting(30)
+    assert sizer.size() == 15
+    sizer.waiting(3)
+    assert sizer.size() == 2
+    sizer.waiting(0)
+    assert sizer.size() == 1
+    sizer.waiting(None)  # not known: as many as the time target says
+    assert sizer.size() == 20
+
+
 def test_a_command_takes_one_datum_at_a_time_unless_told() -> None:
     sizer = BatchSizer(None, parallelism=2, adaptive=False)
     sizer.observe(datums=100, seconds=0.01, input_bytes=0)

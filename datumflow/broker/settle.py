@@ -67,6 +67,18 @@ def delivered(msg: Msg) -> int:
     return msg.metadata.num_delivered  # not a JetStream message: nats-py says so
 
 
+def waiting_after(msg: Msg) -> int | None:
+    """How many messages the consumer had left to deliver once it delivered `msg` (the reply
+    subject says it); None for a message that is not a JetStream delivery."""
+    tokens = (msg.reply or "").split(".")
+    if tokens[:2] == ["$JS", "ACK"]:
+        if len(tokens) == _V1_TOKENS:
+            return int(tokens[8])
+        if len(tokens) >= _V2_TOKENS:
+            return int(tokens[Msg.Ack.NumPending])
+    return None
+
+
 _V1_TOKENS = 9
 """$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>"""
 _V2_TOKENS = 11

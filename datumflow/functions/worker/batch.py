@@ -5,7 +5,8 @@ them without a round trip per datum.
   pending into `parallelism * per_worker` sets; `size_bytes` sizes sets by the input bytes seen so
   far. Without a `datum_set_spec`, an in-process function's sets adapt: a set holds about `TARGET`
   seconds of work, so tiny datums come in hundreds and a datum of a second comes alone (no worker
-  sits on work another could take). A command's sets are single datums unless the spec asks
+  sits on work another could take); and no more than the worker's share of what the queue still
+  holds (each delivery says how much), so a job's last datums are shared among its workers. A command's sets are single datums unless the spec asks
   otherwise; a set it asks for is overlapped (functions.worker.overlap), and a datum of it whose
   job is killed meanwhile is dropped unrun (functions.worker.ended_jobs).
 - `Heartbeat`: one task that sends `in_progress()` for every datum message in hand, well inside
@@ -46,6 +47,8 @@ class BatchSizer:
         """Moving average of the time one datum takes, fetch to result."""
         self._bytes: float | None = None
         """Moving average of one datum's input bytes."""
+        self._waiting: int | None = None
+        """Datums the queue still held after the last fetch (`waiting`); None: not known."""
 
     @property
     def needs_pending(self) -> bool:
@@ -64,7 +67,15 @@ class BatchSizer:
             wanted = 1  # nothing known yet: one datum, and measure it
         else:
             wanted = int(TARGET / max(self._seconds, 1e-6))
+            if self._waiting is not None:
+                # The job's last datums shared among the workers, rather than taken a whole set
+                # by one while the others sit idle: the job ends when its last set does.
+                wanted = min(wanted, math.ceil(self._waiting / self.parallelism))
         return min(max(wanted, 1), MAX_SET)
+
+    def waiting(self, datums: int | None) -> None:
+        """The queue held `datums` more after the set just fetched (None: not known)."""
+        self._waiting = datums
 
     def observe(self, *, datums: int, seconds: float, input_bytes: int) -> None:
         if datums <= 0:

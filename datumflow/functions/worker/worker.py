@@ -31,7 +31,7 @@ from datumflow.broker.consumer import decode
 from datumflow.broker.messages import DatumResult, DatumTask
 from datumflow.broker.pull import Puller
 from datumflow.broker.records import PipelineInfo
-from datumflow.broker.settle import Msg, ack, delivered, settle
+from datumflow.broker.settle import Msg, ack, delivered, settle, waiting_after
 from datumflow.broker.streams import pending
 from datumflow.errors import BrokerError, NotFound, PermanentError, TemporaryError
 from datumflow.functions.worker import inprocess, sandbox
@@ -203,6 +203,7 @@ class Worker:
     async def _set(self, msgs: list[Msg], stop: asyncio.Event) -> None:
         self._sets += 1
         batch = _Set(msgs, self._sets)
+        self.sizer.waiting(waiting_after(msgs[-1]))
         self.heartbeat.hold(msgs)
         await self._mark(busy=True)
         started, waited = time.monotonic(), self.functions.thread.waited()
