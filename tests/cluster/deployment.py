@@ -170,6 +170,7 @@ class Workload:
         self.repo = "data"
         self.marks = tmp_path / "marks"
         self.marks.mkdir(exist_ok=True)
+        self.pace_file = tmp_path / "pace"
         self.jobs = 0
 
     @classmethod
@@ -189,6 +190,13 @@ class Workload:
         for host in control:
             await workload.up(host)
         return workload
+
+    def pace(self, sleep: float) -> None:
+        """Seconds of user code per datum from now on (a job kept running past a fault can go
+        through the rest of its datums faster)."""
+        staged = self.pace_file.with_suffix(".new")
+        staged.write_text(f"{sleep}\n")
+        staged.replace(self.pace_file)  # whole, never half-written, to the datums reading it
 
     async def up(self, host: str) -> None:
         """`datumflow up` on `host`: a control plane (and the local workers) more."""
@@ -214,8 +222,10 @@ class Workload:
                 datum_tries=self.datum_tries,
             )
             if self.sleep:
+                # The pace file, once written (`pace`), sets the sleep of the datums started since.
+                self.pace(self.sleep)
                 spec["transform"]["cmd"][-1] = (
-                    f"sleep {self.sleep}; " + spec["transform"]["cmd"][-1]
+                    f'sleep "$(cat {self.pace_file})"; ' + spec["transform"]["cmd"][-1]
                 )
             create_pipeline(self.d, self.tmp_path, spec)  # type: ignore[arg-type]
             for _ in range(2):
