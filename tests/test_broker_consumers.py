@@ -23,8 +23,10 @@ from tests.helpers import Cluster, create_pipeline, eventually
 
 pytestmark = pytest.mark.asyncio
 
-WINDOW = 20.0
-"""Seconds an idle cluster is watched: the old listing left ~6 consumers a second behind."""
+WINDOW = 8.0
+"""Seconds an idle cluster is watched: the old listing left ~6 consumers a second behind, and
+each of `up`'s loops (pipelines listed every 2 s, a constant pipeline's lag read every 5 s) runs
+in it at least once."""
 
 
 def consumer_count(monitor: str) -> int:
