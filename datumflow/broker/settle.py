@@ -58,24 +58,25 @@ def delivered(msg: Msg) -> int:
     """How many times the stream has delivered `msg` (1 the first time). nats-py's
     `msg.metadata` parses all of the reply subject into dataclasses, a timestamp among them; a
     worker needs this one number for every datum."""
-    tokens = (msg.reply or "").split(".")
-    if tokens[:2] == ["$JS", "ACK"]:
-        if len(tokens) == _V1_TOKENS:
-            return int(tokens[4])
-        if len(tokens) >= _V2_TOKENS:
-            return int(tokens[Msg.Ack.NumDelivered])
-    return msg.metadata.num_delivered  # not a JetStream message: nats-py says so
+    count = _reply_number(msg, v1=4, v2=Msg.Ack.NumDelivered)
+    return msg.metadata.num_delivered if count is None else count  # None: nats-py says why
 
 
 def waiting_after(msg: Msg) -> int | None:
     """How many messages the consumer had left to deliver once it delivered `msg` (the reply
     subject says it); None for a message that is not a JetStream delivery."""
+    return _reply_number(msg, v1=8, v2=Msg.Ack.NumPending)
+
+
+def _reply_number(msg: Msg, *, v1: int, v2: int) -> int | None:
+    """The number at token `v1` (a reply subject of the old form) or `v2` (the new) of a
+    JetStream delivery's reply subject."""
     tokens = (msg.reply or "").split(".")
     if tokens[:2] == ["$JS", "ACK"]:
         if len(tokens) == _V1_TOKENS:
-            return int(tokens[8])
+            return int(tokens[v1])
         if len(tokens) >= _V2_TOKENS:
-            return int(tokens[Msg.Ack.NumPending])
+            return int(tokens[v2])
     return None
 
 
