@@ -31,11 +31,11 @@ may need a turn or two of the loop) before it counts as left behind."""
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """pytest-xdist's `--dist loadfile`, but with every module of tests/cluster/ in one unit: each
-    of those tests runs seven hosts (three nats-servers, S3, datumflow) on the two cores, and two
-    at once, one per xdist process, took three times as long as one after the other. Collected
-    first and sent out in that order (`--no-loadscope-reorder`), the unit starts at once in one
-    process while the other goes through the rest."""
+    """pytest-xdist's `--dist loadfile`, but with every module of tests/cluster/ in one unit, and
+    the long units first: each cluster test runs seven hosts (three nats-servers, S3, datumflow)
+    on the two cores, and two at once, one per xdist process, slowed each other down. The cluster
+    unit starts at once in one process while the other goes through the rest; the quick modules
+    come last, to even out the end."""
     from xdist.scheduler import LoadFileScheduling
 
     class ClusterTogether(LoadFileScheduling):
@@ -44,7 +44,28 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
                 return "tests/cluster"
             return super()._split_scope(nodeid)
 
+        def _assign_work_unit(self, node: object) -> None:
+            # The long modules first, the quick ones last: they fill the end evenly.
+            queue = sorted(self.workqueue.items(), key=lambda unit: -_slowness(unit[0]))
+            self.workqueue.clear()
+            self.workqueue.update(queue)
+            super()._assign_work_unit(node)  # type: ignore[arg-type]
+
     return ClusterTogether(config, log)
+
+
+SLOW_MODULES = ("e2e", "failover", "ingest", "metrics", "browser", "autoscale", "s3", "consumers")
+"""Words in the names of the modules that run a whole `datumflow up` through jobs."""
+
+
+def _slowness(scope: str) -> int:
+    """How early a unit of tests should start: the cluster first, then the fault suite, then the
+    modules that run whole deployments, then the rest."""
+    if scope == "tests/cluster":
+        return 3
+    if scope.startswith("tests/faults/"):
+        return 2
+    return 1 if any(word in scope for word in SLOW_MODULES) else 0
 
 
 # -- no task left behind ------------------------------------------------------------------------
