@@ -1,8 +1,6 @@
 """A worker host cut off the network past `ack_wait`, on the deployment of tests/cluster/
 deployment.py: its datums are redone on another host, the job ends, and when the host comes back its
 late results and acks change nothing.
-
-In a module of its own: it is the longest of the cluster tests.
 """
 
 from __future__ import annotations
