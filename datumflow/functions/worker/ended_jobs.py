@@ -35,7 +35,6 @@ class EndedJobs:
     """The jobs of `pipeline` seen ended since `start`."""
 
     def __init__(self, broker: Broker, *, pipeline: str) -> None:
-        self.pipeline = pipeline
         self._ended: dict[str, None] = {}
         """Job ids, oldest first."""
         self._writes = Writes(
