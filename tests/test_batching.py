@@ -258,13 +258,16 @@ async def test_outbox_stores_each_message_once_and_says_what_it_could_not(broker
 
 
 @pytest.mark.asyncio
-async def test_results_handed_over_together_travel_together_and_ack_their_datums(broker) -> None:  # type: ignore[no-untyped-def]
+async def test_results_handed_over_together_travel_together_and_ack_their_datums(
+    broker, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     from datumflow.broker.pull import Puller
     from datumflow.broker.topology import ensure_pipeline_consumers
     from datumflow.functions.worker.batch import Heartbeat
     from datumflow.functions.worker.reporter import Reporter
     from datumflow.pfs import results
     from datumflow.spec import load_spec
+    from datumflow.storage import FileStore
 
     spec = load_spec(
         '{"pipeline": {"name": "rep"}, "input": {"pfs": {"repo": "in", "glob": "/*"}},'
@@ -279,7 +282,7 @@ async def test_results_handed_over_together_travel_together_and_ack_their_datums
 
     heartbeat = Heartbeat(every=10)
     heartbeat.hold(msgs)
-    reporter = Reporter(broker, heartbeat)
+    reporter = Reporter(broker, heartbeat, store=FileStore(tmp_path / "store"))
     jobs = ["job-a", "job-a", "job-a", "job-b", "job-a"]
     for i, (msg, job) in enumerate(zip(msgs, jobs, strict=True)):
         # One step of the loop: nothing awaited between the hand-overs.

@@ -110,6 +110,9 @@ async def open_function_store(*, settings: Settings, function: str) -> ObjectSto
         log.warning("%s: injecting object store faults: %s", function, settings.storage_faults)
         return RetryingStore(faulty, function=function)
     if isinstance(store, FileStore):
+        # A worker's puts are fsynced together, before the results that name them go out
+        # (functions.worker.reporter); everyone else's at once.
+        store.sync_on_flush = function == "worker"
         return store  # a local disk either works or fails for good; keep its fast paths
     return RetryingStore(store, function=function)
 

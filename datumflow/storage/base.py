@@ -44,6 +44,11 @@ class ObjectStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def flush(self) -> None:
+        """Every object put so far durable, for a store whose puts may return before (the
+        worker's local store: storage.file). Raises if one could not be made so."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -186,5 +186,8 @@ class FaultyStore:
         await self.inner.delete(key)
         self._after("delete", fail)
 
+    async def flush(self) -> None:
+        await self.inner.flush()
+
     async def close(self) -> None:
         await self.inner.close()

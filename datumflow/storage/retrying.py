@@ -110,5 +110,10 @@ class RetryingStore:
     async def delete(self, key: str) -> None:
         await self._call(f"deleting {key}", lambda: self.inner.delete(key))
 
+    async def flush(self) -> None:
+        # Not retried: a failed fsync may have dropped the data it was to keep (the puts are
+        # what has to be done again, and the datums they belong to are).
+        await self.inner.flush()
+
     async def close(self) -> None:
         await self.inner.close()

@@ -149,6 +149,9 @@ class S3Store:
                 raise
         return store
 
+    async def flush(self) -> None:
+        return None  # a put is durable once S3 has answered it
+
     async def close(self) -> None:
         await self._s3.close()
 

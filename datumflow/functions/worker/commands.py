@@ -132,7 +132,9 @@ class Commands:
                 return make("failed", error=error, logs=logs, stats=stats)
             return await upload(self.store, layout / "out", stats, make, logs=logs)
         finally:
-            if await asyncio.to_thread(_clear, layout, workdir):
+            # On the loop, as `_reset` is: a datum leaves a few files, and a hop to a thread and
+            # back costs more than unlinking them.
+            if _clear(layout, workdir):
                 self._layouts.append(workdir)
 
     async def download(self, task: DatumTask, layout: Path) -> int:

@@ -2,10 +2,12 @@
 
 The results a worker hands over in one step of its event loop (the user-code thread reports tiny
 datums in groups) travel together: one message per job (messages.DatumResults), or the plain
-DatumResult when there is only one. Messages go out in a window (datumflow.broker.outbox), and
-each datum is acked once the stream has stored its result (invariant 4), in publication order. A
-datum whose result could not be stored is nak'ed, to be done again; the committer counts the
-first result of each datum, so a result sent twice is counted once.
+DatumResult when there is only one. Before they go, the objects they name are made durable
+(`ObjectStore.flush`: one group of fsyncs for every result sent together, with the local store).
+Messages go out in a window (datumflow.broker.outbox), and each datum is acked once the stream has
+stored its result (invariant 4), in publication order. A datum whose result could not be stored
+is nak'ed, to be done again; the committer counts the first result of each datum, so a result sent
+twice is counted once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from datumflow.broker.outbox import Outbox
 from datumflow.broker.settle import Msg, settle
 from datumflow.errors import BrokerError
 from datumflow.functions.worker.batch import Heartbeat
+from datumflow.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,16 @@ Report = tuple[Msg, DatumResult]
 
 class Reporter:
     def __init__(
-        self, broker: Broker, heartbeat: Heartbeat, *, window: int = 512, timeout: float = 10.0
+        self,
+        broker: Broker,
+        heartbeat: Heartbeat,
+        *,
+        store: ObjectStore,
+        window: int = 512,
+        timeout: float = 10.0,
     ) -> None:
         self.broker = broker
+        self.store = store
         self.outbox = Outbox(broker, window=window, timeout=timeout)
         self.heartbeat = heartbeat
         self._pending: list[Report] = []
@@ -55,6 +65,16 @@ class Reporter:
     async def _send(self) -> None:
         while self._pending:
             reports, self._pending = self._pending, []
+            try:
+                # Every object these results name was put before they were handed over.
+                await self.store.flush()
+            except Exception:
+                log.exception(
+                    "storing the outputs of %d datums failed; they are handed back", len(reports)
+                )
+                for msg, _ in reports:
+                    await self._settle(msg, stored=False)
+                continue
             for group in _groups(reports):
                 try:
                     await self._publish(group)
