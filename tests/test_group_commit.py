@@ -58,6 +58,10 @@ async def test_puts_are_fsynced_at_once_unless_the_store_syncs_on_flush(
     for key in keys:  # in place and readable before the flush, each with the right content
         assert (tmp_path / "grouped" / key[:2] / key).exists()
     assert await grouped.get_bytes(keys[2]) == b"a manifest\n"
+    for key, source in ((keys[0], small), (keys[1], big)):  # copied on the loop, and by a thread
+        copy = tmp_path / f"copy-{key}"
+        assert await grouped.get_file(key, copy) == source.stat().st_size
+        assert copy.read_bytes() == source.read_bytes()
 
     await grouped.flush()
     assert [Path(p).name for p in synced] == keys[:3]  # each object once, in the order put
