@@ -14,6 +14,7 @@ import pytest
 
 from datumflow.broker import subjects
 from datumflow.broker.messages import DatumResult
+from datumflow.errors import NotFound
 from datumflow.storage import FileStore
 
 
@@ -62,6 +63,8 @@ async def test_puts_are_fsynced_at_once_unless_the_store_syncs_on_flush(
         copy = tmp_path / f"copy-{key}"
         assert await grouped.get_file(key, copy) == source.stat().st_size
         assert copy.read_bytes() == source.read_bytes()
+    with pytest.raises(NotFound, match="is not in the store"):
+        await grouped.get_file("ab" * 32, tmp_path / "nothing")
 
     await grouped.flush()
     assert [Path(p).name for p in synced] == keys[:3]  # each object once, in the order put
