@@ -26,12 +26,16 @@ from nats.js import JetStreamContext
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.messages import DatumResult, DatumResults, DeadLetter, FileRef
+from datumflow.broker.pull import Puller
 from datumflow.broker.records import JobInfo
+from datumflow.broker.settle import Msg
 from datumflow.broker.streams import read_subjects
+from datumflow.broker.topology import ensure_pipeline_consumers
 from datumflow.cli.context import Api, open_api
 from datumflow.pfs import manifest
 from datumflow.runtime.embedded import EmbeddedServer, read_instance
 from datumflow.settings import Settings
+from datumflow.spec import load_spec
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -376,6 +380,29 @@ async def results_of(cluster: Cluster, pipeline: str, job: str = "") -> list[Dat
                     else:
                         out.append(msgspec.json.decode(msg.data, type=DatumResult))
     return [r for r in out if not job or r.job == job]
+
+
+async def datums_in_hand(broker: Broker, pipeline: str, count: int) -> tuple[Puller, list[Msg]]:
+    """`count` datum messages (empty tasks) queued for a command pipeline `pipeline` and fetched
+    from its worker consumer, as a worker holds them; close the puller when done."""
+    spec = load_spec(
+        json.dumps(
+            {
+                "pipeline": {"name": pipeline},
+                "input": {"pfs": {"repo": "in", "glob": "/*"}},
+                "transform": {"cmd": ["true"]},
+            }
+        )
+    )
+    await ensure_pipeline_consumers(broker, spec, ack_wait=30)
+    for i in range(count):
+        await broker.js.publish(subjects.datum(pipeline), b"{}", headers={"Nats-Msg-Id": f"t{i}"})
+    puller = Puller(
+        broker, stream=subjects.DATUMS_STREAM, durable=subjects.worker_consumer(pipeline)
+    )
+    msgs = await puller.fetch(batch=count, wait=5)
+    assert len(msgs) == count
+    return puller, msgs
 
 
 async def dead_letters_now(broker: Broker, function: str) -> list[DeadLetter]:

@@ -26,6 +26,7 @@ from tests.helpers import (
     REPO_ROOT,
     Cluster,
     create_pipeline,
+    datums_in_hand,
     eventually,
     output_files,
     put_files,
@@ -261,25 +262,12 @@ async def test_outbox_stores_each_message_once_and_says_what_it_could_not(broker
 async def test_results_handed_over_together_travel_together_and_ack_their_datums(
     broker, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    from datumflow.broker.pull import Puller
-    from datumflow.broker.topology import ensure_pipeline_consumers
     from datumflow.functions.worker.batch import Heartbeat
     from datumflow.functions.worker.reporter import Reporter
     from datumflow.pfs import results
-    from datumflow.spec import load_spec
     from datumflow.storage import FileStore
 
-    spec = load_spec(
-        '{"pipeline": {"name": "rep"}, "input": {"pfs": {"repo": "in", "glob": "/*"}},'
-        ' "transform": {"cmd": ["true"]}}'
-    )
-    await ensure_pipeline_consumers(broker, spec, ack_wait=30)
-    for i in range(5):
-        await broker.js.publish(subjects.datum("rep"), b"{}", headers={"Nats-Msg-Id": f"t{i}"})
-    puller = Puller(broker, stream=subjects.DATUMS_STREAM, durable=subjects.worker_consumer("rep"))
-    msgs = await puller.fetch(batch=5, wait=5)
-    assert len(msgs) == 5
-
+    puller, msgs = await datums_in_hand(broker, "rep", 5)
     heartbeat = Heartbeat(every=10)
     heartbeat.hold(msgs)
     reporter = Reporter(broker, heartbeat, store=FileStore(tmp_path / "store"))

@@ -16,6 +16,7 @@ from datumflow.broker import subjects
 from datumflow.broker.messages import DatumResult
 from datumflow.errors import NotFound
 from datumflow.storage import FileStore
+from tests.helpers import datums_in_hand
 
 
 def _watch_fsyncs(monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -> list[str]:
@@ -77,22 +78,10 @@ async def test_puts_are_fsynced_at_once_unless_the_store_syncs_on_flush(
 async def test_results_whose_outputs_cannot_be_made_durable_are_not_published(
     broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    from datumflow.broker.pull import Puller
-    from datumflow.broker.topology import ensure_pipeline_consumers
     from datumflow.functions.worker.batch import Heartbeat
     from datumflow.functions.worker.reporter import Reporter
-    from datumflow.spec import load_spec
 
-    spec = load_spec(
-        '{"pipeline": {"name": "rep"}, "input": {"pfs": {"repo": "in", "glob": "/*"}},'
-        ' "transform": {"cmd": ["true"]}}'
-    )
-    await ensure_pipeline_consumers(broker, spec, ack_wait=30)
-    for i in range(2):
-        await broker.js.publish(subjects.datum("rep"), b"{}", headers={"Nats-Msg-Id": f"t{i}"})
-    puller = Puller(broker, stream=subjects.DATUMS_STREAM, durable=subjects.worker_consumer("rep"))
-    msgs = await puller.fetch(batch=2, wait=5)
-    assert len(msgs) == 2
+    puller, msgs = await datums_in_hand(broker, "rep", 2)
     heartbeat = Heartbeat(every=10)
     heartbeat.hold(msgs)
 
