@@ -13,7 +13,7 @@ import contextvars
 import os
 import shutil
 import time
-from collections.abc import Container
+from collections.abc import Container, Set
 from pathlib import Path
 
 from datumflow.broker import subjects
@@ -62,6 +62,9 @@ class Commands:
         self._layouts: list[Path] = []
         """Emptied layout directories, for the next datums: made once, not per datum."""
         self._made = 0
+        self._environment: dict[str, str] | None = None
+        """The worker's environment without its credentials (sandbox.user_environment), read
+        once: it does not change while the worker runs."""
 
     def _new_layout(self) -> Path:
         self._made += 1
@@ -96,10 +99,10 @@ class Commands:
         workdir = self._layouts.pop() if self._layouts else self._new_layout()
         layout = Path("/pfs") if self.mode == "direct" else workdir / "pfs"
         try:
-            _reset(layout, {inp.name for inp in task.inputs})
+            there = _reset(layout, {inp.name for inp in task.inputs})
             t0 = time.monotonic()
             try:
-                stats.download_bytes = await self.download(task, layout)
+                stats.download_bytes = await self.download(task, layout, there=there)
             except PermanentError as exc:
                 return make("failed", error=f"downloading the datum's inputs: {exc}", stats=stats)
             stats.download_time = time.monotonic() - t0
@@ -137,17 +140,34 @@ class Commands:
             if _clear(layout, workdir):
                 self._layouts.append(workdir)
 
-    async def download(self, task: DatumTask, layout: Path) -> int:
-        """Every input file of the datum under `layout`, and an empty `out`; the bytes read."""
+    def _user_environment(self, extra: dict[str, str]) -> dict[str, str]:
+        if self._environment is None:
+            self._environment = sandbox.user_environment({})
+        return {**self._environment, **extra}
+
+    async def download(
+        self, task: DatumTask, layout: Path, *, there: Set[str] = frozenset()
+    ) -> int:
+        """Every input file of the datum under `layout`, and an empty `out`; the bytes read.
+        `there`: the layout's top directories known to exist already (kept from the last datum)."""
         total = 0
+        top = str(layout)
+        made = {f"{top}/{name}" for name in there}
         for inp in task.inputs:
-            base = layout / inp.name
-            base.mkdir(parents=True, exist_ok=True)
+            base = f"{top}/{inp.name}"
             for ref in inp.files:
-                dest = base / ref.path.lstrip("/")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                total += await self._fetch(ref, dest)
-        (layout / "out").mkdir(parents=True, exist_ok=True)
+                # Strings, and a directory made once: this runs for every file of every datum.
+                dest = f"{base}/{ref.path.lstrip('/')}"
+                parent = os.path.dirname(dest)
+                if parent not in made:
+                    os.makedirs(parent, exist_ok=True)
+                    made.add(parent)
+                total += await self._fetch(ref, Path(dest))
+            if base not in made:
+                os.makedirs(base, exist_ok=True)  # an input with no file matched
+                made.add(base)
+        if f"{top}/out" not in made:
+            os.makedirs(f"{top}/out", exist_ok=True)
         return total
 
     async def _fetch(self, ref: FileRef, dest: Path) -> int:
@@ -191,7 +211,7 @@ class Commands:
         return await sandbox.run(
             cmd,
             stdin=text,
-            env=sandbox.user_environment(extra),
+            env=self._user_environment(extra),
             layout=layout,
             mode=self.mode,
             timeout=parse_duration(spec.datum_timeout, field="datum_timeout"),
@@ -208,16 +228,23 @@ def _failure(outcome: sandbox.Outcome, timeout: str) -> str:
     return f"the user code exited with code {outcome.returncode}" + (f": {tail}" if tail else "")
 
 
-def _reset(layout: Path, names: set[str]) -> None:
+def _reset(layout: Path, names: set[str]) -> set[str]:
     """The layout ready for a datum with inputs `names`: it exists, and holds nothing else than
-    their directories and `out` (emptied by `_clear`, kept from the last datum)."""
+    their directories and `out` (emptied by `_clear`, kept from the last datum). Returns the
+    top directories it kept."""
     if layout == Path("/pfs"):
         _clear(layout, layout)
     layout.mkdir(parents=True, exist_ok=True)
+    kept = set()
     with os.scandir(layout) as entries:
         for entry in entries:
             if entry.name not in names and entry.name != "out":
                 _remove(entry)
+            elif entry.is_dir(follow_symlinks=False):
+                kept.add(entry.name)
+            else:
+                _remove(entry)  # not a directory where one is to be: made anew
+    return kept
 
 
 def _clear(layout: Path, workdir: Path) -> bool:

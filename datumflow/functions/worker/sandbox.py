@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -211,7 +212,10 @@ async def _watch(
         finally:
             proc.stdin.close()
 
-    readers = asyncio.gather(pump(), feed())
+    # No task for a stdin there is not: this runs for every datum.
+    readers: asyncio.Future[Any] = (
+        asyncio.ensure_future(pump()) if proc.stdin is None else asyncio.gather(pump(), feed())
+    )
     try:
         # The exit itself, not proc.wait(): that one also waits for the output pipe to close,
         # which a child left holding it would put off forever, past any datum_timeout.
@@ -328,7 +332,7 @@ async def _set(event: asyncio.Event) -> None:
 
 
 async def _drain(
-    readers: asyncio.Future[tuple[None, None]], transport: asyncio.BaseTransport | None, inode: int
+    readers: asyncio.Future[Any], transport: asyncio.BaseTransport | None, inode: int
 ) -> None:
     """Read the output to its end. A process still holding the output pipe once the tree is
     killed inherited it from the user code and left its session (a daemon that did not close its
