@@ -73,7 +73,8 @@ class Puller:
         self._inbox = ""
         self._sub: Subscription | None = None
         self._box: deque[Msg] = deque()
-        self._arrived = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        """Resolved when a message or status comes (`_arrival` waits on it)."""
         self._open_until = 0.0
         """When the open request (linger) expires, on the loop's clock; 0: none is open."""
         self._open_left = 0
@@ -87,7 +88,7 @@ class Puller:
 
     async def _receive(self, msg: Msg) -> None:
         self._box.append(msg)
-        self._arrived.set()
+        _wake(self._waiter)
 
     async def _subscribe(self) -> None:
         if self._sub is None:
@@ -139,7 +140,6 @@ class Puller:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._open_until <= now or self._open_left <= 0:
-            self._arrived.clear()
             request = _Request(batch=batch, expires=int(wait * 1e9))
             self._open_reply = await self._request(request)
             self._open_until, self._open_left = now + wait, batch
@@ -176,14 +176,17 @@ class Puller:
         """Until a message or status is in the box: False if `deadline` (loop time) comes first."""
         loop = asyncio.get_running_loop()
         while not self._box:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            if deadline <= loop.time():
                 return False
-            self._arrived.clear()
+            # A future and a timer, not wait_for's task around an Event: this runs for each
+            # message that trickles in (a committer's results, a worker's next datum).
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_at(deadline, _wake, waiter)
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return False
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         return True
 
     async def _conflict(self, msg: Msg) -> None:
@@ -198,7 +201,6 @@ class Puller:
 
     async def _ask(self, request: _Request, *, timeout: float) -> list[Msg]:
         """Send one pull request and collect its messages until its closing status."""
-        self._arrived.clear()
         reply = await self._request(request)
         box = self._box
         loop = asyncio.get_running_loop()
@@ -229,6 +231,11 @@ class Puller:
         for msg in self._leftovers():
             with contextlib.suppress(Exception):
                 await msg.nak()
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 def _status(msg: Msg) -> str:
