@@ -73,8 +73,8 @@ class Puller:
         self._inbox = ""
         self._sub: Subscription | None = None
         self._box: deque[Msg] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        """Resolved when a message or status comes (`_arrival` waits on it)."""
+        self._waiters: set[asyncio.Future[None]] = set()
+        """Resolved when a message or status comes (`_arrival` waits on one)."""
         self._open_until = 0.0
         """When the open request (linger) expires, on the loop's clock; 0: none is open."""
         self._open_left = 0
@@ -88,7 +88,8 @@ class Puller:
 
     async def _receive(self, msg: Msg) -> None:
         self._box.append(msg)
-        _wake(self._waiter)
+        for waiter in self._waiters:
+            _wake(waiter)
 
     async def _subscribe(self) -> None:
         if self._sub is None:
@@ -180,13 +181,14 @@ class Puller:
                 return False
             # A future and a timer, not wait_for's task around an Event: this runs for each
             # message that trickles in (a committer's results, a worker's next datum).
-            waiter = self._waiter = loop.create_future()
+            waiter: asyncio.Future[None] = loop.create_future()
             timer = loop.call_at(deadline, _wake, waiter)
+            self._waiters.add(waiter)
             try:
                 await waiter
             finally:
                 timer.cancel()
-                self._waiter = None
+                self._waiters.discard(waiter)
         return True
 
     async def _conflict(self, msg: Msg) -> None:
@@ -233,8 +235,8 @@ class Puller:
                 await msg.nak()
 
 
-def _wake(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
         waiter.set_result(None)
 
 
