@@ -132,21 +132,18 @@ class FileStore:
             paths, self._unsynced = self._unsynced, []
             await asyncio.to_thread(_fsync_all, paths)
 
-    def _get_file(self, key: str, dest: Path) -> int:
-        try:
-            shutil.copyfile(self.file(key), dest)
-        except FileNotFoundError:
-            raise NotFound(f"object {key} is not in the store at {self.url}") from None
-        return dest.stat().st_size
-
     async def get_file(self, key: str, dest: Path) -> int:
+        source = self.file(key)
         try:
-            small = os.stat(self.file(key)).st_size <= INLINE
+            # Its size says where to copy it and what to return: objects never change.
+            size = os.stat(source).st_size
+            if size <= INLINE:
+                shutil.copyfile(source, dest)
+            else:
+                await asyncio.to_thread(shutil.copyfile, source, dest)
         except FileNotFoundError:
             raise NotFound(f"object {key} is not in the store at {self.url}") from None
-        if small:
-            return self._get_file(key, dest)
-        return await asyncio.to_thread(self._get_file, key, dest)
+        return size
 
     async def get_bytes(self, key: str) -> bytes:
         try:

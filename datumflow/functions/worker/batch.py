@@ -6,9 +6,10 @@ them without a round trip per datum.
   far. Without a `datum_set_spec`, an in-process function's sets adapt: a set holds about `TARGET`
   seconds of work, so tiny datums come in hundreds and a datum of a second comes alone (no worker
   sits on work another could take); and no more than the worker's share of what the queue still
-  holds (each delivery says how much), so a job's last datums are shared among its workers. A command's sets are single datums unless the spec asks
-  otherwise; a set it asks for is overlapped (functions.worker.overlap), and a datum of it whose
-  job is killed meanwhile is dropped unrun (functions.worker.ended_jobs).
+  holds (each delivery says how much), so a job's last datums are shared among its workers. A
+  command's sets are single datums unless the spec asks otherwise; a set it asks for is
+  overlapped (functions.worker.overlap), and a datum of it whose job is killed meanwhile is
+  dropped unrun (functions.worker.ended_jobs).
 - `Heartbeat`: one task that sends `in_progress()` for every datum message in hand, well inside
   `ack_wait`, so the datums waiting in a set are not redelivered while their worker is alive.
 
