@@ -113,6 +113,17 @@ def dead(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+HOST_PID = "read -r pid _ _ ppid _ < /proc/self/stat"
+"""Shell that sets `$pid` and `$ppid` to the shell's pid and its parent's as this machine (and the
+test) sees them: user code runs in a PID namespace of its worker's, where `$$`, `$!` and `$PPID`
+are that namespace's (and its parent, the worker, is outside it: `$PPID` is 0)."""
+
+
+def reporting_pid(to: str, command: str) -> str:
+    """A shell command that writes its machine-wide pid to the file `to`, then becomes `command`."""
+    return f"sh -c '{HOST_PID}; echo $pid > {to}; exec {command}'"
+
+
 def marks_of(marks: Path) -> list[str]:
     """Names of the mark files user code left (`<input file>.<shell pid>`), one per attempt."""
     return sorted(p.name.rsplit(".", 1)[0] for p in marks.iterdir())

@@ -25,6 +25,7 @@ import pytest
 from datumflow.broker import subjects
 from datumflow.scaling import lag_from_jsz
 from tests.helpers import (
+    HOST_PID,
     Cluster,
     create_pipeline,
     eventually,
@@ -261,8 +262,9 @@ async def test_sigterm_hands_a_busy_workers_datum_to_another_at_once(
                     "sh",
                     "-c",
                     # The first attempt takes far longer than the test; the next one is quick.
-                    # $PPID is the worker process that runs the datum.
-                    'echo $PPID >> "$MARKS/attempts";'
+                    # $ppid is the worker process that runs the datum, as the test sees it.
+                    f"{HOST_PID}; "
+                    'echo $ppid >> "$MARKS/attempts";'
                     ' if [ ! -e "$MARKS/first" ]; then touch "$MARKS/first"; sleep 120; fi;'
                     " cp /pfs/in/* /pfs/out/",
                 ],
@@ -326,7 +328,8 @@ async def test_scale_down_stops_idle_workers_and_leaves_the_busy_one(
                 "cmd": [
                     "sh",
                     "-c",
-                    'for f in /pfs/parts/*; do n=$(basename "$f"); echo $PPID >> "$MARKS/$n";'
+                    f"{HOST_PID}; "
+                    'for f in /pfs/parts/*; do n=$(basename "$f"); echo $ppid >> "$MARKS/$n";'
                     ' case $n in long) while [ ! -e "$GO" ]; do sleep 0.05; done;; esac;'
                     ' cp "$f" /pfs/out/; done',
                 ],

@@ -451,7 +451,8 @@ UNRULY = r"""
 f=$(cd /pfs/in && ls)
 case "$f" in
   a-hang) sleep 600 ;;
-  b-fork) setsid sleep 300 & echo $! > "$MARKS/fork.pid"; cp /pfs/in/* /pfs/out/ ;;
+  b-fork) setsid sh -c 'read -r pid _ < /proc/self/stat; echo $pid > "$MARKS/fork.pid"; exec sleep 300' &
+          while [ ! -s "$MARKS/fork.pid" ]; do sleep 0.01; done; cp /pfs/in/* /pfs/out/ ;;
   c-symlink) ln -s /etc/passwd /pfs/out/leak ;;
   d-dotdot) ln -s ../in/d-dotdot /pfs/out/up ;;
   e-dirlink) mkdir /pfs/out/d && echo x > /pfs/out/d/f && ln -s d /pfs/out/dl ;;

@@ -15,6 +15,7 @@ import pytest
 from datumflow.broker import subjects
 from datumflow.broker.messages import CommitEvent, FileRef
 from tests.helpers import (
+    HOST_PID,
     Cluster,
     create_pipeline,
     dead_letters,
@@ -90,7 +91,8 @@ async def test_worker_killed_mid_datum_is_redelivered(make_cluster, tmp_path: Pa
                 "cmd": [
                     "sh",
                     "-c",
-                    'touch "$MARKS/$PACH_DATUM_ID.$$"; sleep 1.5; cp /pfs/nums/* /pfs/out/',
+                    f"{HOST_PID}; "
+                    'touch "$MARKS/$PACH_DATUM_ID.$pid"; sleep 1.5; cp /pfs/nums/* /pfs/out/',
                 ],
                 "env": {"MARKS": str(marks)},
             },
@@ -125,7 +127,8 @@ async def test_long_datum_with_heartbeats_is_not_redelivered(make_cluster, tmp_p
                 "cmd": [
                     "sh",
                     "-c",
-                    'touch "$MARKS/$PACH_DATUM_ID.$$"; sleep 4; cp /pfs/in/* /pfs/out/',
+                    f"{HOST_PID}; "
+                    'touch "$MARKS/$PACH_DATUM_ID.$pid"; sleep 4; cp /pfs/in/* /pfs/out/',
                 ],
                 "env": {"MARKS": str(marks)},
             },

@@ -41,8 +41,9 @@ from pathlib import Path
 from datumflow.batching import next_datum
 
 marks = Path(os.environ["MARKS"])
+me = open("/proc/self/stat").read().split()[0]  # our pid as the test sees it
 with open(marks / "starts", "a") as f:
-    f.write(f"{os.getpid()}\\n")
+    f.write(f"{me}\\n")
 error = ""
 count = 0
 while (env := next_datum(error=error)) is not None:
@@ -60,14 +61,14 @@ while (env := next_datum(error=error)) is not None:
         print("giving up on", src.name, flush=True)
         sys.exit(4)
     if data == "hang":
-        (marks / "hung").write_text(str(os.getpid()))
+        (marks / "hung").write_text(me)
         time.sleep(1000)
     if count == 11 and (marks / "hold").exists():
         (marks / "holding").write_text(src.name)
         while (marks / "hold").exists():
             time.sleep(0.02)
     Path(os.environ["PFS"], "out", src.name).write_text(data.upper())
-(marks / "bye").write_text(str(os.getpid()))
+(marks / "bye").write_text(me)
 """
 
 

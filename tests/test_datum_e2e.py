@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    HOST_PID,
     Cluster,
     commit,
     create_pipeline,
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.asyncio
 
 # Copies each input file to the output, leaving a mark `<file>.<pid>` per run of the user code.
 COPY = (
-    'for f in /pfs/src/*; do n=$(basename "$f"); touch "$MARKS/$n.$$"; cp "$f" "/pfs/out/$n"; done'
+    f"{HOST_PID}; "
+    'for f in /pfs/src/*; do n=$(basename "$f"); touch "$MARKS/$n.$pid"; cp "$f" "/pfs/out/$n"; done'
 )
 
 
@@ -167,7 +169,8 @@ async def test_err_cmd_recovers_and_recovered_datums_run_again(
     # bad writes output, then fails: err_cmd recovers it, and its output is dropped. three
     # exits 3, which accept_return_code makes a success.
     script = (
-        'for f in /pfs/src/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
+        f"{HOST_PID}; "
+        'for f in /pfs/src/*; do n=$(basename "$f"); touch "$MARKS/$n.$pid";'
         ' cp "$f" "/pfs/out/$n"; case $n in bad) exit 1;; three) exit 3;; esac; done'
     )
     create_pipeline(
@@ -180,7 +183,11 @@ async def test_err_cmd_recovers_and_recovered_datums_run_again(
                 "cmd": ["sh", "-c", script],
                 "env": {"MARKS": str(marks)},
                 "accept_return_code": [3],
-                "err_cmd": ["sh", "-c", 'read line; touch "$MARKS/err-$line.$$"'],
+                "err_cmd": [
+                    "sh",
+                    "-c",
+                    f'{HOST_PID}; read line; touch "$MARKS/err-$line.$pid"',
+                ],
                 "err_stdin": ["handled"],
             },
         },

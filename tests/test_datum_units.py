@@ -37,7 +37,7 @@ from datumflow.pfs.datums import Leaf, job_datums
 from datumflow.pfs.pipelines import job_key
 from datumflow.spec import Input, load_spec
 from datumflow.storage import open_store
-from tests.helpers import dead, eventually
+from tests.helpers import dead, eventually, reporting_pid
 
 # -- the sandbox -----------------------------------------------------------------------------
 
@@ -86,10 +86,11 @@ async def test_timeout_kills_every_child_however_it_left(
     # A background child; one that left the session with setsid; one a job-control shell moved
     # to a process group of its own. All three hold the output pipe.
     script = (
-        "sleep 300 & echo $! > child;"
-        " setsid sleep 301 & echo $! > escaped;"
-        " (set -m; sleep 302 & echo $! > grouped; wait) &"
-        " while [ ! -s grouped ]; do sleep 0.01; done; sleep 303"
+        f"{reporting_pid('child', 'sleep 300')} &"
+        f" setsid {reporting_pid('escaped', 'sleep 301')} &"
+        f" (set -m; {reporting_pid('grouped', 'sleep 302')} & wait) &"
+        " for f in child escaped grouped; do while [ ! -s $f ]; do sleep 0.01; done; done;"
+        " sleep 303"
     )
     started = time.monotonic()
     outcome = await run_sh(tmp_path, script, timeout=1.0, spawner=spawner)
@@ -106,7 +107,7 @@ async def test_a_daemon_left_holding_the_output_does_not_hang_the_datum(
 ) -> None:
     # The user code exits at once, leaving a process in a session of its own with its stdout.
     script = (
-        "setsid sh -c 'echo $$ > daemon; exec sleep 300' &"
+        f"setsid {reporting_pid('daemon', 'sleep 300')} &"
         " while [ ! -s daemon ]; do sleep 0.01; done; echo done"
     )
     started = time.monotonic()

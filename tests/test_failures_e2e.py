@@ -3,13 +3,18 @@ time, a datum timeout with children, outputs that collide, and a job timeout."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import (
+    HOST_PID,
     Cluster,
     commit,
     create_pipeline,
@@ -19,6 +24,7 @@ from tests.helpers import (
     marks_of,
     output_files,
     put_files,
+    reporting_pid,
     shared_cluster,
     wait_job_done,
 )
@@ -32,6 +38,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     pipeline, and what it breaks (a worker, a job) is its pipeline's alone."""
     with shared_cluster(tmp_path_factory.mktemp("failures-e2e"), DATUMFLOW_ACK_WAIT="2") as shared:
         yield shared
+
+
+async def kill_on_request(requests: Path) -> None:
+    """Until cancelled: SIGKILL every process named in a file that appears in `requests`."""
+    seen: set[str] = set()
+    while True:
+        for request in requests.iterdir():
+            if request.name.startswith(".") or request.name in seen:
+                continue
+            seen.add(request.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(request.read_text()), signal.SIGKILL)
+        await asyncio.sleep(0.05)
 
 
 def datums_of(cluster: Cluster, target: str) -> list[dict]:
@@ -52,7 +71,8 @@ async def test_poison_datum_fails_alone_and_names_itself(cluster: Cluster, tmp_p
                 "cmd": [
                     "sh",
                     "-c",
-                    'for f in /pfs/numbers/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
+                    f"{HOST_PID}; "
+                    'for f in /pfs/numbers/*; do n=$(basename "$f"); touch "$MARKS/$n.$pid";'
                     ' if [ "$n" = poison ]; then echo "cannot read $n" >&2; exit 3; fi;'
                     ' cp "$f" /pfs/out/; done',
                 ],
@@ -90,10 +110,12 @@ async def test_poison_datum_fails_alone_and_names_itself(cluster: Cluster, tmp_p
 async def test_datum_that_kills_its_worker_every_time_ends_failed(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    marks = tmp_path / "marks"
+    marks, kills = tmp_path / "marks", tmp_path / "kills"
     marks.mkdir()
+    kills.mkdir()
     await put_files(cluster, "crashes", {"/a": b"a", "/crash": b"x", "/b": b"b"})
-    # The user code's parent is its worker: SIGKILL it, as the kernel's OOM killer would.
+    # The user code cannot reach its worker (it runs in the worker's PID namespace): it names
+    # the worker, and the test SIGKILLs it, as the kernel's OOM killer would.
     create_pipeline(
         cluster,
         tmp_path,
@@ -104,22 +126,31 @@ async def test_datum_that_kills_its_worker_every_time_ends_failed(
                 "cmd": [
                     "sh",
                     "-c",
-                    'for f in /pfs/crashes/*; do n=$(basename "$f"); touch "$MARKS/$n.$$";'
-                    ' if [ "$n" = crash ]; then kill -9 $PPID; sleep 5; fi;'
+                    f"{HOST_PID}; "
+                    'for f in /pfs/crashes/*; do n=$(basename "$f"); touch "$MARKS/$n.$pid";'
+                    ' if [ "$n" = crash ]; then'
+                    ' echo $ppid > "$KILLS/.$pid" && mv "$KILLS/.$pid" "$KILLS/$pid"; sleep 60;'
+                    " fi;"
                     ' cp "$f" /pfs/out/; done',
                 ],
-                "env": {"MARKS": str(marks)},
+                "env": {"MARKS": str(marks), "KILLS": str(kills)},
             },
             "datum_tries": 3,
         },
     )
-    [job] = await wait_job_done(cluster, "crashy", timeout=90)
-    assert job.state == "failure", job.reason
-    assert (job.data_total, job.data_processed, job.data_failed) == (3, 2, 1)
-    assert "worker died during each of its 3 attempts" in job.reason
-    assert "(/crash)" in job.reason
-    # Delivered exactly datum_tries times, then given up; the others ran once each.
-    assert marks_of(marks) == ["a", "b", "crash", "crash", "crash"]
+    killing = asyncio.ensure_future(kill_on_request(kills))
+    try:
+        [job] = await wait_job_done(cluster, "crashy", timeout=90)
+        assert job.state == "failure", job.reason
+        assert (job.data_total, job.data_processed, job.data_failed) == (3, 2, 1)
+        assert "worker died during each of its 3 attempts" in job.reason
+        assert "(/crash)" in job.reason
+        # Delivered exactly datum_tries times, then given up; the others ran once each.
+        assert marks_of(marks) == ["a", "b", "crash", "crash", "crash"]
+    finally:
+        killing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await killing
     [crash] = [d for d in datums_of(cluster, f"crashy@{job.id}") if d["state"] == "failed"]
     assert crash["files"] == [{"input": "crashes", "repo": "crashes", "path": "/crash"}]
 
@@ -142,9 +173,11 @@ async def test_datum_timeout_kills_the_user_code_and_its_children(
                 "cmd": [
                     "sh",
                     "-c",
-                    'sleep 300 & echo $! > "$MARKS/child.pid";'
-                    ' setsid sleep 301 & echo $! > "$MARKS/escaped.pid";'
-                    ' echo $$ > "$MARKS/self.pid"; sleep 302',
+                    f"{reporting_pid('$MARKS/child.pid', 'sleep 300')} &"
+                    f" setsid {reporting_pid('$MARKS/escaped.pid', 'sleep 301')} &"
+                    f' {HOST_PID}; echo $pid > "$MARKS/self.pid";'
+                    ' while [ ! -s "$MARKS/child.pid" ] || [ ! -s "$MARKS/escaped.pid" ];'
+                    " do sleep 0.01; done; sleep 302",
                 ],
                 "env": {"MARKS": str(marks)},
             },
@@ -217,9 +250,10 @@ async def test_job_timeout_kills_the_job_and_its_queue(
             "cmd": [
                 "sh",
                 "-c",
-                'for f in /pfs/in/*; do n=$(basename "$f"); touch "$MARKS/start-$n.$$";'
+                f"{HOST_PID}; "
+                'for f in /pfs/in/*; do n=$(basename "$f"); touch "$MARKS/start-$n.$pid";'
                 ' case $n in s*) while [ ! -e "$GO" ]; do sleep 0.05; done;; esac;'
-                ' cp "$f" /pfs/out/; touch "$MARKS/end-$n.$$"; done',
+                ' cp "$f" /pfs/out/; touch "$MARKS/end-$n.$pid"; done',
             ],
             "env": {"MARKS": str(marks), "GO": str(tmp_path / "go")},
         },

@@ -24,6 +24,7 @@ from datumflow.functions.worker.handback import attempt_of, hand_back, spent
 from datumflow.spec import load_spec
 from datumflow.transform import Datum
 from tests.helpers import (
+    HOST_PID,
     REPO_ROOT,
     Cluster,
     create_pipeline,
@@ -94,9 +95,10 @@ async def test_a_stopped_worker_fails_none_of_the_datums_it_held(
                 "cmd": [
                     "sh",
                     "-c",
-                    'for f in /pfs/letters/*; do n=$(basename "$f"); touch "$STARTED/$n.$$";'
+                    f"{HOST_PID}; "
+                    'for f in /pfs/letters/*; do n=$(basename "$f"); touch "$STARTED/$n.$pid";'
                     ' while [ ! -e "$GATE" ]; do sleep 0.05; done;'
-                    ' cp "$f" /pfs/out/; touch "$DONE/$n.$$"; done',
+                    ' cp "$f" /pfs/out/; touch "$DONE/$n.$pid"; done',
                 ],
                 "env": {"STARTED": str(started), "DONE": str(done), "GATE": str(gate)},
             },

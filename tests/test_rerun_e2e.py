@@ -23,6 +23,7 @@ from datumflow.runtime.embedded import EmbeddedServer
 from datumflow.settings import Settings
 from datumflow.spec import load_spec
 from tests.helpers import (
+    HOST_PID,
     Cluster,
     commit,
     create_pipeline,
@@ -51,7 +52,8 @@ def copy_unless_broken(repo: str, marks: Path, broken: Path) -> list[str]:
     return [
         "sh",
         "-c",
-        f'for f in /pfs/{repo}/*; do n=$(basename "$f"); touch "{marks}/$n.$$";'
+        f"{HOST_PID}; "
+        f'for f in /pfs/{repo}/*; do n=$(basename "$f"); touch "{marks}/$n.$pid";'
         f' if [ -e "{broken}/$n" ]; then echo "$n is broken" >&2; exit 4; fi;'
         ' cp "$f" /pfs/out/; done',
     ]

@@ -5,6 +5,7 @@ given, the log cap, and no user code left running once its worker is killed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from datumflow.functions.worker import sandbox
+from datumflow.functions.worker import spawner as spawner_module
 from datumflow.functions.worker.spawner import Spawner
-from tests.helpers import dead, eventually
+from tests.helpers import HOST_PID, dead, eventually, reporting_pid
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="mount namespaces and user switches need root")
@@ -97,6 +99,59 @@ async def test_a_reused_layout_keeps_its_mount_only_after_a_user_who_cannot_moun
 
 @needs_root
 @pytest.mark.asyncio
+async def test_a_reused_layout_keeps_its_mount_after_root_unless_root_mounted_something(
+    tmp_path: Path, in_namespace: Spawner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mounts: list[bytes] = []
+
+    def counting(source: bytes) -> None:
+        mounts.append(source)
+        real(source)
+
+    real = spawner_module._mount
+    monkeypatch.setattr(spawner_module, "_mount", counting)
+    layout = _layout(tmp_path / "d", "x\n")
+    for _ in range(3):
+        outcome = await _run(in_namespace, layout, ["cat", "/pfs/in/file"])
+        assert outcome.log == b"x\n"
+    assert len(mounts) == 1  # root mounted nothing: one mount served all three
+    mounting = await _run(in_namespace, layout, ["sh", "-c", "mount -t tmpfs none /pfs/in"])
+    assert mounting.returncode == 0
+    after = await _run(in_namespace, layout, ["ls", "/pfs/in"])
+    # The datum's input, not root's tmpfs, which the kept mount would have shown.
+    assert after.log.decode().split()[0] == "file"
+    assert len(mounts) == 2
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_orphans_of_user_code_are_reaped_by_the_namespace_init(tmp_path: Path) -> None:
+    spawner = _spawner("env")
+    try:
+        assert spawner.pid_namespace and spawner._init is not None
+        for _ in range(5):  # each leaves a child behind, killed with its tree, then an orphan
+            await _run(spawner, tmp_path, ["sh", "-c", "sleep 300 & echo started"])
+        init = spawner._init.pid
+        await eventually(
+            lambda: not [p for p in _children(init)], timeout=10, what="the orphans reaped"
+        )
+    finally:
+        spawner.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{name}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(name))
+    return found
+
+
+@needs_root
+@pytest.mark.asyncio
 async def test_two_workers_at_once_each_see_their_own_pfs(tmp_path: Path) -> None:
     spawners = [_spawner("namespace"), _spawner("namespace")]
     try:
@@ -169,9 +224,11 @@ async def test_the_log_is_capped_and_stdin_is_given(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_user_code_dies_with_its_worker(tmp_path: Path) -> None:
-    """A worker killed with SIGKILL leaves no user code running (the parent-death signal)."""
-    pidfile = tmp_path / "pid"
+@pytest.mark.parametrize("pid_namespace", [True, False], ids=["pid-namespace", "setpriv"])
+async def test_user_code_dies_with_its_worker(tmp_path: Path, pid_namespace: bool) -> None:
+    """A worker killed with SIGKILL leaves no user code running: its PID namespace's init sees
+    its end and the namespace goes, with a daemon that left the session too; without one, the
+    parent-death signal that `setpriv` sets."""
     worker = textwrap.dedent(
         f"""
         import asyncio, os
@@ -179,24 +236,32 @@ async def test_user_code_dies_with_its_worker(tmp_path: Path) -> None:
         from datumflow.functions.worker import sandbox
         from datumflow.functions.worker.spawner import Spawner
 
-        spawner = Spawner.create(mode="env")
-        assert spawner is not None
+        spawner = Spawner.create(mode="env", pid_namespace={pid_namespace})
+        assert spawner is not None and spawner.pid_namespace == {pid_namespace and ROOT}
         asyncio.run(sandbox.run(
-            ["sh", "-c", "echo $$ > {pidfile}; exec sleep 300"], stdin=b"",
-            env=dict(PATH=os.environ["PATH"]), layout=Path("{tmp_path}"), mode="env",
-            timeout=None, spawner=spawner,
+            ["sh", "-c", "setsid {reporting_pid("daemon", "sleep 301")} & {HOST_PID};"
+             " echo $pid > self.part && mv self.part self; exec sleep 300"],
+            stdin=b"", env=dict(PATH=os.environ["PATH"]), layout=Path("{tmp_path}"),
+            mode="env", timeout=None, spawner=spawner,
         ))
         """
     )
     _spawner("env").close()  # skips where there is no fast path
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", worker)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", worker, cwd=tmp_path)
     try:
-        await eventually(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=20)
+        await eventually(
+            lambda: (tmp_path / "self").exists() and (tmp_path / "daemon").exists(), timeout=20
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
-    user_code = int(pidfile.read_text())
+    user_code = int((tmp_path / "self").read_text())
     await eventually(lambda: dead(user_code), timeout=10, what="the user code to die")
+    if pid_namespace and ROOT:
+        daemon = int((tmp_path / "daemon").read_text())
+        await eventually(lambda: dead(daemon), timeout=10, what="the daemon to die")
+    else:
+        _kill_left(int((tmp_path / "daemon").read_text()))
 
 
 @pytest.mark.asyncio
@@ -210,7 +275,7 @@ async def test_a_start_cancelled_midway_leaves_nothing_running(tmp_path: Path) -
             pidfile = tmp_path / f"pid{attempt}"
             run = asyncio.ensure_future(
                 sandbox.run(
-                    ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"],
+                    ["sh", "-c", f"{HOST_PID}; echo $pid > {pidfile}; exec sleep 300"],
                     stdin=b"",
                     env=env,
                     layout=tmp_path,
@@ -237,6 +302,12 @@ async def test_a_start_cancelled_midway_leaves_nothing_running(tmp_path: Path) -
                 await _dies(int(pidfile.read_text()))
     finally:
         spawner.close()
+
+
+def _kill_left(pid: int) -> None:
+    """A process the test left: gone before the next test."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 async def _dies(pid: int) -> None:

@@ -11,15 +11,25 @@ before exec is done elsewhere:
   bind-mounted at /pfs for as long as its process runs, and unmounted before the next datum's is
   mounted. Datums take turns: a process, and everything it started, is dead before the next one's
   /pfs is mounted (sandbox.run kills the tree first). When the next datum's layout is the very
-  directory already at /pfs (commands reuses its layouts, emptied) and the last process ran as
-  a user other than root (so it could mount nothing under /pfs), the mount is kept: an unmount
-  waits for the kernel's RCU grace period, about a millisecond a datum on a busy machine.
+  directory already at /pfs (commands reuses its layouts, emptied) and nothing can have been
+  mounted under it since, the mount is kept: an unmount waits for the kernel's RCU grace period,
+  about a millisecond a datum on a busy machine. Nothing can have been: the last process ran as
+  a user other than root, or the thread's mount table reads as it did right after the mount
+  (any mount, unmount or remount changes it).
   The namespace is a copy of the machine's mounts when the worker started: a file system mounted
   on the machine later is not seen by user code (a datum's own namespace used to copy them anew).
-- the user switch and death with the worker: `setpriv` (util-linux) is exec'd first; it clears the
-  supplementary groups, sets the group and the user, sets the parent-death signal (SIGKILL, once
-  the user is set: a change of user clears it), then execs the command. The parent is the
-  starting thread, which lives as long as the worker's spawner.
+- death with the worker: where the worker may (as root), the spawner's thread also makes a PID
+  namespace of its own, whose first process (its init, `_INIT`) reads a pipe the worker holds
+  open. When the worker dies, however it dies, the pipe reaches its end, the init exits, and the
+  kernel kills every process left in the namespace: all the user code the worker started, and
+  everything that started, whatever session it moved to. The init also reaps the orphans user
+  code leaves behind. User code sees the namespace's pids, as in a container: `$$` is small,
+  and its parent (the worker, outside) is not a process it can see or signal.
+  Where no PID namespace can be made, `setpriv` (util-linux) sets the parent-death signal
+  instead (SIGKILL, once the user is set: a change of user clears it), an exec per datum.
+- the user switch: `setpriv` again, exec'd first; it clears the supplementary groups, sets the
+  group and the user, then execs the command. Without a user to switch to, and with a PID
+  namespace, the command is exec'd directly: `setpriv` costs as much as a small command.
 - a session of its own: `start_new_session`, on the fast path too.
 
 Without `setpriv`, or without a namespace for the thread, `Spawner.create` returns None and the
@@ -35,18 +45,38 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from datumflow.functions.worker.proctree import kill_tree
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWPID = 0x20000000
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 _MNT_DETACH = 2
 
 RunAs = tuple[int, int]
+
+_INIT = """
+import os, signal
+
+def reap(*_):
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+signal.signal(signal.SIGCHLD, reap)
+while os.read(0, 512):
+    pass
+"""
+"""The PID namespace's init: reaps the orphans user code leaves, and exits, taking every process
+in the namespace with it, once its stdin (the worker's end of a pipe) is closed: the worker is
+gone. Run with `python -I -S`: the standard library alone, in milliseconds."""
 
 
 class Running:
@@ -89,37 +119,52 @@ class Spawner:
     def __init__(self, *, setpriv: str, namespace: bool) -> None:
         self.setpriv = setpriv
         self.namespace = namespace
+        self.pid_namespace = False
+        """Whether the processes live in a PID namespace that dies with the worker (set by
+        `_enter`): then they need no `setpriv` for a parent-death signal."""
         self._thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="datumflow-spawner",
-            initializer=_enter_namespace if namespace else None,
+            max_workers=1, thread_name_prefix="datumflow-spawner"
         )
         self._turn = asyncio.Lock()
         self._mounted: tuple[int, int] | None = None
         """The (device, inode) of the layout directory still at /pfs, if any (the thread's own to
         read and set): unmounted just before another one is mounted, or when the spawner closes."""
+        self._mounts = b""
+        """The thread's mount table right after the last mount at /pfs."""
         self._kept = False
         """Whether the mount may serve the next datum whose layout is that same directory: the
         last process ran as a user other than root, who cannot have mounted anything under it."""
+        self._init: subprocess.Popen[bytes] | None = None
+        self._lifeline = -1
+        """The worker's end of the init's pipe: closed when the worker ends, by the kernel if
+        need be."""
 
     @classmethod
-    def create(cls, *, mode: str) -> Spawner | None:
-        """A spawner for the pfs `mode`, or None where this machine gives no fast path."""
+    def create(cls, *, mode: str, pid_namespace: bool = True) -> Spawner | None:
+        """A spawner for the pfs `mode`, or None where this machine gives no fast path.
+        `pid_namespace`: make one where possible (False: `setpriv` sets a parent-death signal
+        on every process instead, as where none can be made)."""
         setpriv = shutil.which("setpriv")
         if setpriv is None or not hasattr(os, "pidfd_open"):
             return None
         spawner = cls(setpriv=setpriv, namespace=mode == "namespace")
         try:
-            spawner._thread.submit(spawner._check).result()
-        except (OSError, concurrent.futures.BrokenExecutor):
+            spawner._thread.submit(spawner._enter, pid_namespace).result()
+        except OSError:
             spawner.close()
             return None
         return spawner
 
     def close(self) -> None:
-        with contextlib.suppress(RuntimeError, OSError, concurrent.futures.BrokenExecutor):
+        with contextlib.suppress(RuntimeError, OSError):
             self._thread.submit(self._unmount).result()
         self._thread.shutdown(wait=True)
+        if self._lifeline >= 0:
+            os.close(self._lifeline)  # the init exits, and every process left goes with it
+            self._lifeline = -1
+        if self._init is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._init.wait(timeout=10)
 
     async def start(
         self,
@@ -136,7 +181,12 @@ class Spawner:
         then no other process starts."""
         loop = asyncio.get_running_loop()
         await self._turn.acquire()
-        argv = [self.setpriv, *_identity(run_as), "--pdeathsig", "KILL", "--", *cmd]
+        if run_as is None and self.pid_namespace:
+            argv = cmd
+        elif self.pid_namespace:
+            argv = [self.setpriv, *_identity(run_as), "--", *cmd]
+        else:
+            argv = [self.setpriv, *_identity(run_as), "--pdeathsig", "KILL", "--", *cmd]
         keep = run_as is not None and run_as[0] != 0
         started = self._thread.submit(
             self._popen, argv, env=env, cwd=cwd, layout=layout, stdin=stdin, keep=keep
@@ -162,12 +212,53 @@ class Spawner:
 
     # -- in the spawner's thread ------------------------------------------------------------
 
-    def _check(self) -> None:
-        """Fails where the thread's namespace cannot mount at /pfs (or was not made)."""
+    def _enter(self, pid_namespace: bool) -> None:
+        """Once, first: the thread's namespaces, and a check that it can mount at /pfs."""
+        libc = _libc()
         if self.namespace:
+            # The thread alone: unshare changes the calling thread's namespaces.
+            if libc.unshare(_CLONE_NEWNS) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) in the spawner's thread")
+            if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+                raise OSError(ctypes.get_errno(), "making / private in the spawner's namespace")
             _mount(b"/tmp")
             self._mounted = (0, 0)
             self._unmount()
+        if pid_namespace and os.geteuid() == 0:
+            self._new_pid_namespace()
+
+    def _new_pid_namespace(self) -> None:
+        """A PID namespace for the processes the thread starts next, and its init; where none
+        can be made (no CAP_SYS_ADMIN), `setpriv` sets parent-death signals instead."""
+        libc = _libc()
+        with open("/proc/thread-self/ns/pid", "rb") as ours:
+            # Back to our own first: a new one can only be made from there (a no-op the first
+            # time; after an init's death, the namespace it took with it).
+            if libc.setns(ours.fileno(), _CLONE_NEWPID) != 0:
+                return
+        if libc.unshare(_CLONE_NEWPID) != 0:
+            return
+        read, write = os.pipe()
+        try:
+            self._init = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _INIT],
+                stdin=read,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd="/",
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+        self._lifeline = write
+        self.pid_namespace = True
+
+    def _unchanged(self) -> bool:
+        """Whether nothing was mounted, unmounted or remounted since the last mount at /pfs."""
+        return _mount_table() == self._mounts
 
     def _unmount(self) -> None:
         if self._mounted is not None:
@@ -187,14 +278,21 @@ class Spawner:
     ) -> subprocess.Popen[bytes]:
         """The datum's layout at /pfs, then its process, on subprocess's vfork path; `keep`:
         the process runs as a user other than root (see `_kept`)."""
+        if self._init is not None and self._init.poll() is not None:
+            # Its init was killed (from outside: nothing inside may), and the namespace with it.
+            os.close(self._lifeline)
+            self._lifeline, self._init, self.pid_namespace = -1, None, False
+            self._new_pid_namespace()
+            if not self.pid_namespace:
+                raise OSError("the worker's PID namespace ended and no new one could be made")
         if self.namespace:
             found = os.stat(layout)
             directory = (found.st_dev, found.st_ino)
-            if not (self._kept and self._mounted == directory):
+            if self._mounted != directory or not (self._kept or self._unchanged()):
                 self._unmount()
-                self._kept = False
                 _mount(str(layout).encode())
                 self._mounted = directory
+                self._mounts = _mount_table()
             self._kept = keep
         return subprocess.Popen(
             argv,
@@ -233,13 +331,10 @@ def _libc() -> ctypes.CDLL:
     return _LIBC[0]
 
 
-def _enter_namespace() -> None:
-    # The spawner's thread, once: a mount namespace of its own, private from the machine's.
-    libc = _libc()
-    if libc.unshare(_CLONE_NEWNS) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) in the spawner's thread")
-    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-        raise OSError(ctypes.get_errno(), "making / private in the spawner's namespace")
+def _mount_table() -> bytes:
+    """The calling thread's mounts: every mount's id, place, options and propagation."""
+    with open("/proc/thread-self/mountinfo", "rb") as f:
+        return f.read()
 
 
 def _mount(source: bytes) -> None:
