@@ -139,6 +139,24 @@ async def test_orphans_of_user_code_are_reaped_by_the_namespace_init(tmp_path: P
         spawner.close()
 
 
+@needs_root
+@pytest.mark.asyncio
+async def test_a_daemon_left_by_a_datum_dies_before_the_next_datum(tmp_path: Path) -> None:
+    """In the worker's PID namespace, what a datum's process leaves is killed when it ends: a
+    daemon that left its session and let go of the output too, which no tree walk finds."""
+    spawner = _spawner("env")
+    try:
+        assert spawner.pid_namespace
+        daemon = reporting_pid("daemon", "sleep 300")
+        script = f"setsid {daemon} </dev/null >/dev/null 2>&1 & while [ ! -s daemon ]; do :; done"
+        outcome = await _run(spawner, tmp_path, ["sh", "-c", script])
+        assert outcome.returncode == 0
+        left = int((tmp_path / "daemon").read_text())
+        await _dies(left)  # at once: killed before the run returned
+    finally:
+        spawner.close()
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for name in os.listdir("/proc"):

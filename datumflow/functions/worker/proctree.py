@@ -1,14 +1,15 @@
 """Killing a process tree: the user process and everything it started, however it tried to leave.
 
 Owns finding a user process's descendants through /proc (its process group, its session, its
-parent links), stopping them so that none can fork while they are found, killing them, and finding
-the processes that still hold a pipe open.
+parent links, or everything under the init of its PID namespace), stopping them so that none can
+fork while they are found, killing them, and finding the processes that still hold a pipe open.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 
 def alive(pid: int) -> bool:
@@ -61,15 +62,49 @@ def kill_tree(leader: int, *, running: bool) -> None:
     the tree is walked, then killed.
     """
     _signal_group(leader, signal.SIGSTOP)
+    _stop_then_kill(lambda: _tree(leader, running=running))
+    _signal_group(leader, signal.SIGKILL)
+
+
+def kill_leftovers(reaper: int) -> None:
+    """SIGKILL every process under `reaper`, the init of a PID namespace whose user process has
+    ended: whatever it left, daemons that left its session included, was reparented to the init.
+    One read of the init's children when nothing was left, as is usual."""
+    _stop_then_kill(lambda: _descendants(reaper))
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            threads = os.listdir(f"/proc/{parent}/task") if parent != pid else [str(pid)]
+        except OSError:
+            continue  # gone already
+        for thread in threads:
+            try:
+                with open(f"/proc/{parent}/task/{thread}/children", "rb") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            for child in children:
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
+def _stop_then_kill(find: Callable[[], set[int]]) -> None:
+    """Stop what `find` finds until it finds nothing new (none can fork meanwhile), then kill it."""
     stopped: set[int] = set()
     for _ in range(8):
-        found = _tree(leader, running=running) - stopped - {os.getpid()}
+        found = find() - stopped - {os.getpid()}
         if not found:
             break
         for pid in found:
             signal_quietly(pid, signal.SIGSTOP)
         stopped |= found
-    _signal_group(leader, signal.SIGKILL)
     for pid in stopped:
         signal_quietly(pid, signal.SIGKILL)
 

@@ -8,7 +8,8 @@ Pachyderm code hard-codes `/pfs/<input>/...` and `/pfs/out`. Three ways to give 
   machines where neither is possible; code must then read the variables.
 
 At its time limit, or when it ends, the process and everything it started are killed by
-`proctree.kill_tree`.
+`proctree.kill_tree`; in the worker's PID namespace (functions.worker.spawner), everything it left
+there is killed by `proctree.kill_leftovers` once it has ended, whatever session it moved to.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from typing import Any
 import msgspec
 
 from datumflow.errors import PermanentError
-from datumflow.functions.worker.proctree import kill_tree, pipe_holders, signal_quietly
+from datumflow.functions.worker.proctree import (
+    kill_leftovers,
+    kill_tree,
+    pipe_holders,
+    signal_quietly,
+)
 from datumflow.functions.worker.spawner import Running, Spawner
 
 LOG_CAP = 1 << 20
@@ -225,9 +231,13 @@ async def _watch(
         returncode = None
     finally:
         # Everything the user code started goes down with it: children that outlive it, or a
-        # process still running because we were cancelled or timed out.
-        kill_tree(proc.pid, running=proc.returncode is None)
+        # process still running because we were cancelled or timed out. In a PID namespace,
+        # what it left was reparented to the namespace's init, which holds nothing else.
+        if proc.reaper is None or proc.returncode is None:
+            kill_tree(proc.pid, running=proc.returncode is None)
         await proc.exited
+        if proc.reaper is not None:
+            kill_leftovers(proc.reaper)
     await _drain(readers, proc.output, output_pipe)
     if dropped:
         log.extend(f"\n[datumflow: {dropped} more bytes of output dropped]\n".encode())
@@ -264,6 +274,7 @@ class _Slow:
         self.stdin: asyncio.StreamWriter | None = proc.stdin
         self.exited = protocol.exited
         self.output = transport.get_pipe_transport(1)
+        self.reaper: int | None = None
         self._proc = proc
 
     @property

@@ -23,7 +23,8 @@ before exec is done elsewhere:
   open. When the worker dies, however it dies, the pipe reaches its end, the init exits, and the
   kernel kills every process left in the namespace: all the user code the worker started, and
   everything that started, whatever session it moved to. The init also reaps the orphans user
-  code leaves behind. User code sees the namespace's pids, as in a container: `$$` is small,
+  code leaves behind; and since datums take turns, whatever is left under the init when a
+  datum's process has ended is that datum's, and is killed then (proctree.kill_leftovers). User code sees the namespace's pids, as in a container: `$$` is small,
   and its parent (the worker, outside) is not a process it can see or signal.
   Where no PID namespace can be made, `setpriv` (util-linux) sets the parent-death signal
   instead (SIGKILL, once the user is set: a change of user clears it), an exec per datum.
@@ -91,6 +92,7 @@ class Running:
         stdin: asyncio.StreamWriter | None,
         exited: asyncio.Future[None],
         release: Callable[[], None],
+        reaper: int | None,
     ) -> None:
         self.pid = proc.pid
         self.proc = proc
@@ -99,6 +101,9 @@ class Running:
         """The transport of the output pipe: closed by sandbox._drain when it must let go."""
         self.stdin = stdin
         self.exited = exited
+        self.reaper = reaper
+        """The pid of the init of the PID namespace the process runs in, if it runs in one: what
+        the process leaves behind becomes the init's (proctree.kill_leftovers)."""
         self._release: Callable[[], None] | None = release
 
     @property
@@ -200,7 +205,8 @@ class Spawner:
             self._thread.submit(self._turn_over, loop)
             raise
         try:
-            return await _attach(loop, proc, stdin=stdin, release=self._turn.release)
+            reaper = self._init.pid if self._init is not None and self.pid_namespace else None
+            return await _attach(loop, proc, stdin=stdin, release=self._turn.release, reaper=reaper)
         except BaseException:
             self._thread.submit(_abandon, started)
             self._thread.submit(self._turn_over, loop)
@@ -348,6 +354,7 @@ async def _attach(
     *,
     stdin: bytes,
     release: Callable[[], None],
+    reaper: int | None,
 ) -> Running:
     """The process's pipes and exit on this event loop: its exit seen through a pidfd."""
     exited: asyncio.Future[None] = loop.create_future()
@@ -377,5 +384,11 @@ async def _attach(
         )
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return Running(
-        proc=proc, stdout=reader, output=output, stdin=writer, exited=exited, release=release
+        proc=proc,
+        stdout=reader,
+        output=output,
+        stdin=writer,
+        exited=exited,
+        release=release,
+        reaper=reaper,
     )
