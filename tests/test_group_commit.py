@@ -59,13 +59,16 @@ async def test_puts_are_fsynced_at_once_unless_the_store_syncs_on_flush(
     assert synced == []
     for key in keys:  # in place and readable before the flush, each with the right content
         assert (tmp_path / "grouped" / key[:2] / key).exists()
-    assert await grouped.get_bytes(keys[2]) == b"a manifest\n"
+    assert await grouped.get_bytes(keys[2]) == b"a manifest\n"  # read on the loop
+    assert await grouped.get_bytes(keys[1]) == big.read_bytes()  # read by a thread
     for key, source in ((keys[0], small), (keys[1], big)):  # copied on the loop, and by a thread
         copy = tmp_path / f"copy-{key}"
         assert await grouped.get_file(key, copy) == source.stat().st_size
         assert copy.read_bytes() == source.read_bytes()
     with pytest.raises(NotFound, match="is not in the store"):
         await grouped.get_file("ab" * 32, tmp_path / "nothing")
+    with pytest.raises(NotFound, match="is not in the store"):
+        await grouped.get_bytes("ab" * 32)
 
     await grouped.flush()
     assert [Path(p).name for p in synced] == keys[:3]  # each object once, in the order put
