@@ -225,7 +225,13 @@ async def _watch(
     try:
         # The exit itself, not proc.wait(): that one also waits for the output pipe to close,
         # which a child left holding it would put off forever, past any datum_timeout.
-        await asyncio.wait_for(_exit_or_kill(proc.exited, kill), timeout=timeout)
+        if kill is None:
+            # The exit future itself, with no task around it: this runs for every datum.
+            await asyncio.wait({proc.exited}, timeout=timeout)
+            if not proc.exited.done():
+                raise TimeoutError
+        else:
+            await asyncio.wait_for(_exit_or_kill(proc.exited, kill), timeout=timeout)
         returncode: int | None = proc.returncode
     except TimeoutError:
         returncode = None
@@ -350,8 +356,7 @@ async def _drain(
     output): it is the user code's too, and is killed. Failing that, we let go of the pipe, so
     that a datum never hangs on it."""
     for wait in (0.5, 2.0):
-        done, _ = await asyncio.wait({readers}, timeout=wait)
-        if done:
+        if readers.done() or (await asyncio.wait({readers}, timeout=wait))[0]:
             readers.result()  # an error of our own while reading is not to be lost
             return
         for pid in pipe_holders(inode):
