@@ -26,11 +26,12 @@ from datumflow.broker.messages import (
     JobPlanned,
 )
 from datumflow.broker.records import JobInfo
-from datumflow.errors import StorageError
+from datumflow.errors import PermanentError, StorageError
 from datumflow.functions.committer import Committer
 from datumflow.functions.job_timeouts import JobTimeouts
 from datumflow.functions.tally import Tally, failure_reason
 from datumflow.functions.worker import sandbox
+from datumflow.functions.worker.outputs import collect_outputs
 from datumflow.functions.worker.spawner import Spawner
 from datumflow.pfs import results
 from datumflow.pfs.datums import Leaf, job_datums
@@ -383,3 +384,28 @@ async def test_an_object_store_failure_ending_a_job_redelivers_its_results(
     finally:
         stop.set()
         await asyncio.wait_for(run, 10)
+
+
+# -- a datum's output --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_outputs_are_every_file_under_out_and_nothing_that_leads_out(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "deep" / "er").mkdir(parents=True)
+    (out / "top").write_text("t")
+    (out / "deep" / "er" / "leaf").write_text("l")
+    (out / "same").symlink_to(out / "top")  # a link inside out: its file's content
+    os.mkfifo(out / "pipe")  # not data: left out
+    store = await open_store((tmp_path / "objects").as_uri())
+    refs = await collect_outputs(store, out)
+    assert [(r.path, r.size) for r in refs] == [("/deep/er/leaf", 1), ("/same", 1), ("/top", 1)]
+    assert refs[1].hash == refs[2].hash
+
+    (out / "deep" / "away").symlink_to(tmp_path)
+    with pytest.raises(PermanentError, match=r"/pfs/out/deep/away is a symlink to .*outside"):
+        await collect_outputs(store, out)
+    (out / "deep" / "away").unlink()
+    (out / "loop").symlink_to(out / "deep")
+    with pytest.raises(PermanentError, match="/pfs/out/loop links to a directory"):
+        await collect_outputs(store, out)
