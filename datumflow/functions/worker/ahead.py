@@ -1,4 +1,4 @@
-"""Fetching a worker's next datum set while the last datum of the set in hand runs.
+"""Fetching a worker's next datum set before the set in hand is done.
 
 An in-process set runs on the user-code thread without a round trip per datum; between two sets
 there was one, the fetch, during which the thread had nothing to do (and on a busy machine the
@@ -7,6 +7,11 @@ thread starts the last datum of the current one: only datums already waiting (on
 waiting for more), so a worker takes at most one set it cannot start at once, and only while
 its last datum runs. The set fetched is heartbeated from then on, and handed back at once if
 the worker stops before starting it.
+
+A command's set (not overlapped) fetches its next one later, once the last datum's process has
+ended, while its output is stored and its result reported: a process that kills its worker takes
+no fetched set down with it, whose datums would count that death as an attempt of theirs. Only
+a worker that dies in those milliseconds (the kernel's OOM killer, a lost node) does that.
 """
 
 from __future__ import annotations

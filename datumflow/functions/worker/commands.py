@@ -13,7 +13,7 @@ import contextvars
 import os
 import shutil
 import time
-from collections.abc import Container, Set
+from collections.abc import Callable, Container, Set
 from pathlib import Path
 
 from datumflow.broker import subjects
@@ -86,9 +86,11 @@ class Commands:
         info: PipelineInfo,
         attempt: int,
         make: MakeResult,
+        *,
+        ran: Callable[[], None] | None = None,
     ) -> DatumResult:
         """Download, run, upload one datum; raises Retry when the attempt failed and tries
-        remain. The worker's datums may download and upload side by side
+        remain. `ran` is called once the datum's user code has ended, before its upload. The worker's datums may download and upload side by side
         (functions.worker.overlap), but their user code runs one datum at a time: TURN's event,
         if any, is set once this datum's has its turn. Raises JobEnded, before its user code
         starts, for a datum whose job has ended (killed while the datum waited)."""
@@ -124,6 +126,8 @@ class Commands:
                     recovered = await self.user_code(
                         task, info, layout, spec.transform.err_cmd, spec.transform.err_stdin
                     )
+            if ran is not None:
+                ran()
             stats.process_time = outcome.elapsed
             logs, _ = await self.store.put_bytes(outcome.log) if outcome.log else ("", 0)
             if not accepted:

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from datumflow.broker import subjects
@@ -258,10 +259,13 @@ class Worker:
                 elif overlaps(info, self.commands):
                     await overlapped(items, lambda m, t: self._one(batch, m, t, info), stop)
                 else:
-                    for msg, task in items:
+                    for number, (msg, task) in enumerate(items, 1):
                         if stop.is_set():
                             break  # stopping: the rest of the set goes back at once
-                        await self._one(batch, msg, task, info)
+                        # The next set is fetched once the last datum's process has ended,
+                        # while it is stored and reported (functions.worker.ahead).
+                        ran = self.ahead.start if number == len(items) else None
+                        await self._one(batch, msg, task, info, ran=ran)
         except asyncio.CancelledError:
             await self._hand_back(batch)
             raise
@@ -312,11 +316,19 @@ class Worker:
             return False
         return all(local_objects(self.store, task) is not None for _, task in items)
 
-    async def _one(self, batch: _Set, msg: Msg, task: DatumTask, info: PipelineInfo) -> None:
-        """One datum, start to end, before the next one starts."""
+    async def _one(
+        self,
+        batch: _Set,
+        msg: Msg,
+        task: DatumTask,
+        info: PipelineInfo,
+        *,
+        ran: Callable[[], None] | None = None,
+    ) -> None:
+        """One datum, start to end, before the next one starts; `ran`: see Commands.run."""
         attempt = attempt_of(msg, task)
         try:
-            result = await self.process(task, info, attempt, number=batch.number)
+            result = await self.process(task, info, attempt, number=batch.number, ran=ran)
         except Retry as exc:
             await self._retry(batch, msg, task, attempt, str(exc))
             return
@@ -352,7 +364,13 @@ class Worker:
         batch.settle(msg)
 
     async def process(
-        self, task: DatumTask, info: PipelineInfo, attempt: int, *, number: int = 0
+        self,
+        task: DatumTask,
+        info: PipelineInfo,
+        attempt: int,
+        *,
+        number: int = 0,
+        ran: Callable[[], None] | None = None,
     ) -> DatumResult:
         """Download, run, upload one datum. Raises Retry when the attempt failed and tries
         remain."""
@@ -361,7 +379,7 @@ class Worker:
             return await self.functions.one(task, info, attempt, number, make)
         if info.spec.transform.datum_batching:
             return await self.batched.run(task, info, attempt, make)
-        return await self.commands.run(task, info, attempt, make)
+        return await self.commands.run(task, info, attempt, make, ran=ran)
 
     async def _function_set(self, batch: _Set, items: list[Item], info: PipelineInfo) -> None:
         """The whole set on the user-code thread; each result is reported as it comes, while
