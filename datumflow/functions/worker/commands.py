@@ -28,6 +28,9 @@ from datumflow.functions.worker.spawner import Spawner
 from datumflow.spec import parse_duration
 from datumflow.storage.base import ObjectStore, reads_in_place
 
+Ran = Callable[[], None] | None
+"""Called once a datum's user code has ended, before its output is stored."""
+
 TURN: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("turn", default=None)
 """Set by Commands.run once the datum's user code has its turn (functions.worker.overlap)."""
 
@@ -87,7 +90,7 @@ class Commands:
         attempt: int,
         make: MakeResult,
         *,
-        ran: Callable[[], None] | None = None,
+        ran: Ran = None,
     ) -> DatumResult:
         """Download, run, upload one datum; raises Retry when the attempt failed and tries
         remain. `ran` is called once the datum's user code has ended, before its upload. The worker's datums may download and upload side by side

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from datumflow.broker import subjects
@@ -42,7 +41,7 @@ from datumflow.functions.worker.attempt import Retry, result_maker
 from datumflow.functions.worker.batch import BatchSizer, Heartbeat
 from datumflow.functions.worker.batched import Batched
 from datumflow.functions.worker.calls import Functions, local_objects
-from datumflow.functions.worker.commands import Commands
+from datumflow.functions.worker.commands import Commands, Ran
 from datumflow.functions.worker.ended_jobs import EndedJobs, JobEnded
 from datumflow.functions.worker.handback import attempt_of, hand_back, spent
 from datumflow.functions.worker.overlap import adaptive_sets, overlapped, overlaps
@@ -259,13 +258,10 @@ class Worker:
                 elif overlaps(info, self.commands):
                     await overlapped(items, lambda m, t: self._one(batch, m, t, info), stop)
                 else:
-                    for number, (msg, task) in enumerate(items, 1):
+                    for msg, task in items:
                         if stop.is_set():
                             break  # stopping: the rest of the set goes back at once
-                        # The next set is fetched once the last datum's process has ended,
-                        # while it is stored and reported (functions.worker.ahead).
-                        ran = self.ahead.start if number == len(items) else None
-                        await self._one(batch, msg, task, info, ran=ran)
+                        await self._one(batch, msg, task, info)
         except asyncio.CancelledError:
             await self._hand_back(batch)
             raise
@@ -316,17 +312,11 @@ class Worker:
             return False
         return all(local_objects(self.store, task) is not None for _, task in items)
 
-    async def _one(
-        self,
-        batch: _Set,
-        msg: Msg,
-        task: DatumTask,
-        info: PipelineInfo,
-        *,
-        ran: Callable[[], None] | None = None,
-    ) -> None:
-        """One datum, start to end, before the next one starts; `ran`: see Commands.run."""
+    async def _one(self, batch: _Set, msg: Msg, task: DatumTask, info: PipelineInfo) -> None:
+        """One datum, start to end, before the next one starts."""
         attempt = attempt_of(msg, task)
+        # The next set is fetched once the set's last process has ended (functions.worker.ahead).
+        ran = self.ahead.start if msg is batch.msgs[-1] else None
         try:
             result = await self.process(task, info, attempt, number=batch.number, ran=ran)
         except Retry as exc:
@@ -364,13 +354,7 @@ class Worker:
         batch.settle(msg)
 
     async def process(
-        self,
-        task: DatumTask,
-        info: PipelineInfo,
-        attempt: int,
-        *,
-        number: int = 0,
-        ran: Callable[[], None] | None = None,
+        self, task: DatumTask, info: PipelineInfo, attempt: int, *, number: int = 0, ran: Ran = None
     ) -> DatumResult:
         """Download, run, upload one datum. Raises Retry when the attempt failed and tries
         remain."""
