@@ -60,7 +60,7 @@ class Child:
                 stdin=asyncio.subprocess.DEVNULL,
                 # If `datumflow up` is SIGKILLed, its functions and workers stop too instead of
                 # running on unsupervised.
-                preexec_fn=stop_with_parent,
+                preexec_fn=stop_with_parent(),
             )
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -168,7 +168,7 @@ class EmbeddedServer:
             start_new_session=True,
             # But if we die without that shutdown (SIGKILL, the OOM killer), the server stops
             # too, rather than hold the store directory for a `datumflow up` started after us.
-            preexec_fn=stop_with_parent,
+            preexec_fn=stop_with_parent(),
             env=server_environment(os.environ, os.cpu_count() or 1),
         )
         if not isinstance(out, int):
@@ -209,11 +209,20 @@ class EmbeddedServer:
             self.process.wait()
 
 
-def stop_with_parent() -> None:
-    # Runs in the child between fork and exec. Linux only; elsewhere the server outlives us.
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def stop_with_parent() -> Callable[[], None]:
+    """For preexec_fn: the child is sent SIGTERM when the process calling this dies. Linux only;
+    elsewhere the child outlives us."""
+    parent = os.getpid()
+
+    def enter() -> None:
+        # Runs in the child between fork and exec.
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:
+                os._exit(1)  # it died between the fork and now: no signal will come
+
+    return enter
 
 
 async def _greets_with_jetstream(port: int) -> bool:

@@ -8,10 +8,10 @@ waiting for more), so a worker takes at most one set it cannot start at once, an
 its last datum runs. The set fetched is heartbeated from then on, and handed back at once if
 the worker stops before starting it.
 
-A command's set fetches its next one later, once the last datum's process has
-ended, while its output is stored and its result reported: a process that kills its worker takes
-no fetched set down with it, whose datums would count that death as an attempt of theirs. Only
-a worker that dies in those milliseconds (the kernel's OOM killer, a lost node) does that.
+A command's set fetches its next one later, once its last datum's process has ended, while that
+datum's output is stored and its result reported: a process that kills its worker takes no
+fetched set down with it, whose datums would count that death as an attempt of theirs. Only a
+worker that dies in those milliseconds (the kernel's OOM killer, a lost node) does that.
 """
 
 from __future__ import annotations

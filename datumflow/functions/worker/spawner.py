@@ -62,18 +62,24 @@ _MNT_DETACH = 2
 RunAs = tuple[int, int]
 
 _INIT = """
-import os, signal
+import os, select, signal
 
-def reap(*_):
+# A SIGCHLD writes to this pipe at the moment it comes: none is lost between two waits.
+wake, woken = os.pipe()
+os.set_blocking(woken, False)
+signal.set_wakeup_fd(woken)
+signal.signal(signal.SIGCHLD, lambda *_: None)
+while True:
+    ready, _, _ = select.select([0, wake], [], [])
+    if wake in ready:
+        os.read(wake, 512)
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass
     except ChildProcessError:
         pass
-
-signal.signal(signal.SIGCHLD, reap)
-while os.read(0, 512):
-    pass
+    if 0 in ready and not os.read(0, 512):
+        break
 """
 """The PID namespace's init: reaps the orphans user code leaves, and exits, taking every process
 in the namespace with it, once its stdin (the worker's end of a pipe) is closed: the worker is
