@@ -93,10 +93,11 @@ class Commands:
         ran: Ran = None,
     ) -> DatumResult:
         """Download, run, upload one datum; raises Retry when the attempt failed and tries
-        remain. `ran` is called once the datum's user code has ended, before its upload. The worker's datums may download and upload side by side
-        (functions.worker.overlap), but their user code runs one datum at a time: TURN's event,
-        if any, is set once this datum's has its turn. Raises JobEnded, before its user code
-        starts, for a datum whose job has ended (killed while the datum waited)."""
+        remain. `ran` is called once the datum's user code has ended, before its upload. The
+        worker's datums may download and upload side by side (functions.worker.overlap), but
+        their user code runs one datum at a time: TURN's event, if any, is set once this
+        datum's has its turn. Raises JobEnded, before its user code starts, for a datum whose
+        job has ended (killed while the datum waited)."""
         spec = info.spec
         if task.job in self.ended:
             raise JobEnded(f"job {task.job} has ended")

@@ -24,8 +24,9 @@ before exec is done elsewhere:
   kernel kills every process left in the namespace: all the user code the worker started, and
   everything that started, whatever session it moved to. The init also reaps the orphans user
   code leaves behind; and since datums take turns, whatever is left under the init when a
-  datum's process has ended is that datum's, and is killed then (proctree.kill_leftovers). User code sees the namespace's pids, as in a container: `$$` is small,
-  and its parent (the worker, outside) is not a process it can see or signal.
+  datum's process has ended is that datum's, and is killed then (proctree.kill_leftovers).
+  User code sees the namespace's pids, as in a container: `$$` is small, and its parent (the
+  worker, outside) is not a process it can see or signal.
   Where no PID namespace can be made, `setpriv` (util-linux) sets the parent-death signal
   instead (SIGKILL, once the user is set: a change of user clears it), an exec per datum.
 - the user switch: `setpriv` again, exec'd first; it clears the supplementary groups, sets the
@@ -50,7 +51,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from datumflow.functions.worker.proctree import kill_tree
+from datumflow.functions.worker.proctree import kill_leftovers, kill_tree
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWPID = 0x20000000
@@ -207,16 +208,23 @@ class Spawner:
         except BaseException:
             # Cancelled while the thread starts it: the process may start all the same, and is
             # then killed, with all it started, before the next one may have /pfs.
-            started.add_done_callback(lambda _: self._thread.submit(_abandon, started))
+            started.add_done_callback(
+                lambda _: self._thread.submit(_abandon, started, self._reaper())
+            )
             self._thread.submit(self._turn_over, loop)
             raise
         try:
-            reaper = self._init.pid if self._init is not None and self.pid_namespace else None
-            return await _attach(loop, proc, stdin=stdin, release=self._turn.release, reaper=reaper)
+            return await _attach(
+                loop, proc, stdin=stdin, release=self._turn.release, reaper=self._reaper()
+            )
         except BaseException:
-            self._thread.submit(_abandon, started)
+            self._thread.submit(_abandon, started, self._reaper())
             self._thread.submit(self._turn_over, loop)
             raise
+
+    def _reaper(self) -> int | None:
+        """The pid of the init of the PID namespace processes start in, if they start in one."""
+        return self._init.pid if self._init is not None and self.pid_namespace else None
 
     def _turn_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """In the thread, after what was submitted before: the next process may start."""
@@ -317,7 +325,9 @@ class Spawner:
         )
 
 
-def _abandon(started: concurrent.futures.Future[subprocess.Popen[bytes]]) -> None:
+def _abandon(
+    started: concurrent.futures.Future[subprocess.Popen[bytes]], reaper: int | None
+) -> None:
     """A process its caller gave up on: killed with everything it started, and reaped."""
     if started.cancelled() or started.exception() is not None:
         return
@@ -325,6 +335,8 @@ def _abandon(started: concurrent.futures.Future[subprocess.Popen[bytes]]) -> Non
     kill_tree(proc.pid, running=proc.returncode is None)
     with contextlib.suppress(ChildProcessError):
         proc.wait()
+    if reaper is not None:
+        kill_leftovers(reaper)
 
 
 def _identity(run_as: RunAs | None) -> list[str]:
