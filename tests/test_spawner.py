@@ -128,10 +128,10 @@ async def test_a_reused_layout_keeps_its_mount_after_root_unless_root_mounted_so
 async def test_orphans_of_user_code_are_reaped_by_the_namespace_init(tmp_path: Path) -> None:
     spawner = _spawner("env")
     try:
-        assert spawner.pid_namespace and spawner._init is not None
+        assert spawner.pids is not None
         for _ in range(5):  # each leaves a child behind, killed with its tree, then an orphan
             await _run(spawner, tmp_path, ["sh", "-c", "sleep 300 & echo started"])
-        init = spawner._init.pid
+        init = spawner.pids.reaper
         await eventually(
             lambda: not [p for p in _children(init)], timeout=10, what="the orphans reaped"
         )
@@ -146,7 +146,7 @@ async def test_a_daemon_left_by_a_datum_dies_before_the_next_datum(tmp_path: Pat
     daemon that left its session and let go of the output too, which no tree walk finds."""
     spawner = _spawner("env")
     try:
-        assert spawner.pid_namespace
+        assert spawner.pids is not None
         daemon = reporting_pid("daemon", "sleep 300")
         script = f"setsid {daemon} </dev/null >/dev/null 2>&1 & while [ ! -s daemon ]; do :; done"
         outcome = await _run(spawner, tmp_path, ["sh", "-c", script])
@@ -255,7 +255,7 @@ async def test_user_code_dies_with_its_worker(tmp_path: Path, pid_namespace: boo
         from datumflow.functions.worker.spawner import Spawner
 
         spawner = Spawner.create(mode="env", pid_namespace={pid_namespace})
-        assert spawner is not None and spawner.pid_namespace == {pid_namespace and ROOT}
+        assert spawner is not None and (spawner.pids is not None) == {pid_namespace and ROOT}
         asyncio.run(sandbox.run(
             ["sh", "-c", "setsid {reporting_pid("daemon", "sleep 301")} & {HOST_PID};"
              " echo $pid > self.part && mv self.part self; exec sleep 300"],

@@ -19,7 +19,7 @@ before exec is done elsewhere:
   The namespace is a copy of the machine's mounts when the worker started: a file system mounted
   on the machine later is not seen by user code (a datum's own namespace used to copy them anew).
 - death with the worker: where the worker may (as root), the spawner's thread also makes a PID
-  namespace of its own, whose first process (its init, `_INIT`) reads a pipe the worker holds
+  namespace of its own (functions.worker.pid_namespace), whose first process, its init, reads a pipe the worker holds
   open. When the worker dies, however it dies, the pipe reaches its end, the init exits, and the
   kernel kills every process left in the namespace: all the user code the worker started, and
   everything that started, whatever session it moved to. The init also reaps the orphans user
@@ -47,44 +47,19 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from datumflow.functions.worker.pid_namespace import PidNamespace
 from datumflow.functions.worker.proctree import kill_leftovers, kill_tree
 
 _CLONE_NEWNS = 0x00020000
-_CLONE_NEWPID = 0x20000000
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 _MNT_DETACH = 2
 
 RunAs = tuple[int, int]
-
-_INIT = """
-import os, select, signal
-
-# A SIGCHLD writes to this pipe at the moment it comes: none is lost between two waits.
-wake, woken = os.pipe()
-os.set_blocking(woken, False)
-signal.set_wakeup_fd(woken)
-signal.signal(signal.SIGCHLD, lambda *_: None)
-while True:
-    ready, _, _ = select.select([0, wake], [], [])
-    if wake in ready:
-        os.read(wake, 512)
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass
-    if 0 in ready and not os.read(0, 512):
-        break
-"""
-"""The PID namespace's init: reaps the orphans user code leaves, and exits, taking every process
-in the namespace with it, once its stdin (the worker's end of a pipe) is closed: the worker is
-gone. Run with `python -I -S`: the standard library alone, in milliseconds."""
 
 
 class Running:
@@ -131,9 +106,9 @@ class Spawner:
     def __init__(self, *, setpriv: str, namespace: bool) -> None:
         self.setpriv = setpriv
         self.namespace = namespace
-        self.pid_namespace = False
-        """Whether the processes live in a PID namespace that dies with the worker (set by
-        `_enter`): then they need no `setpriv` for a parent-death signal."""
+        self.pids: PidNamespace | None = None
+        """The PID namespace the processes live in, which dies with the worker (made by
+        `_enter`, where it can be): then they need no `setpriv` for a parent-death signal."""
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="datumflow-spawner"
         )
@@ -146,10 +121,6 @@ class Spawner:
         self._kept = False
         """Whether the mount may serve the next datum whose layout is that same directory: the
         last process ran as a user other than root, who cannot have mounted anything under it."""
-        self._init: subprocess.Popen[bytes] | None = None
-        self._lifeline = -1
-        """The worker's end of the init's pipe: closed when the worker ends, by the kernel if
-        need be."""
 
     @classmethod
     def create(cls, *, mode: str, pid_namespace: bool = True) -> Spawner | None:
@@ -171,12 +142,8 @@ class Spawner:
         with contextlib.suppress(RuntimeError, OSError):
             self._thread.submit(self._unmount).result()
         self._thread.shutdown(wait=True)
-        if self._lifeline >= 0:
-            os.close(self._lifeline)  # the init exits, and every process left goes with it
-            self._lifeline = -1
-        if self._init is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._init.wait(timeout=10)
+        if self.pids is not None:
+            self.pids.close()
 
     async def start(
         self,
@@ -193,9 +160,9 @@ class Spawner:
         then no other process starts."""
         loop = asyncio.get_running_loop()
         await self._turn.acquire()
-        if run_as is None and self.pid_namespace:
+        if run_as is None and self.pids is not None:
             argv = cmd
-        elif self.pid_namespace:
+        elif self.pids is not None:
             argv = [self.setpriv, *_identity(run_as), "--", *cmd]
         else:
             argv = [self.setpriv, *_identity(run_as), "--pdeathsig", "KILL", "--", *cmd]
@@ -224,7 +191,7 @@ class Spawner:
 
     def _reaper(self) -> int | None:
         """The pid of the init of the PID namespace processes start in, if they start in one."""
-        return self._init.pid if self._init is not None and self.pid_namespace else None
+        return self.pids.reaper if self.pids is not None else None
 
     def _turn_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """In the thread, after what was submitted before: the next process may start."""
@@ -245,36 +212,7 @@ class Spawner:
             self._mounted = (0, 0)
             self._unmount()
         if pid_namespace and os.geteuid() == 0:
-            self._new_pid_namespace()
-
-    def _new_pid_namespace(self) -> None:
-        """A PID namespace for the processes the thread starts next, and its init; where none
-        can be made (no CAP_SYS_ADMIN), `setpriv` sets parent-death signals instead."""
-        libc = _libc()
-        with open("/proc/thread-self/ns/pid", "rb") as ours:
-            # Back to our own first: a new one can only be made from there (a no-op the first
-            # time; after an init's death, the namespace it took with it).
-            if libc.setns(ours.fileno(), _CLONE_NEWPID) != 0:
-                return
-        if libc.unshare(_CLONE_NEWPID) != 0:
-            return
-        read, write = os.pipe()
-        try:
-            self._init = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _INIT],
-                stdin=read,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd="/",
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(write)
-            raise
-        finally:
-            os.close(read)
-        self._lifeline = write
-        self.pid_namespace = True
+            self.pids = PidNamespace.make()
 
     def _unchanged(self) -> bool:
         """Whether nothing was mounted, unmounted or remounted since the last mount at /pfs."""
@@ -298,12 +236,10 @@ class Spawner:
     ) -> subprocess.Popen[bytes]:
         """The datum's layout at /pfs, then its process, on subprocess's vfork path; `keep`:
         the process runs as a user other than root (see `_kept`)."""
-        if self._init is not None and self._init.poll() is not None:
-            # Its init was killed (from outside: nothing inside may), and the namespace with it.
-            os.close(self._lifeline)
-            self._lifeline, self._init, self.pid_namespace = -1, None, False
-            self._new_pid_namespace()
-            if not self.pid_namespace:
+        if self.pids is not None and self.pids.ended:
+            self.pids.close()
+            self.pids = PidNamespace.make()
+            if self.pids is None:
                 raise OSError("the worker's PID namespace ended and no new one could be made")
         if self.namespace:
             found = os.stat(layout)
