@@ -8,9 +8,9 @@ objects are on disk before anything refers to them, and the disk's waits (a jour
 fsync, milliseconds each) are off the datum's own path and shared by all the datums reported
 together, as a database commits a group of transactions with one log flush.
 
-Small objects (up to INLINE bytes) are copied and read on the calling thread, the event loop's: a
-hop to a thread and back costs more than copying a few kilobytes. Bigger ones, and every fsync, go to a
-thread.
+Small objects (up to INLINE bytes) are copied and read on the calling thread, the event loop's:
+a hop to a thread and back costs more than copying a few kilobytes. Bigger ones, and every
+fsync, go to a thread.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class FileStore:
             with open(self.file(key), "rb") as f:  # noqa: ASYNC230 - a local open, microseconds
                 if os.fstat(f.fileno()).st_size <= INLINE:
                     return f.read()  # a datum's manifest, typically: on the loop
-            return await asyncio.to_thread(self.path(key).read_bytes)
+                return await asyncio.to_thread(f.read)
         except FileNotFoundError:
             raise NotFound(f"object {key} is not in the store at {self.url}") from None
 

@@ -21,20 +21,21 @@ _CLONE_NEWPID = 0x20000000
 _INIT = """
 import os, select, signal
 
-# A SIGCHLD writes to this pipe at the moment it comes: none is lost between two waits.
+# A SIGCHLD writes to this pipe at the moment it comes: none is lost between two waits. The
+# reaping comes first: orphans may have died while this interpreter was starting.
 wake, woken = os.pipe()
 os.set_blocking(woken, False)
 signal.set_wakeup_fd(woken)
 signal.signal(signal.SIGCHLD, lambda *_: None)
 while True:
-    ready, _, _ = select.select([0, wake], [], [])
-    if wake in ready:
-        os.read(wake, 512)
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass
     except ChildProcessError:
         pass
+    ready, _, _ = select.select([0, wake], [], [])
+    if wake in ready:
+        os.read(wake, 512)
     if 0 in ready and not os.read(0, 512):
         break
 """

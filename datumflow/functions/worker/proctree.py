@@ -79,6 +79,7 @@ def _descendants(pid: int) -> set[int]:
     while todo:
         parent = todo.pop()
         try:
+            # A process's children hang from the thread that started them; the init has one.
             threads = os.listdir(f"/proc/{parent}/task") if parent != pid else [str(pid)]
         except OSError:
             continue  # gone already
