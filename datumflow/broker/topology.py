@@ -194,33 +194,46 @@ def planner_consumer_config(spec: PipelineSpec) -> ConsumerConfig:
     )
 
 
-async def ensure_pipeline_consumers(
-    broker: Broker, spec: PipelineSpec, *, ack_wait: float, replan: bool = False
-) -> None:
-    """The pipeline's consumers must exist before KEDA reads its lag or a worker binds to it.
-
-    With `replan`, the planner consumer starts over from the last commit of each input repo, so
-    an updated pipeline runs a job of its new version on the current heads."""
+async def ensure_pipeline_consumers(broker: Broker, spec: PipelineSpec, *, ack_wait: float) -> None:
+    """The pipeline's consumers must exist before KEDA reads its lag or a worker binds to it."""
     async with broker_errors(f"declaring the consumers of pipeline {spec.name}"):
         await broker.js.add_consumer(
             subjects.DATUMS_STREAM, worker_consumer_config(spec, ack_wait=ack_wait)
         )
-        if replan:
-            try:
-                await broker.js.delete_consumer(
-                    subjects.COMMITS_STREAM, subjects.planner_consumer(spec.name)
-                )
-            except NotFoundError:
-                pass
         try:
             await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
         except BadRequestError:
             # The input repos changed on update: filter subjects of a durable cannot always be
             # edited in place, and the planner consumer holds no state worth keeping.
-            await broker.js.delete_consumer(
-                subjects.COMMITS_STREAM, subjects.planner_consumer(spec.name)
-            )
-            await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
+            await _new_planner_consumer(broker, spec)
+
+
+async def ensure_worker_consumer(broker: Broker, spec: PipelineSpec, *, ack_wait: float) -> None:
+    async with broker_errors(f"declaring the worker consumer of pipeline {spec.name}"):
+        await broker.js.add_consumer(
+            subjects.DATUMS_STREAM, worker_consumer_config(spec, ack_wait=ack_wait)
+        )
+
+
+async def replan(broker: Broker, spec: PipelineSpec) -> None:
+    """The planner consumer starts over from the last commit of each input repo, so that an
+    updated pipeline runs a job of its new version on the current heads.
+
+    Call it once the new version is recorded: the planner plans an event with the version it
+    reads then, and the old version would take the heads' events for its last jobs, planned
+    already, and drop them."""
+    async with broker_errors(f"declaring the planner consumer of pipeline {spec.name}"):
+        await _new_planner_consumer(broker, spec)
+
+
+async def _new_planner_consumer(broker: Broker, spec: PipelineSpec) -> None:
+    try:
+        await broker.js.delete_consumer(
+            subjects.COMMITS_STREAM, subjects.planner_consumer(spec.name)
+        )
+    except NotFoundError:
+        pass
+    await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
 
 
 async def ensure_rerun_subject(broker: Broker, spec: PipelineSpec) -> None:

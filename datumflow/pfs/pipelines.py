@@ -10,7 +10,12 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.kv import Records
 from datumflow.broker.records import JobHead, JobInfo, PipelineInfo
-from datumflow.broker.topology import delete_pipeline_consumers, ensure_pipeline_consumers
+from datumflow.broker.topology import (
+    delete_pipeline_consumers,
+    ensure_pipeline_consumers,
+    ensure_worker_consumer,
+    replan,
+)
 from datumflow.errors import Conflict, NotFound, SpecError
 from datumflow.pfs.repos import Repos
 from datumflow.scaling import ScalingError, params_for
@@ -90,7 +95,7 @@ class Pipelines:
         """A new version; the salt is kept (so unchanged datums are skipped) unless `reprocess`."""
         await self.get(spec.name)
         await self._check_inputs(spec)
-        await ensure_pipeline_consumers(self.broker, spec, ack_wait=ack_wait, replan=True)
+        await ensure_worker_consumer(self.broker, spec, ack_wait=ack_wait)
 
         def bump(info: PipelineInfo) -> PipelineInfo:
             return PipelineInfo(
@@ -102,7 +107,9 @@ class Pipelines:
                 updated=time.time(),
             )
 
-        return await self.records.update(spec.name, bump)
+        info = await self.records.update(spec.name, bump)
+        await replan(self.broker, spec)
+        return info
 
     async def delete(self, name: str) -> None:
         """Stop the pipeline, forget its jobs and remove its output repo, as Pachyderm does."""
