@@ -5,6 +5,9 @@ that lost its lease knows it, and a committer that lost it writes nothing a newe
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import time
 
 import msgspec
@@ -13,7 +16,7 @@ import pytest
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker, connect
 from datumflow.broker.kv import Records
-from datumflow.broker.lease import Lease
+from datumflow.broker.lease import ATTEMPT, RENEW_EVERY, Lease
 from datumflow.broker.records import JobHead, JobInfo, LeaseInfo
 from datumflow.broker.topology import LEASE_TTL
 from datumflow.errors import Superseded
@@ -164,6 +167,49 @@ async def test_lead_runs_one_body_and_the_standby_takes_over_when_the_holder_goe
         stops["b"].set()
         await asyncio.gather(first, second)
         await other.close()
+
+
+async def test_one_stall_of_the_broker_does_not_cost_the_lease(
+    broker: Broker, nats_server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal that waits its whole ATTEMPT for an answer (the broker stalled: a GC pause, a
+    disk flush) is followed at once by another, which gets through once the broker is back:
+    the same replica stays active, under the same fence."""
+    caplog.set_level(logging.WARNING, logger="datumflow")
+    started: list[int] = []
+    lease = Lease(broker, name="committer")
+
+    async def body(held: Lease, term: asyncio.Event) -> None:
+        started.append(held.fence)
+        await term.wait()
+
+    stop = asyncio.Event()
+    leading = asyncio.create_task(lead(lease=lease, stop=stop, body=body))
+    assert nats_server.process is not None
+    pid = nats_server.process.pid
+    try:
+        await eventually(lambda: started, timeout=5, what="the lease taken")
+        await asyncio.sleep(0.3)  # just after a renewal
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await eventually(
+                lambda: any(
+                    "renewing the committer lease" in r.getMessage() for r in caplog.records
+                ),
+                timeout=ATTEMPT + RENEW_EVERY + 2,
+                interval=0.01,
+                what="a renewal to wait its whole attempt",
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(LEASE_TTL)  # past the end of the lease the stalled renewal left
+        assert lease.held()
+        assert started == [lease.fence], "the lease was lost and taken again"
+        assert not [r for r in caplog.records if "lost" in r.getMessage()]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        stop.set()
+        await leading
 
 
 async def test_a_committer_that_lost_its_lease_writes_no_job_a_newer_one_wrote(

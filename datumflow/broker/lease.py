@@ -36,9 +36,9 @@ from datumflow.errors import BrokerError, Conflict, DatumflowError, Superseded
 log = logging.getLogger(__name__)
 
 RENEW_EVERY = 1.0
-"""Seconds between two renewals: three refused at once may fail before the lease runs out, but
-one that waits its whole ATTEMPT for an answer leaves no time for another (a slow broker, 2 s
-to answer, costs the lease and a takeover after the TTL)."""
+"""Seconds between the starts of two renewals (datumflow.runtime.leader): one that waits its
+whole ATTEMPT for an answer is followed at once by another, which has what is left of the lease
+to get through."""
 POLL_EVERY = 0.5
 """Seconds between a standby's tries to take the lease."""
 MARGIN = 0.5
@@ -121,8 +121,10 @@ class Lease:
         for _ in range(2):
             try:
                 async with broker_errors(f"renewing the {self.name} lease"):
+                    # No longer than the lease lasts: past its end the answer is of no use.
+                    left = max(self._valid_until - time.monotonic(), 0.05)
                     self._revision = await asyncio.wait_for(
-                        kv.update(self.name, payload, last=self._revision), ATTEMPT
+                        kv.update(self.name, payload, last=self._revision), min(ATTEMPT, left)
                     )
             except Conflict:
                 # Either someone else holds it, or a renewal of ours whose answer was lost is
@@ -135,7 +137,7 @@ class Lease:
                 continue
             except BrokerError as exc:
                 log.warning("%s", exc)
-                return self.held()  # tried again in RENEW_EVERY, while the lease lasts
+                return self.held()  # tried again soon, while the lease lasts
             self._valid_until = sent + self.ttl - MARGIN
             return True
         return self.held()  # ours, but not written again: it lasts from the last write we know

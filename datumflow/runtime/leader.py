@@ -73,14 +73,21 @@ async def _term(*, lease: Lease, stop: asyncio.Event, body: Body) -> None:
 
 
 async def _keep(*, lease: Lease, stop: asyncio.Event, term: asyncio.Event) -> None:
-    """Renew every RENEW_EVERY seconds; return (ending the term) when the lease is lost, the
-    body has ended, or we are told to stop."""
+    """Renew every RENEW_EVERY seconds, counted from when the last renewal began; return (ending
+    the term) when the lease is lost, the body has ended, or we are told to stop.
+
+    Counted from the start, a renewal whose answer was slow (up to ATTEMPT) is followed by the
+    next one at once, while the lease lasts: a full RENEW_EVERY after the slow one would come
+    after the lease ran out, and one stall of the broker would cost a takeover."""
+    began = time.monotonic()
     while not (stop.is_set() or term.is_set()):
-        started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=RENEW_EVERY)
+        wait = began + RENEW_EVERY - time.monotonic()
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)
         if stop.is_set():
             return
+        began = time.monotonic()
         try:
             if not await lease.renew():
                 return
@@ -88,6 +95,6 @@ async def _keep(*, lease: Lease, stop: asyncio.Event, term: asyncio.Event) -> No
             log.warning("lease %s: renewing: %s", lease.name, exc)
             if not lease.held():
                 return
-        late = time.monotonic() - started - RENEW_EVERY
-        if late > RENEW_EVERY:
-            log.warning("lease %s: a renewal came %.1fs late", lease.name, late)
+        took = time.monotonic() - began
+        if took > RENEW_EVERY:
+            log.warning("lease %s: a renewal took %.1fs", lease.name, took)
