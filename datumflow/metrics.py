@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from datumflow.errors import PermanentError
+from datumflow.metrics_files import MetricsFiles
 from datumflow.settings import Settings
 
 if TYPE_CHECKING:
@@ -283,19 +284,19 @@ def install(settings: Settings) -> Metrics | None:
     return _current
 
 
-def serve_directory(directory: Path, *, address: str) -> tuple[Metrics, str]:
-    """For `datumflow up`: start with an empty `directory`, record there too, and serve what
-    every process records there on `address` (port 0: a free one). Returns the metrics and the
-    URL served."""
+def serve_directory(files: MetricsFiles, *, address: str) -> tuple[Metrics, str]:
+    """For `datumflow up`: start with an empty directory of `files`, record there too, and serve
+    what every process records there on `address` (port 0: a free one). Returns the metrics and
+    the URL served."""
     global _current
+    directory = files.path
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     _multiprocess(directory)
     from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(directory))
+    files.collector(registry)
     url = _serve(address, registry)
     _current = Metrics(None)
     return _current, url
@@ -322,17 +323,6 @@ def metrics_url(host: str, port: int) -> str:
     if ":" in shown:
         shown = f"[{shown}]"
     return f"http://{shown}:{port}/metrics"
-
-
-def forget_gone(directory: Path, *, alive: set[int]) -> None:
-    """For `datumflow up`: drop the live gauges (workers busy) of every process that recorded
-    some and is no longer among `alive` (nor `up` itself), however briefly it lived."""
-    from prometheus_client.multiprocess import mark_process_dead
-
-    for path in directory.glob("gauge_live*_*.db"):
-        pid = path.stem.rsplit("_", 1)[-1]
-        if pid.isdigit() and int(pid) not in alive and int(pid) != os.getpid():
-            mark_process_dead(int(pid), path=str(directory))
 
 
 def _multiprocess(directory: Path) -> None:

@@ -5,7 +5,6 @@ defines; the object store's retries are counted; `metrics=off` serves nothing.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -387,21 +386,3 @@ def test_user_code_does_not_inherit_the_metrics_directory(monkeypatch: pytest.Mo
     env = sandbox.user_environment({})
     assert "PROMETHEUS_MULTIPROC_DIR" not in env
     assert env["PATH_FOR_USER_CODE"] == "kept"
-
-
-def test_up_forgets_the_live_gauges_of_processes_gone_but_keeps_their_counters(
-    tmp_path: Path,
-) -> None:
-    names = ["gauge_livesum_4000001.db", "counter_4000001.db", f"gauge_livesum_{os.getpid()}.db"]
-    names += ["gauge_livesum_4000002.db", "gauge_mostrecent_4000001.db"]
-    for name in names:
-        (tmp_path / name).write_bytes(b"")
-    metrics.forget_gone(tmp_path, alive={4000002})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [
-            "counter_4000001.db",  # a worker's counts outlive it
-            "gauge_mostrecent_4000001.db",  # a last value stays the last value
-            f"gauge_livesum_{os.getpid()}.db",  # up's own
-            "gauge_livesum_4000002.db",  # alive
-        ]
-    )

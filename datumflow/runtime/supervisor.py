@@ -24,6 +24,7 @@ from datumflow.broker import subjects
 from datumflow.broker.kv import Records
 from datumflow.broker.kv_changes import Changes
 from datumflow.broker.records import PipelineInfo
+from datumflow.metrics_files import MetricsFiles
 from datumflow.runtime.child import Child
 from datumflow.runtime.embedded import EmbeddedServer, Instance, instance_path
 from datumflow.runtime.lag import LagReader
@@ -69,6 +70,7 @@ class Supervisor:
         self.logs = self.home / "logs"
         self.run_dir = self.home / "run"
         self.metrics_dir = self.run_dir / "metrics"
+        self.metrics_files = MetricsFiles(self.metrics_dir)
         self.metrics: metrics.Metrics | None = None
         self.metrics_url = ""
         """Where `up` serves the metrics of every process it runs; "" when they are off."""
@@ -109,7 +111,7 @@ class Supervisor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.metrics != "off":
             self.metrics, self.metrics_url = metrics.serve_directory(
-                self.metrics_dir, address=self.settings.metrics or "127.0.0.1:0"
+                self.metrics_files, address=self.settings.metrics or "127.0.0.1:0"
             )
             log.info("metrics of every datumflow process: %s", self.metrics_url)
         if self.embedded:
@@ -214,7 +216,8 @@ class Supervisor:
         self._record()
 
     def _record(self) -> None:
-        """The workers desired and running, per pipeline; the live gauges of children gone."""
+        """The workers desired and running, per pipeline; the metrics files of children gone
+        folded into the archive (datumflow.metrics_files)."""
         if self.metrics is None:
             return
         for name, pw in self.pipelines.items():
@@ -224,7 +227,7 @@ class Supervisor:
         for pw in self.pipelines.values():
             children += pw.workers + pw.draining
         alive = {c.process.pid for c in children if c.alive and c.process is not None}
-        metrics.forget_gone(self.metrics_dir, alive=alive)
+        self.metrics_files.fold_gone(alive=alive)
 
     async def _pipeline_infos(self) -> dict[str, PipelineInfo]:
         """Every pipeline now; on doubt, the ones we know. Workers are only stopped for a pipeline
