@@ -47,13 +47,14 @@ async def test_the_new_version_is_recorded_before_the_planner_starts_over(
 
     planner = subjects.planner_consumer("copy")
     await broker.nc.subscribe(f"$KV.{subjects.PIPELINES_BUCKET}.copy", cb=record)
-    await broker.nc.subscribe(
-        f"{subjects.JS_API}.CONSUMER.CREATE.{subjects.COMMITS_STREAM}.{planner}.>", cb=record
-    )
-    await broker.nc.subscribe(
+    # The API subjects a client may create the planner consumer on (with or without a filter).
+    creates = f"{subjects.JS_API}.CONSUMER.CREATE.{subjects.COMMITS_STREAM}.{planner}"
+    for subject in (
+        creates,
+        f"{creates}.>",
         f"{subjects.JS_API}.CONSUMER.DURABLE.CREATE.{subjects.COMMITS_STREAM}.{planner}",
-        cb=record,
-    )
+    ):
+        await broker.nc.subscribe(subject, cb=record)
     await broker.nc.flush()
 
     info = await pipelines.update(spec, ack_wait=30, reprocess=False)
