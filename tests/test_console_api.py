@@ -83,8 +83,11 @@ async def client(shared: Cluster) -> AsyncIterator[TestClient[Any, Any]]:
         sampler = Sampler(broker=api.broker, home=shared.home)
         await sampler.sample()
         app = make_app(views=views, sampler=sampler, token=TOKEN, loopback=True)
-        async with TestClient(TestServer(app)) as c:
-            yield c
+        try:
+            async with TestClient(TestServer(app)) as c:
+                yield c
+        finally:
+            await views.close()
 
 
 async def get_json(client: TestClient[Any, Any], path: str, status: int = 200) -> Any:

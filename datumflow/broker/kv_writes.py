@@ -23,8 +23,9 @@ R = TypeVar("R", bound=msgspec.Struct)
 
 
 class Writes(Generic[R]):
-    """Calls `on_record` with each record of `type` written under `prefix` in `bucket`; deletes,
-    purges and values that are not such a record are passed over."""
+    """Calls `on_record` with each record of `type` written under `prefix` in `bucket`, and
+    `on_delete` (if given) with the key of each delete or purge; values that are not such a
+    record are passed over."""
 
     def __init__(
         self,
@@ -34,11 +35,14 @@ class Writes(Generic[R]):
         prefix: str,
         type: type[R],
         on_record: Callable[[R], None],
+        on_delete: Callable[[str], None] | None = None,
     ) -> None:
         self.broker = broker
         self.subject = subjects.kv_keys(bucket, prefix=prefix)
+        self.head = subjects.kv_key_prefix(bucket)
         self.type = type
         self.on_record = on_record
+        self.on_delete = on_delete
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -48,8 +52,10 @@ class Writes(Generic[R]):
                 self._sub = await self.broker.nc.subscribe(self.subject, cb=self._seen)
 
     async def _seen(self, msg: Msg) -> None:
-        if not msg.data:
-            return  # a delete or purge marker
+        if not msg.data:  # a delete or purge marker
+            if self.on_delete is not None:
+                self.on_delete(msg.subject[len(self.head) :])
+            return
         try:
             record = msgspec.json.decode(msg.data, type=self.type)
         except msgspec.DecodeError:

@@ -63,24 +63,27 @@ async def run_console(
         store = await open_function_store(settings=settings, function="console")
         try:
             views = Views(broker=broker, store=store)
-            sampler = Sampler(broker=broker, home=local_home)
-            app = make_app(views=views, sampler=sampler, token=token, loopback=loopback)
-            runner, bound = await start_site(
-                app, host=host, port=port, fallback=url_home is not None
-            )
-            url = console_url(host, bound, token)
-            if url_home is not None:
-                write_console_url(url_home, url)
-            where = "this machine only" if loopback else "every client with the token"
-            # Under `up` this line goes to a log file anyone may read: the URL with the token is
-            # in console.json (owner-readable only), and `up` prints it.
-            shown = url if url_home is None else url.split("?")[0]
-            announce(f"datumflow console: {shown} ({where})")
             try:
-                await serve_until(app, runner, stop)
+                sampler = Sampler(broker=broker, home=local_home)
+                app = make_app(views=views, sampler=sampler, token=token, loopback=loopback)
+                runner, bound = await start_site(
+                    app, host=host, port=port, fallback=url_home is not None
+                )
+                url = console_url(host, bound, token)
+                if url_home is not None:
+                    write_console_url(url_home, url)
+                where = "this machine only" if loopback else "every client with the token"
+                # Under `up` this line goes to a log file anyone may read: the URL with the token is
+                # in console.json (owner-readable only), and `up` prints it.
+                shown = url if url_home is None else url.split("?")[0]
+                announce(f"datumflow console: {shown} ({where})")
+                try:
+                    await serve_until(app, runner, stop)
+                finally:
+                    if url_home is not None and read_console_url(url_home) == url:
+                        (url_home / CONSOLE_FILE).unlink(missing_ok=True)
             finally:
-                if url_home is not None and read_console_url(url_home) == url:
-                    (url_home / CONSOLE_FILE).unlink(missing_ok=True)
+                await views.close()
         finally:
             await store.close()
     finally:

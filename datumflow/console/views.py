@@ -20,6 +20,7 @@ import msgspec
 from datumflow.broker.connection import Broker
 from datumflow.broker.messages import DatumResult
 from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobInfo, PipelineInfo, RepoInfo
+from datumflow.console.jobs_cache import JobsCache
 from datumflow.errors import NotFound
 from datumflow.pfs import results
 from datumflow.pfs.pipelines import Pipelines, job_key
@@ -242,6 +243,10 @@ class Views:
         self.pipelines = Pipelines(broker=broker, repos=self.repos)
         self._finished = FinishedJobs()
         self._live: dict[tuple[str, str], tuple[float, dict[str, DatumResult]]] = {}
+        self._jobs = JobsCache(broker=broker, records=self.pipelines.jobs)
+
+    async def close(self) -> None:
+        await self._jobs.close()
 
     async def dag(self, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
         repos = await self.repos.list_repos()
@@ -257,10 +262,10 @@ class Views:
     async def jobs(self, pipeline: str = "") -> list[dict[str, Any]]:
         if pipeline:
             await self.pipelines.get(pipeline)
+        jobs = [j for j in await self._jobs.all() if not pipeline or j.pipeline == pipeline]
+        jobs.sort(key=lambda j: (j.created, j.seq), reverse=True)  # newest first
         now = time.time()
-        return [job_view(j, now=now) for j in (await self.pipelines.list_jobs(pipeline))][
-            :JOBS_LISTED
-        ]
+        return [job_view(j, now=now) for j in jobs[:JOBS_LISTED]]
 
     async def _results(self, job: JobInfo) -> tuple[dict[str, DatumResult], dict[str, Any]]:
         key = (job.pipeline, job.id)
