@@ -20,6 +20,8 @@ from datumflow.pfs.pipelines import job_key
 from datumflow.storage.file import FileStore
 from tests.helpers import eventually
 
+pytestmark = pytest.mark.asyncio
+
 
 def job(pipeline: str, n: int) -> JobInfo:
     return JobInfo(pipeline=pipeline, id=f"j{n}", version=1, seq=n, created=1_000.0 + n)
@@ -29,7 +31,6 @@ def ids(jobs: list[dict[str, Any]]) -> list[str]:
     return [j["id"] for j in jobs]
 
 
-@pytest.mark.asyncio
 async def test_the_jobs_listed_follow_their_writes_without_listing_the_bucket_again(
     broker: Broker, tmp_path: Path
 ) -> None:
