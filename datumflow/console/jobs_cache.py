@@ -12,6 +12,7 @@ every RELIST seconds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -50,6 +51,7 @@ class JobsCache:
             on_delete=lambda key: self._changed(key, None),
         )
         self._following = False
+        self._listing = asyncio.Lock()
 
     async def all(self) -> list[JobInfo]:
         """Every job, as of the last write seen."""
@@ -59,17 +61,19 @@ class JobsCache:
                 self._following = True
             except BrokerError as exc:
                 log.warning("console: not following the jobs' writes (%s); listing them", exc)
-        reconnects = self.broker.nc.stats["reconnects"]
-        if (
-            self._jobs is None
-            or not self._following
-            or reconnects != self._reconnects
-            or time.monotonic() - self._listed_at > RELIST
-        ):
-            self._reconnects = reconnects
-            await self._list()
-        assert self._jobs is not None
-        return list(self._jobs.values())
+        asked = time.monotonic()
+        async with self._listing:  # pages asking at once: one listing, for all of them
+            reconnects = self.broker.nc.stats["reconnects"]
+            if (
+                self._jobs is None
+                or (not self._following and self._listed_at < asked)
+                or reconnects != self._reconnects
+                or asked - self._listed_at > RELIST
+            ):
+                self._reconnects = reconnects
+                await self._list()
+            assert self._jobs is not None
+            return list(self._jobs.values())
 
     async def _list(self) -> None:
         started = time.monotonic()
