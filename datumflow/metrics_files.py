@@ -7,9 +7,8 @@ counter that drops when a worker exits reads as a reset), so its files were kept
 whose pipelines scale from zero and back all day would gather thousands, and every scrape reads
 every one. So the files of a process gone are folded into one archive file per kind
 (`counter_archive.db`, ...): counts and histograms added up, the latest value of a `mostrecent`
-gauge kept, the extremes of `max` and `min` gauges kept; its live gauges (`livesum`,
-`liveall`) are dropped, as prometheus-client's `mark_process_dead` does, and `all` gauges, one
-series per process by design, are left as they are.
+gauge kept; its live gauges (`livesum`, `liveall`) are dropped, as prometheus-client's
+`mark_process_dead` does. Gauges of other modes (none of datumflow's) are left as they are.
 
 A scrape and a fold take turns: a scrape that listed the files before a fold and read them after
 would find some gone (prometheus-client fails the scrape then), or read a process's values both
@@ -39,21 +38,10 @@ def _latest(old: Value, new: Value) -> Value:
     return new if new[1] >= old[1] else old
 
 
-def _most(old: Value, new: Value) -> Value:
-    return new if new[0] >= old[0] else old
-
-
-def _least(old: Value, new: Value) -> Value:
-    return new if new[0] <= old[0] else old
-
-
 FOLDS: dict[str, Callable[[Value, Value], Value]] = {
     "counter": _add,
     "histogram": _add,
-    "gauge_sum": _add,
     "gauge_mostrecent": _latest,
-    "gauge_max": _most,
-    "gauge_min": _least,
 }
 """How the values of processes gone are folded together, by kind (the file name's prefix)."""
 DROPPED = ("gauge_livesum", "gauge_liveall")
@@ -100,7 +88,7 @@ class MetricsFiles:
                 elif kind in FOLDS:
                     self._fold(kind, paths, FOLDS[kind])
                 else:
-                    continue  # a kind kept per process (`all` gauges)
+                    continue  # a kind left as it is
                 for path in paths:
                     path.unlink(missing_ok=True)
         return sum(len(paths) for paths in gone.values())

@@ -196,10 +196,8 @@ def planner_consumer_config(spec: PipelineSpec) -> ConsumerConfig:
 
 async def ensure_pipeline_consumers(broker: Broker, spec: PipelineSpec, *, ack_wait: float) -> None:
     """The pipeline's consumers must exist before KEDA reads its lag or a worker binds to it."""
-    async with broker_errors(f"declaring the consumers of pipeline {spec.name}"):
-        await broker.js.add_consumer(
-            subjects.DATUMS_STREAM, worker_consumer_config(spec, ack_wait=ack_wait)
-        )
+    await ensure_worker_consumer(broker, spec, ack_wait=ack_wait)
+    async with broker_errors(f"declaring the planner consumer of pipeline {spec.name}"):
         try:
             await broker.js.add_consumer(subjects.COMMITS_STREAM, planner_consumer_config(spec))
         except BadRequestError:

@@ -23,7 +23,7 @@ from datumflow.broker.records import CommitInfo, DatumIndexEntry, JobInfo, Pipel
 from datumflow.console.jobs_cache import JobsCache
 from datumflow.errors import NotFound
 from datumflow.pfs import results
-from datumflow.pfs.pipelines import Pipelines, job_key
+from datumflow.pfs.pipelines import Pipelines, job_key, newest_first
 from datumflow.pfs.repos import Repos
 from datumflow.pfs.reruns import NothingToRerun, rerun_failed
 from datumflow.spec import input_leaves
@@ -262,8 +262,9 @@ class Views:
     async def jobs(self, pipeline: str = "") -> list[dict[str, Any]]:
         if pipeline:
             await self.pipelines.get(pipeline)
-        jobs = [j for j in await self._jobs.all() if not pipeline or j.pipeline == pipeline]
-        jobs.sort(key=lambda j: (j.created, j.seq), reverse=True)  # newest first
+        jobs = newest_first(
+            j for j in await self._jobs.all() if not pipeline or j.pipeline == pipeline
+        )
         now = time.time()
         return [job_view(j, now=now) for j in jobs[:JOBS_LISTED]]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import secrets
 import time
+from collections.abc import Iterable
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
@@ -24,6 +25,11 @@ from datumflow.spec import PipelineSpec, input_leaves
 
 def job_key(pipeline: str, job: str) -> str:
     return f"{pipeline}.{job}"
+
+
+def newest_first(jobs: Iterable[JobInfo]) -> list[JobInfo]:
+    """Jobs in the order they are listed: the newest first."""
+    return sorted(jobs, key=lambda j: (j.created, j.seq), reverse=True)
 
 
 class Pipelines:
@@ -133,5 +139,4 @@ class Pipelines:
 
     # `builtins.list`: in this class `list` names the method above.
     async def list_jobs(self, pipeline: str = "") -> builtins.list[JobInfo]:
-        jobs = await self.jobs.all(f"{pipeline}." if pipeline else "")
-        return sorted(jobs, key=lambda j: (j.created, j.seq), reverse=True)
+        return newest_first(await self.jobs.all(f"{pipeline}." if pipeline else ""))

@@ -19,10 +19,10 @@ before exec is done elsewhere:
   The namespace is a copy of the machine's mounts when the worker started: a file system mounted
   on the machine later is not seen by user code (a datum's own namespace used to copy them anew).
 - death with the worker: where the worker may (as root), the spawner's thread also makes a PID
-  namespace of its own (functions.worker.pid_namespace), whose first process, its init, reads a pipe the worker holds
-  open. When the worker dies, however it dies, the pipe reaches its end, the init exits, and the
-  kernel kills every process left in the namespace: all the user code the worker started, and
-  everything that started, whatever session it moved to. The init also reaps the orphans user
+  namespace of its own (functions.worker.pid_namespace), whose first process, its init, reads a
+  pipe the worker holds open. When the worker dies, however it dies, the pipe reaches its end,
+  the init exits, and the kernel kills every process left in the namespace: all the user code
+  the worker started, and everything that started, whatever session it moved to. The init also reaps the orphans user
   code leaves behind; and since datums take turns, whatever is left under the init when a
   datum's process has ended is that datum's, and is killed then (proctree.kill_leftovers).
   User code sees the namespace's pids, as in a container: `$$` is small, and its parent (the
