@@ -233,6 +233,7 @@ async def test_fetching_only_what_is_there_does_not_wait(broker: Broker, puller:
 
 
 async def test_a_set_fetched_ahead_is_held_and_handed_back_at_once(broker: Broker) -> None:
+    from datumflow.broker.set_parts import SetParts
     from datumflow.functions.worker.ahead import Ahead
     from datumflow.functions.worker.batch import Heartbeat
 
@@ -244,7 +245,8 @@ async def test_a_set_fetched_ahead_is_held_and_handed_back_at_once(broker: Broke
     async def size() -> int:
         return 2
 
-    ahead = Ahead(broker=broker, puller=sub, heartbeat=heartbeat, size=size, stop=stop)
+    parts = SetParts(broker, beat_every=short / 4)
+    ahead = Ahead(broker=broker, puller=sub, heartbeat=heartbeat, size=size, parts=parts, stop=stop)
     try:
         ahead.start()
         assert await ahead.take() == []  # nothing waiting: nothing taken, nothing waited for

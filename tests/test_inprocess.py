@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from datumflow.broker.messages import DatumInput, DatumTask, FileRef
+from datumflow.functions.worker.tasks import check_paths
 from datumflow.functions.worker.userthread import UserThread
-from datumflow.functions.worker.worker import _check_paths
 from datumflow.pfs.paths import BadPath
 from datumflow.transform import Datum, DatumTimeout
 from tests.helpers import (
@@ -391,8 +391,8 @@ async def test_a_datum_naming_paths_outside_its_layout_is_refused() -> None:
         inp = DatumInput(name=name, repo="r", branch="master", commit="c", files=[ref], root=root)
         return DatumTask(pipeline="p", version=1, job="j", datum="d", hash="h", inputs=[inp])
 
-    _check_paths(task())
-    _check_paths(task(root="/"))
+    check_paths(task())
+    check_paths(task(root="/"))
     for bad in (
         task(path="/a/../../etc/passwd"),
         task(path="relative"),
@@ -402,4 +402,4 @@ async def test_a_datum_naming_paths_outside_its_layout_is_refused() -> None:
         task(name="out"),
     ):
         with pytest.raises(BadPath):
-            _check_paths(bad)
+            check_paths(bad)

@@ -84,7 +84,8 @@ class DatumInput(_Wire, kw_only=True):
 
 
 class DatumTask(_Wire, kw_only=True):
-    """Published on `df.datum.<pipeline>`, Nats-Msg-Id = job:datum. One unit of work."""
+    """Published on `df.datum.<pipeline>`, Nats-Msg-Id = job:datum. One unit of work, or with
+    `more` several (Nats-Msg-Id = job:set:<first datum>:<count>)."""
 
     v: int = VERSION
     pipeline: str
@@ -97,6 +98,10 @@ class DatumTask(_Wire, kw_only=True):
     """Attempts of the user code made before this message: a datum a worker gave back without
     running it to an end is published again as a new message carrying them
     (functions.worker.handback), so that only attempts count against datum_tries."""
+    more: list[DatumTask] = []
+    """Further datums of the same job carried by this message: a datum set planned together
+    (functions.datum_sets), so that tiny datums do not cost a message each. Each datum is run,
+    reported and retried on its own (broker.set_parts); the message is acked once all are."""
 
 
 DatumState = Literal["success", "failed", "recovered", "skipped"]

@@ -67,12 +67,14 @@ async def give_up_datum(*, broker: Broker, msg: Msg) -> None:
     except PermanentError:
         await _forget_datum(broker=broker, seq=advisory.stream_seq)
         return
-    result = given_up(task, attempts=task.tries + advisory.deliveries)
-    await broker.publish(
-        subjects.result(task.pipeline, task.job),
-        result,
-        msg_id=f"{task.job}:{task.datum}:failed",
-    )
+    # A set message (DatumTask.more) gives up each of its datums; those its workers reported
+    # before dying are counted already, and the committer keeps a datum's first result.
+    for one in (msgspec.structs.replace(task, more=[]), *task.more):
+        await broker.publish(
+            subjects.result(one.pipeline, one.job),
+            given_up(one, attempts=one.tries + advisory.deliveries),
+            msg_id=f"{one.job}:{one.datum}:failed",
+        )
     # The server leaves such a message in the stream, work queue or not; it is ours to remove.
     await _forget_datum(broker=broker, seq=advisory.stream_seq)
 

@@ -48,6 +48,7 @@ from datumflow.broker.settle import Msg, keep_alive
 from datumflow.broker.streams import purge_subject
 from datumflow.errors import NotFound, PermanentError
 from datumflow.functions import job_order
+from datumflow.functions.datum_sets import Packer
 from datumflow.functions.rerun_planning import plan_rerun
 from datumflow.metrics import current as current_metrics
 from datumflow.pfs import manifest
@@ -300,6 +301,7 @@ class Planner:
                 )
             )
         publisher = Outbox(self.broker)
+        packer = Packer.for_spec(publisher, spec)
         total = 0
         with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
             leaves = []
@@ -321,9 +323,10 @@ class Planner:
                 )
             for did, inputs in job_datums(spec.input, leaves):
                 total += 1
-                await self._queue_one(info, job_id, did, inputs, previous, publisher)
+                await self._queue_one(info, job_id, did, inputs, previous, publisher, packer)
                 if total % 512 == 0:
                     await beat.beat()
+            await packer.finish()
             await publisher.flush()
         return total
 
@@ -335,6 +338,7 @@ class Planner:
         inputs: list[DatumInput],
         previous: dict[str, DatumIndexEntry],
         publisher: Outbox,
+        packer: Packer,
     ) -> None:
         dhash = datum_hash(did, inputs, info.salt)
         before = previous.get(did)
@@ -385,7 +389,7 @@ class Planner:
                 subjects.result(info.name, job_id), too_big, msg_id=f"{job_id}:{did}:failed"
             )
             return
-        await publisher.publish(subjects.datum(info.name), payload, msg_id=f"{job_id}:{did}")
+        await packer.add(task, payload)
 
 
 def _listed(inputs: list[DatumInput]) -> list[FileRef]:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from datumflow.broker.connection import Broker
 from datumflow.broker.pull import Puller
+from datumflow.broker.set_parts import SetParts
 from datumflow.broker.settle import Msg
 from datumflow.functions.worker import handback
 from datumflow.functions.worker.batch import Heartbeat
@@ -39,10 +40,13 @@ class Ahead:
         puller: Puller,
         heartbeat: Heartbeat,
         size: Callable[[], Awaitable[int]],
+        parts: SetParts,
         stop: asyncio.Event | None = None,
     ) -> None:
         self.broker = broker
         self.puller = puller
+        self.parts = parts
+        """Set messages come out of a fetch as their datums (broker.set_parts)."""
         self.heartbeat = heartbeat
         self.size = size
         self.stop = stop
@@ -55,7 +59,7 @@ class Ahead:
             self._task = asyncio.create_task(self._fetch())
 
     async def _fetch(self) -> list[Msg]:
-        msgs = await self.puller.fetch(batch=await self.size(), wait=0)
+        msgs = self.parts.split(await self.puller.fetch(batch=await self.size(), wait=0))
         if msgs:
             self.heartbeat.hold(msgs)
         return msgs
@@ -65,7 +69,7 @@ class Ahead:
         `wait` seconds)."""
         msgs = await self.take()
         if not msgs:
-            msgs = await self.puller.fetch(batch=await self.size(), wait=wait)
+            msgs = self.parts.split(await self.puller.fetch(batch=await self.size(), wait=wait))
         return msgs
 
     async def take(self) -> list[Msg]:

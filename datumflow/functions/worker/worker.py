@@ -28,13 +28,14 @@ from pathlib import Path
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
-from datumflow.broker.consumer import decode
 from datumflow.broker.messages import DatumResult, DatumTask
 from datumflow.broker.pull import Puller
 from datumflow.broker.records import PipelineInfo
+from datumflow.broker.set_parts import Part, SetParts
 from datumflow.broker.settle import Msg, ack, delivered, settle, waiting_after
 from datumflow.broker.streams import pending
 from datumflow.errors import BrokerError, NotFound, PermanentError, TemporaryError
+from datumflow.functions.datum_sets import fixed_sets
 from datumflow.functions.worker import inprocess, sandbox
 from datumflow.functions.worker.ahead import Ahead
 from datumflow.functions.worker.attempt import Retry, result_maker
@@ -48,8 +49,8 @@ from datumflow.functions.worker.overlap import adaptive_sets, overlapped, overla
 from datumflow.functions.worker.pod_cost import DeletionCostMarker, NoPodDeletionCost
 from datumflow.functions.worker.reporter import Reporter
 from datumflow.functions.worker.sandbox import user_code_run_as
+from datumflow.functions.worker.tasks import check_paths, datum_task
 from datumflow.metrics import current as current_metrics
-from datumflow.pfs.paths import BadPath, check_name, clean_path
 from datumflow.pfs.pipelines import Pipelines
 from datumflow.pfs.repos import Repos
 from datumflow.settings import PfsMode
@@ -122,8 +123,13 @@ class Worker:
         puller = Puller(
             broker, stream=subjects.DATUMS_STREAM, durable=subjects.worker_consumer(pipeline)
         )
+        self.parts = SetParts(broker, beat_every=self.heartbeat.every)
         self.ahead = Ahead(
-            broker=broker, puller=puller, heartbeat=self.heartbeat, size=self._set_size
+            broker=broker,
+            puller=puller,
+            heartbeat=self.heartbeat,
+            size=self._set_size,
+            parts=self.parts,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -149,6 +155,7 @@ class Worker:
             await self.ahead.hand_back()
             await self.ended.close()
             await self.reporter.close()
+            await self.parts.close()
             await self.heartbeat.close()
             await self.ahead.puller.close()
             await self.functions.close()
@@ -191,24 +198,30 @@ class Worker:
         return self._info
 
     async def _set_size(self) -> int:
-        if not self.sizer.needs_pending:
-            return self.sizer.size()
-        try:
-            waiting = await pending(
-                self.broker,
-                stream=subjects.DATUMS_STREAM,
-                durable=subjects.worker_consumer(self.pipeline),
-            )
-        except Exception:
+        """Messages to fetch: the datums the sizer wants, in messages of the last fetch's size;
+        or one, a set of `datum_set_spec.number` datums as the planner made it."""
+        if self._info is not None and fixed_sets(self._info.spec):
             return 1
-        return self.sizer.size(waiting)
+        waiting = 0
+        if self.sizer.needs_pending:
+            try:
+                waiting = await pending(
+                    self.broker,
+                    stream=subjects.DATUMS_STREAM,
+                    durable=subjects.worker_consumer(self.pipeline),
+                )
+            except Exception:
+                return 1
+        per_message = self.parts.per_message
+        return max(round(self.sizer.size(round(waiting * per_message)) / per_message), 1)
 
     # -- a datum set -------------------------------------------------------------------------
 
     async def _set(self, msgs: list[Msg], stop: asyncio.Event) -> None:
         self._sets += 1
         batch = _Set(msgs, self._sets)
-        self.sizer.waiting(waiting_after(msgs[-1]))
+        waiting = waiting_after(msgs[-1])
+        self.sizer.waiting(None if waiting is None else round(waiting * self.parts.per_message))
         self.heartbeat.hold(msgs)
         await self._mark(busy=True)
         started, waited = time.monotonic(), self.functions.thread.waited()
@@ -280,8 +293,8 @@ class Worker:
                 metrics.redeliveries.labels(pipeline=self.pipeline).inc(again)
         for msg in batch.msgs:
             try:
-                task = decode(msg.data, DatumTask, what="datum task")
-                _check_paths(task)
+                task = msg.task if isinstance(msg, Part) else datum_task(msg.data)
+                check_paths(task)
             except PermanentError as exc:
                 batch.settle(msg)
                 self.heartbeat.release(msg)
@@ -379,18 +392,6 @@ class Worker:
                     await self._retry(batch, msg, task, attempts[index], str(outcome))
                 else:
                     await self._report(batch, msg, task, outcome)
-
-
-def _check_paths(task: DatumTask) -> None:
-    """Refuse a datum whose input names or paths would lead out of its layout: the layout is
-    made by joining them, and anyone who can publish on df.datum.* could send one."""
-    for inp in task.inputs:
-        check_name(inp.name, what="input")
-        if inp.name == "out":
-            raise BadPath("input name 'out' is reserved for the output")
-        for path in (inp.root, *(f.path for f in inp.files)):
-            if clean_path(path) != path.rstrip("/") and path != "/":
-                raise BadPath(f"input {inp.name}: path {path!r} is not a clean absolute path")
 
 
 def default_scratch(home: Path) -> Path:
