@@ -88,9 +88,11 @@ class _Defaults(msgspec.Struct, frozen=True, kw_only=True):
     scale_down_window: float
 
 
-# Lag counts datums not yet acknowledged (num_pending + num_ack_pending), and a worker holds one
-# datum at a time. A target of 1 therefore asks for one worker per outstanding datum, up to the
-# parallelism limit: Pachyderm's min(pending tasks, parallelism), followed in both directions.
+# Lag counts datum messages not yet acknowledged (num_pending + num_ack_pending): a datum each for
+# a command, a datum set for an in-process function (functions.datum_sets), whose job ends in sets
+# small enough that each of its workers gets some. A target of 1 therefore asks for one worker per
+# outstanding message, up to the parallelism limit: Pachyderm's min(pending tasks, parallelism),
+# followed in both directions.
 # Pipelines with many tiny datums, where starting a worker costs more than a datum, raise it with
 # `scaling.lag_threshold`.
 DEFAULT_LAG_THRESHOLD = 1
