@@ -8,7 +8,10 @@ here: the workers import `tests.test_set_messages`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -305,3 +308,50 @@ async def test_a_job_in_sets_runs_each_datum_once_and_retries_one_alone(
     async with cluster.api() as api:
         stream = await api.broker.js.stream_info(subjects.DATUMS_STREAM)
     assert stream.state.last_seq < 40
+
+
+WATCH = """
+import asyncio, sys, time
+import nats
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    sub = await nc.subscribe(sys.argv[2])
+    await nc.flush()
+    print("ready", flush=True)
+    await sub.next_msg(timeout=30)
+    print(time.monotonic(), flush=True)
+    await nc.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_jobs_first_sets_reach_the_broker_while_it_is_still_being_planned(
+    broker: Broker, nats_server
+) -> None:  # type: ignore[no-untyped-def]
+    # A process of its own, as a worker is, notes when the first set arrives (the monotonic
+    # clock is the machine's); the loop here does nothing but plan, as the planner's does while
+    # it goes through a manifest.
+    watcher = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WATCH,
+        nats_server.url,
+        subjects.datum("early"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert watcher.stdout is not None
+    assert await asyncio.wait_for(watcher.stdout.readline(), 30) == b"ready\n"
+    publisher = Outbox(broker)
+    packer = Packer(publisher, pipeline="early", size=16, workers=2)
+    tasks = [_task("early", n) for n in range(20_000)]
+    for task in tasks:
+        await packer.add(task, msgspec.json.encode(task))
+    planned = time.monotonic()
+    await packer.finish()
+    await publisher.flush()
+    arrived = float(await asyncio.wait_for(watcher.stdout.readline(), 30))
+    await watcher.wait()
+    assert arrived < planned, "no set left before the whole job was planned"

@@ -49,6 +49,8 @@ class SetMessage:
 
     def __init__(self, msg: Msg, *, owner: SetParts, count: int) -> None:
         self.msg = msg
+        self.metadata = msg.metadata
+        """Parsed once for all its datums (its delivery count is theirs)."""
         self.owner = owner
         self.left = count
         self.failed = False
@@ -79,7 +81,7 @@ class Part(Msg):
         self.subject = msg.subject
         self.reply = msg.reply
         self.headers = {"Nats-Msg-Id": f"{task.job}:{task.datum}"}
-        self._metadata = None
+        self._metadata = whole.metadata
         self._ackd = False
         self._sid = msg._sid
         self.whole = whole

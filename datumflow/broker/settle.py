@@ -58,6 +58,8 @@ def delivered(msg: Msg) -> int:
     """How many times the stream has delivered `msg` (1 the first time). nats-py's
     `msg.metadata` parses all of the reply subject into dataclasses, a timestamp among them; a
     worker needs this one number for every datum."""
+    if msg._metadata is not None:  # parsed already (the datums of a set share their message's)
+        return msg._metadata.num_delivered
     count = _reply_number(msg, v1=4, v2=Msg.Ack.NumDelivered)
     return msg.metadata.num_delivered if count is None else count  # None: nats-py says why
 

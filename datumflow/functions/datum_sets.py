@@ -17,6 +17,7 @@ takes alone.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 
@@ -32,6 +33,8 @@ MAX_SET = 1024
 SET_BYTES = 256 << 10
 """A set message holds at most this many bytes of datums (beyond one datum): well inside the
 broker's 1 MiB."""
+YIELD_EVERY = 32
+"""Set messages published between two turns given to the event loop (the first one included)."""
 UNKNOWN_WORKERS = 16
 """Workers assumed when the parallelism depends on the cluster's nodes: more small sets at the
 end of a job than needed costs little; fewer leave workers idle."""
@@ -76,6 +79,7 @@ class Packer:
         self.hold_back = self.size * self.workers * 4 if shrink else 0
         """Datums held back until the job's end, to send them in shrinking sets."""
         self._held: deque[tuple[DatumTask, bytes]] = deque()
+        self._sent = 0
 
     @classmethod
     def for_spec(cls, publisher: Outbox, spec: PipelineSpec) -> Packer:
@@ -116,6 +120,14 @@ class Packer:
         if len(tasks) == 1:
             await self.publisher.publish(self.subject, payload, msg_id=f"{first.job}:{first.datum}")
             return
+        self._sent += 1
+        if self._sent % YIELD_EVERY == 1:
+            # A publish returns without yielding to the loop until the outbox's window is full,
+            # and only the loop writes to the broker: without a turn now and then, a job's first
+            # sets would wait for hundreds more (100 ms for tiny datums) before any worker saw
+            # them. Not a turn for each set: each is a write of its own then, for the planner
+            # and the broker.
+            await asyncio.sleep(0)
         # The first datum's JSON object with `more` added, made of the encodings the planner made
         # anyway (to check each datum's size): encoding the datums again costs more than this.
         whole = b"".join((payload[:-1], b',"more":[', b",".join(p for _, p in tasks[1:]), b"]}"))
