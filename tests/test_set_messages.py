@@ -9,14 +9,17 @@ here: the workers import `tests.test_set_messages`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
 import pytest
 from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
 from nats.js.errors import NotFoundError
 
 from datumflow.broker import subjects
@@ -115,21 +118,41 @@ async def _publish_set(broker: Broker, pipeline: str, count: int) -> None:
     await broker.publish(subjects.datum(pipeline), whole, msg_id=f"job1:set:d0:{count}")
 
 
-async def _in_hand(broker: Broker, pipeline: str, count: int) -> tuple[Puller, list[Msg]]:
-    """One set message of `count` datums queued for `pipeline`, fetched as a worker fetches."""
+@contextlib.asynccontextmanager
+async def _in_hand(
+    broker: Broker, pipeline: str, count: int, *, beat_every: float = 0.2
+) -> AsyncIterator[tuple[Puller, SetParts, list[Msg]]]:
+    """One set message of `count` datums queued for `pipeline`, fetched and split as a worker
+    fetches and splits one: the puller, the splitter and the parts."""
     await ensure_pipeline_consumers(broker, load_spec(_spec(pipeline)), ack_wait=30)
     await _publish_set(broker, pipeline, count)
     puller = Puller(
         broker, stream=subjects.DATUMS_STREAM, durable=subjects.worker_consumer(pipeline)
     )
-    msgs = await puller.fetch(batch=10, wait=5)
-    assert len(msgs) == 1
-    return puller, msgs
+    parts = SetParts(broker, beat_every=beat_every)
+    try:
+        msgs = await puller.fetch(batch=10, wait=5)
+        assert len(msgs) == 1
+        yield puller, parts, parts.split(msgs)
+    finally:
+        await parts.close()
+        await puller.close()
 
 
 async def _held(broker: Broker, pipeline: str) -> tuple[int, int]:
     info = await broker.js.consumer_info(subjects.DATUMS_STREAM, subjects.worker_consumer(pipeline))
     return info.num_pending, info.num_ack_pending
+
+
+async def _until_held(
+    broker: Broker, pipeline: str, expected: tuple[int, int], *, what: str
+) -> None:
+    """Until the worker consumer holds `expected`: (messages waiting, delivered and unacked)."""
+
+    async def reached() -> bool:
+        return await _held(broker, pipeline) == expected
+
+    await eventually(reached, what=what)
 
 
 # ------------------------------------------------------------------------------ the planner's side
@@ -173,84 +196,62 @@ async def test_a_jobs_datums_go_in_sets_that_shrink_to_one_at_its_end(broker: Br
 
 @pytest.mark.asyncio
 async def test_a_set_message_is_acked_once_each_of_its_datums_is(broker: Broker) -> None:
-    puller, msgs = await _in_hand(broker, "acks", 3)
-    parts = SetParts(broker, beat_every=1.0)
-    held = parts.split(msgs)
-    assert [p.task.datum for p in held if isinstance(p, Part)] == ["d0", "d1", "d2"]
-    assert parts.per_message == 3
-    # Each part is a datum message of its own to the worker: its data, its id, its delivery.
-    assert datum_task(held[1].data) == _task("acks", 1)
-    assert held[1].headers == {"Nats-Msg-Id": "job1:d1"}
-    assert attempt_of(held[1], _task("acks", 1)) == 1
+    async with _in_hand(broker, "acks", 3, beat_every=1.0) as (_, parts, held):
+        assert [p.task.datum for p in held if isinstance(p, Part)] == ["d0", "d1", "d2"]
+        assert parts.per_message == 3
+        # Each part is a datum message of its own to the worker: its data, its id, its delivery.
+        assert datum_task(held[1].data) == _task("acks", 1)
+        assert held[1].headers == {"Nats-Msg-Id": "job1:d1"}
+        assert attempt_of(held[1], _task("acks", 1)) == 1
 
-    await held[0].ack()
-    await held[2].term()
-    await broker.nc.flush()
-    assert await _held(broker, "acks") == (0, 1)  # one datum unsettled: the message is held
-    await held[1].ack()
-
-    async def settled() -> bool:
-        return await _held(broker, "acks") == (0, 0)
-
-    await eventually(settled, what="the set message acked")
-    with pytest.raises(RuntimeError, match="settled twice"):
+        await held[0].ack()
+        await held[2].term()
+        await broker.nc.flush()
+        assert await _held(broker, "acks") == (0, 1)  # one datum unsettled: the message is held
         await held[1].ack()
-    await parts.close()
-    await puller.close()
+        await _until_held(broker, "acks", (0, 0), what="the set message acked")
+        with pytest.raises(MsgAlreadyAckdError):
+            await held[1].ack()
 
 
 @pytest.mark.asyncio
 async def test_a_datum_of_a_set_that_fails_goes_again_alone_its_attempt_counted(
     broker: Broker,
 ) -> None:
-    puller, msgs = await _in_hand(broker, "again", 3)
-    parts = SetParts(broker, beat_every=0.2)
-    first, failed, last = parts.split(msgs)
-    await first.ack()
-    await last.ack()
-    await failed.nak(delay=1.0)  # as a failed attempt with tries left is nak'ed
-    await broker.nc.flush()
-    # Until the delay is over the set is held (and kept alive), and the datum not queued again.
-    assert await _held(broker, "again") == (0, 1)
+    async with _in_hand(broker, "again", 3) as (puller, _, (first, failed, last)):
+        await first.ack()
+        await last.ack()
+        await failed.nak(delay=1.0)  # as a failed attempt with tries left is nak'ed
+        await broker.nc.flush()
+        # Until the delay is over the set is held (and kept alive), and the datum not queued again.
+        assert await _held(broker, "again") == (0, 1)
 
-    async def queued_again() -> list[DatumTask]:
-        return [t for t in await _queued(broker, "again") if not t.more]
+        async def queued_again() -> list[DatumTask]:
+            return [t for t in await _queued(broker, "again") if not t.more]
 
-    [again] = await eventually(queued_again, timeout=10, what="the failed datum queued again")
-    assert (again.datum, again.tries, again.more) == ("d1", 1, [])
-    # Its next delivery is its second attempt.
-    [redelivered] = await puller.fetch(batch=10, wait=5)
-    assert attempt_of(redelivered, datum_task(redelivered.data)) == 2
-    await redelivered.ack()
-
-    async def settled() -> bool:
-        return await _held(broker, "again") == (0, 0)
-
-    # ... and the set it came in is done with.
-    await eventually(settled, what="the set message and the datum alone acked")
-    await parts.close()
-    await puller.close()
+        [again] = await eventually(queued_again, timeout=10, what="the failed datum queued again")
+        assert (again.datum, again.tries, again.more) == ("d1", 1, [])
+        # Its next delivery is its second attempt.
+        [redelivered] = await puller.fetch(batch=10, wait=5)
+        assert attempt_of(redelivered, datum_task(redelivered.data)) == 2
+        await redelivered.ack()
+        # ... and the set it came in is done with.
+        await _until_held(broker, "again", (0, 0), what="the set message and the datum alone acked")
 
 
 @pytest.mark.asyncio
 async def test_a_stopping_worker_queues_at_once_the_datums_waiting_to_go_again(
     broker: Broker,
 ) -> None:
-    puller, msgs = await _in_hand(broker, "stopping", 2)
-    parts = SetParts(broker, beat_every=0.2)
-    waiting, done = parts.split(msgs)
-    await done.ack()
-    await waiting.nak(delay=3600)
-    await parts.close()  # well before the hour is over
-    queued = [t for t in await _queued(broker, "stopping") if not t.more]
-    assert [(t.datum, t.tries) for t in queued] == [("d0", 1)]
-    await broker.nc.flush()
-
-    async def settled() -> bool:
-        return await _held(broker, "stopping") == (1, 0)  # the set acked; d0 waits alone
-
-    await eventually(settled, what="the set message acked")
-    await puller.close()
+    async with _in_hand(broker, "stopping", 2) as (_, parts, (waiting, done)):
+        await done.ack()
+        await waiting.nak(delay=3600)
+        await parts.close()  # well before the hour is over
+        queued = [t for t in await _queued(broker, "stopping") if not t.more]
+        assert [(t.datum, t.tries) for t in queued] == [("d0", 1)]
+        await broker.nc.flush()
+        # The set acked; d0 waits alone.
+        await _until_held(broker, "stopping", (1, 0), what="the set message acked")
 
 
 @pytest.mark.asyncio

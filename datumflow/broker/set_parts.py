@@ -27,6 +27,7 @@ import logging
 from typing import Any
 
 import msgspec
+from nats.errors import MsgAlreadyAckdError
 
 from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
@@ -112,7 +113,7 @@ class Part(Msg):
 
     def _settle(self) -> None:
         if self._ackd:
-            raise RuntimeError("a datum of a set message settled twice")  # as nats-py refuses
+            raise MsgAlreadyAckdError(self)  # as nats-py refuses a message settled twice
         self._ackd = True
 
 

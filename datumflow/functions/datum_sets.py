@@ -120,6 +120,12 @@ class Packer:
         if len(tasks) == 1:
             await self.publisher.publish(self.subject, payload, msg_id=f"{first.job}:{first.datum}")
             return
+        # The first datum's JSON object with `more` added, made of the encodings the planner made
+        # anyway (to check each datum's size): encoding the datums again costs more than this.
+        whole = b"".join((payload[:-1], b',"more":[', b",".join(p for _, p in tasks[1:]), b"]}"))
+        await self.publisher.publish(
+            self.subject, whole, msg_id=f"{first.job}:set:{first.datum}:{len(tasks)}"
+        )
         self._sent += 1
         if self._sent % YIELD_EVERY == 1:
             # A publish returns without yielding to the loop until the outbox's window is full,
@@ -128,9 +134,3 @@ class Packer:
             # them. Not a turn for each set: each is a write of its own then, for the planner
             # and the broker.
             await asyncio.sleep(0)
-        # The first datum's JSON object with `more` added, made of the encodings the planner made
-        # anyway (to check each datum's size): encoding the datums again costs more than this.
-        whole = b"".join((payload[:-1], b',"more":[', b",".join(p for _, p in tasks[1:]), b"]}"))
-        await self.publisher.publish(
-            self.subject, whole, msg_id=f"{first.job}:set:{first.datum}:{len(tasks)}"
-        )

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -59,8 +60,28 @@ def read_instance(home: Path) -> Instance | None:
         return None
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on now, below the kernel's range of ephemeral ports. A server is
+    restarted on the port it had (the embedded broker after a crash, a test's cluster node), and
+    a port of that range, which binding port 0 gives, may meanwhile have become the local port
+    of some outgoing connection: the restart then fails with "address already in use"."""
+    try:
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    pick = random.SystemRandom()
+    for _ in range(100):
+        port = pick.randrange(max(low - 16384, 1024), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken, or lingering
+            return port
+    with socket.socket() as s:  # nothing free below the range: one the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])  # (host, port) for AF_INET; typeshed says Any
 
