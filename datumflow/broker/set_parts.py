@@ -45,6 +45,11 @@ _MARK = b'"more":'
 a message without it is a single datum, left as it is, not decoded twice."""
 
 
+def datums_of(task: DatumTask) -> list[DatumTask]:
+    """Each datum a datum message carries: itself (without `more`), then those of `more`."""
+    return [msgspec.structs.replace(task, more=[]), *task.more] if task.more else [task]
+
+
 class SetMessage:
     """A set message in hand: the parts not settled yet, and whether it may be acked."""
 
@@ -143,7 +148,7 @@ class SetParts:
             except PermanentError:
                 out.append(msg)
                 continue
-            tasks = [msgspec.structs.replace(first, more=[]), *first.more]
+            tasks = datums_of(first)
             if any(task.more for task in tasks):
                 out.append(msg)  # a set inside a set: refused whole
                 continue

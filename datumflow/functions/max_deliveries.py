@@ -16,6 +16,7 @@ from datumflow.broker import subjects
 from datumflow.broker.connection import Broker
 from datumflow.broker.consumer import Unusable, consume, decode
 from datumflow.broker.messages import DatumResult, DatumTask
+from datumflow.broker.set_parts import datums_of
 from datumflow.broker.settle import Msg
 from datumflow.broker.streams import delete_message, get_message
 from datumflow.errors import PermanentError
@@ -69,7 +70,7 @@ async def give_up_datum(*, broker: Broker, msg: Msg) -> None:
         return
     # A set message (DatumTask.more) gives up each of its datums; those its workers reported
     # before dying are counted already, and the committer keeps a datum's first result.
-    for one in (msgspec.structs.replace(task, more=[]), *task.more):
+    for one in datums_of(task):
         await broker.publish(
             subjects.result(one.pipeline, one.job),
             given_up(one, attempts=one.tries + advisory.deliveries),
